@@ -1,0 +1,173 @@
+//! Builds the application from settings and runs its components until shutdown.
+//!
+//! `build` does everything that can fail fast (pool, migrations, binding ports) so a
+//! misconfigured instance dies at start; `run_until_stopped` only serves.
+
+use std::net::SocketAddr;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin_http::{self, AdminState};
+use crate::config::Settings;
+use crate::grpc;
+use crate::kafka::{KafkaProbe, ProbeError};
+use crate::store::{self, StoreError};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr} (setting {setting}): {source}")]
+    Bind {
+        setting: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Kafka(#[from] ProbeError),
+    #[error(transparent)]
+    Grpc(#[from] grpc::GrpcError),
+    #[error("admin http server failed: {0}")]
+    AdminHttp(std::io::Error),
+    #[error("a server task panicked: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+pub struct Application {
+    settings: Settings,
+    pool: PgPool,
+    metrics: Metrics,
+    kafka: Option<KafkaProbe>,
+    grpc_listener: Option<TcpListener>,
+    admin_listener: Option<TcpListener>,
+}
+
+impl Application {
+    /// Connects, migrates if asked, and binds the ports (port 0 picks a free one, for tests).
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let metrics = Metrics::new()?;
+        let pool = store::connect(&settings.database).await?;
+        if settings.database.run_migrations {
+            store::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+        }
+        let kafka = if settings.kafka.enabled {
+            let probe = KafkaProbe::new(&settings.kafka)?;
+            // Kafka being down is not fatal at start: /readyz reports it until it answers.
+            if let Err(e) = probe.check().await {
+                tracing::warn!(error = %e, brokers = %settings.kafka.brokers, "kafka not reachable yet");
+            }
+            Some(probe)
+        } else {
+            None
+        };
+        let grpc_listener = if settings.grpc.enabled {
+            Some(bind("grpc.listen_addr", settings.grpc.listen_addr).await?)
+        } else {
+            None
+        };
+        let admin_listener = if settings.admin.enabled {
+            Some(bind("admin.listen_addr", settings.admin.listen_addr).await?)
+        } else {
+            None
+        };
+        Ok(Self {
+            settings,
+            pool,
+            metrics,
+            kafka,
+            grpc_listener,
+            admin_listener,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_listener.as_ref()?.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.as_ref()?.local_addr().ok()
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Serves until `shutdown` fires, then drains: listeners stop accepting, in-flight calls get
+    /// up to `shutdown_grace` to finish, and the pool closes.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), AppError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(listener) = self.grpc_listener {
+            let (limit, metrics, token) = (
+                self.settings.grpc.max_message_bytes,
+                self.metrics.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                grpc::serve(listener, limit, metrics, token)
+                    .await
+                    .map_err(AppError::from)
+            });
+        }
+        if let Some(listener) = self.admin_listener {
+            let state = AdminState {
+                metrics: self.metrics.clone(),
+                pool: self.pool.clone(),
+                kafka: self.kafka.clone(),
+            };
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                admin_http::serve(listener, state, token)
+                    .await
+                    .map_err(AppError::AdminHttp)
+            });
+        }
+
+        // A component that stops on its own (an error) takes the others down with it.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            Some(result) = tasks.join_next() => Some(result),
+        };
+        shutdown.cancel();
+        let outcome = match first {
+            Some(result) => result?,
+            None => Ok(()),
+        };
+        let grace = self.settings.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(result) = tasks.join_next().await {
+                if let Err(e) = result.map_err(AppError::from).and_then(|r| r) {
+                    tracing::error!(error = %e, "component failed while draining");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?grace, "drain timed out; aborting remaining work");
+            tasks.abort_all();
+        }
+        self.pool.close().await;
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "stopped on error");
+        } else {
+            tracing::info!("shutdown complete");
+        }
+        outcome
+    }
+}
+
+async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            setting,
+            addr,
+            source,
+        })
+}

@@ -1,0 +1,429 @@
+//! Layered, validated settings: embedded defaults < optional TOML file < `TOKENMETER_*` env.
+//!
+//! Nested settings use a double underscore in the environment, so `database.url` is
+//! `TOKENMETER_DATABASE__URL`. Every error names the setting it is about, because a service
+//! that fails to start should say exactly which knob is wrong.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use figment::value::{Dict, Value};
+use serde::Deserialize;
+
+/// The defaults, embedded so the binary starts with no file at all.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "TOKENMETER_";
+
+/// All settings of the service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub grpc: GrpcSettings,
+    pub admin: AdminSettings,
+    pub kafka: KafkaSettings,
+    pub log: LogSettings,
+    /// How long in-flight work may take to drain after SIGTERM / Ctrl-C.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:port/database`.
+    pub url: String,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Apply pending migrations when `serve` starts (also `serve --run-migrations`).
+    pub run_migrations: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSettings {
+    pub enabled: bool,
+    pub listen_addr: SocketAddr,
+    /// Largest accepted request message, in bytes.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    /// Serves `/metrics`, `/healthz` and `/readyz`.
+    pub listen_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Connect to Kafka at all; when off, `/readyz` does not check it.
+    pub enabled: bool,
+    /// Comma-separated `host:port` list.
+    pub brokers: String,
+    /// How long a readiness probe waits for broker metadata.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Extra librdkafka properties passed through verbatim (e.g. `security.protocol`).
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `tokenmeter=debug,info`.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// A settings problem, naming the setting and its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid setting `{setting}` ({}): {reason}", env_var_for(setting))]
+    Invalid { setting: String, reason: String },
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment, so tests need not mutate the
+    /// process environment.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            figment = figment.merge(Toml::string(&text));
+        }
+        let env_pairs: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        let settings: Settings = figment
+            .merge(EnvLayer(env_pairs))
+            .extract()
+            .map_err(from_figment)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Rules serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting: &str, reason: &str| ConfigError::Invalid {
+            setting: setting.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.database.url.trim().is_empty() {
+            return Err(invalid("database.url", "is required"));
+        }
+        if !(self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.database.min_connections > self.database.max_connections {
+            return Err(invalid(
+                "database.min_connections",
+                "must not exceed database.max_connections",
+            ));
+        }
+        if self.grpc.max_message_bytes < 1024 {
+            return Err(invalid("grpc.max_message_bytes", "must be at least 1024"));
+        }
+        if self.kafka.enabled && self.kafka.brokers.trim().is_empty() {
+            return Err(invalid(
+                "kafka.brokers",
+                "must name at least one broker when kafka.enabled is true",
+            ));
+        }
+        if let Some(key) = self
+            .kafka
+            .client
+            .keys()
+            .find(|k| k.as_str() == "bootstrap.servers")
+        {
+            return Err(invalid(
+                &format!("kafka.client.{key}"),
+                "set kafka.brokers instead",
+            ));
+        }
+        if self
+            .log
+            .filter
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(invalid(
+                "log.filter",
+                "is not a valid tracing filter directive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `TOKENMETER_*` layer. Written out rather than using figment's `Env` so tests can pass
+/// an environment explicitly instead of mutating the process's.
+struct EnvLayer(Vec<(String, String)>);
+
+impl figment::Provider for EnvLayer {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("TOKENMETER_* environment variables")
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (name, raw) in &self.0 {
+            let Some(path) = env_var_to_path(name) else {
+                continue;
+            };
+            let value: Value = raw.parse().unwrap_or_else(|never| match never {});
+            insert_path(&mut root, &path, value);
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
+}
+
+/// `TOKENMETER_DATABASE__URL` → `["database", "url"]`. Keys under `kafka.client` are
+/// librdkafka property names, which use dots, so `TOKENMETER_KAFKA__CLIENT__SECURITY_PROTOCOL`
+/// → `["kafka", "client", "security.protocol"]`.
+fn env_var_to_path(name: &str) -> Option<Vec<String>> {
+    let rest = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+    let mut parts: Vec<String> = rest.split("__").map(str::to_owned).collect();
+    if parts.len() >= 3 && parts[0] == "kafka" && parts[1] == "client" {
+        let property = parts.split_off(2).join("__").replace('_', ".");
+        parts.push(property);
+    }
+    (!parts.iter().any(String::is_empty)).then_some(parts)
+}
+
+fn insert_path(dict: &mut Dict, path: &[String], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), value);
+        }
+        [head, tail @ ..] => {
+            let entry = dict
+                .entry(head.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, tail, value);
+            }
+        }
+    }
+}
+
+/// The environment variable that sets a setting path, for error messages.
+pub fn env_var_for(setting: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        setting.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
+fn from_figment(error: figment::Error) -> ConfigError {
+    let setting = if error.path.is_empty() {
+        "(root)".to_owned()
+    } else {
+        error.path.join(".")
+    };
+    let source = error
+        .metadata
+        .as_ref()
+        .map(|m| m.name.to_string())
+        .unwrap_or_default();
+    let mut reason = error.kind.to_string();
+    if !source.is_empty() {
+        reason = format!("{reason} (from {source})");
+    }
+    ConfigError::Invalid { setting, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn error_of(pairs: &[(&str, &str)]) -> String {
+        Settings::load_from(None, env(pairs))
+            .expect_err("settings should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn embedded_defaults_load_and_validate() {
+        let settings = Settings::load_from(None, Vec::new()).expect("defaults are valid");
+
+        assert_eq!(settings.grpc.listen_addr.port(), 50051);
+        assert_eq!(settings.log.format, LogFormat::Pretty);
+        assert!(settings.kafka.client.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_nested_settings_and_ignores_other_variables() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("TOKENMETER_GRPC__LISTEN_ADDR", "0.0.0.0:6000"),
+                ("TOKENMETER_DATABASE__MAX_CONNECTIONS", "7"),
+                ("TOKENMETER_SHUTDOWN_GRACE", "3s"),
+                ("TOKENMETER_LOG__FORMAT", "json"),
+                ("DATABASE__MAX_CONNECTIONS", "99"),
+            ]),
+        )
+        .expect("valid");
+
+        assert_eq!(
+            settings.grpc.listen_addr,
+            "0.0.0.0:6000".parse().expect("addr")
+        );
+        assert_eq!(settings.database.max_connections, 7);
+        assert_eq!(settings.shutdown_grace, Duration::from_secs(3));
+        assert_eq!(settings.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn kafka_client_properties_from_the_environment_keep_librdkafka_dotted_names() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("TOKENMETER_KAFKA__CLIENT__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("TOKENMETER_KAFKA__CLIENT__SASL_MECHANISMS", "SCRAM-SHA-512"),
+            ]),
+        )
+        .expect("valid");
+
+        assert_eq!(settings.kafka.client["security.protocol"], "SASL_SSL");
+        assert_eq!(settings.kafka.client["sasl.mechanisms"], "SCRAM-SHA-512");
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokenmeter.toml");
+        std::fs::write(
+            &path,
+            "[database]\nmax_connections = 11\nmin_connections = 2\n[kafka.client]\n\"socket.timeout.ms\" = \"5000\"\n",
+        )
+        .expect("write file");
+
+        let settings = Settings::load_from(
+            Some(&path),
+            env(&[("TOKENMETER_DATABASE__MIN_CONNECTIONS", "3")]),
+        )
+        .expect("valid");
+
+        assert_eq!(settings.database.max_connections, 11);
+        assert_eq!(settings.database.min_connections, 3);
+        assert_eq!(settings.kafka.client["socket.timeout.ms"], "5000");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_the_setting_and_its_variable() {
+        let message = error_of(&[("TOKENMETER_GRPC__LISTEN_ADDR", "not-an-address")]);
+
+        assert!(message.contains("`grpc.listen_addr`"), "{message}");
+        assert!(
+            message.contains("TOKENMETER_GRPC__LISTEN_ADDR"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_setting_is_rejected_rather_than_ignored() {
+        let message = error_of(&[("TOKENMETER_DATABASE__URLL", "postgres://x")]);
+
+        assert!(message.contains("urll"), "{message}");
+    }
+
+    #[test]
+    fn rules_across_settings_name_the_offending_one() {
+        let cases = [
+            (vec![("TOKENMETER_DATABASE__URL", "")], "database.url"),
+            (
+                vec![("TOKENMETER_DATABASE__URL", "mysql://x")],
+                "database.url",
+            ),
+            (
+                vec![("TOKENMETER_DATABASE__MAX_CONNECTIONS", "0")],
+                "database.max_connections",
+            ),
+            (
+                vec![("TOKENMETER_DATABASE__MIN_CONNECTIONS", "500")],
+                "database.min_connections",
+            ),
+            (vec![("TOKENMETER_KAFKA__BROKERS", " ")], "kafka.brokers"),
+            (
+                vec![("TOKENMETER_KAFKA__CLIENT__BOOTSTRAP_SERVERS", "h:1")],
+                "kafka.client.bootstrap.servers",
+            ),
+            (vec![("TOKENMETER_LOG__FILTER", "[[[")], "log.filter"),
+            (vec![("TOKENMETER_LOG__FORMAT", "xml")], "log.format"),
+            (
+                vec![("TOKENMETER_SHUTDOWN_GRACE", "soon")],
+                "shutdown_grace",
+            ),
+        ];
+        for (pairs, setting) in cases {
+            let message = error_of(&pairs);
+            assert!(
+                message.contains(&format!("`{setting}`")),
+                "{setting}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named_in_the_error() {
+        let error = Settings::load_from(Some(Path::new("/nonexistent/tm.toml")), Vec::new())
+            .expect_err("missing file");
+
+        assert!(
+            error.to_string().contains("/nonexistent/tm.toml"),
+            "{error}"
+        );
+    }
+}

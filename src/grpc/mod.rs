@@ -1,0 +1,168 @@
+//! The gRPC server: tonic services, health, reflection, and request metrics.
+//!
+//! Services whose features have not landed yet use tonic's generated default methods, which
+//! answer `UNIMPLEMENTED`; each later feature replaces one of the empty impls below.
+
+pub mod metrics;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::v1::{
+    admin_service_server::{AdminService, AdminServiceServer},
+    export_service_server::{ExportService, ExportServiceServer},
+    invoice_service_server::{InvoiceService, InvoiceServiceServer},
+    price_book_service_server::{PriceBookService, PriceBookServiceServer},
+    quota_service_server::{QuotaService, QuotaServiceServer},
+    report_service_server::{ReportService, ReportServiceServer},
+    transaction_service_server::{TransactionService, TransactionServiceServer},
+    usage_service_server::{UsageService, UsageServiceServer},
+};
+use crate::telemetry::Metrics;
+use metrics::GrpcMetricsLayer;
+
+pub struct UsageApi;
+impl UsageService for UsageApi {}
+
+pub struct QuotaApi;
+impl QuotaService for QuotaApi {}
+
+pub struct TransactionApi;
+impl TransactionService for TransactionApi {}
+
+pub struct PriceBookApi;
+impl PriceBookService for PriceBookApi {}
+
+pub struct InvoiceApi;
+impl InvoiceService for InvoiceApi {}
+
+pub struct ReportApi;
+impl ReportService for ReportApi {}
+
+pub struct ExportApi;
+impl ExportService for ExportApi {}
+
+pub struct AdminApi;
+impl AdminService for AdminApi {}
+
+/// Full names of the tokenmeter services, as health checks and reflection know them.
+pub fn service_names() -> Vec<String> {
+    descriptor_sets()
+        .first()
+        .map(|set| {
+            set.file
+                .iter()
+                .flat_map(|file| {
+                    let package = file.package().to_owned();
+                    file.service
+                        .iter()
+                        .map(move |service| format!("{package}.{}", service.name()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Decoded descriptor sets of everything this server serves: ours first, then health and
+/// reflection.
+fn descriptor_sets() -> Vec<prost_types::FileDescriptorSet> {
+    [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]
+    .iter()
+    .filter_map(|bytes| prost_types::FileDescriptorSet::decode(*bytes).ok())
+    .collect()
+}
+
+/// Every served method as an HTTP/2 path (`/package.Service/Method`), the label set of the
+/// request metrics.
+fn known_methods() -> HashSet<String> {
+    descriptor_sets()
+        .iter()
+        .flat_map(|set| set.file.iter())
+        .flat_map(|file| {
+            let package = file.package().to_owned();
+            file.service.iter().flat_map(move |service| {
+                let package = package.clone();
+                service
+                    .method
+                    .iter()
+                    .map(move |method| format!("/{package}.{}/{}", service.name(), method.name()))
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves gRPC on `listener` until `shutdown` fires, then stops accepting and lets in-flight
+/// calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    max_message_bytes: usize,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), GrpcError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for name in service_names() {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let limit = max_message_bytes;
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "grpc listening");
+
+    let drain = {
+        let health_reporter = health_reporter.clone();
+        async move {
+            shutdown.cancelled().await;
+            for name in service_names() {
+                health_reporter
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    };
+
+    tonic::transport::Server::builder()
+        .layer(GrpcMetricsLayer::new(metrics, known_methods()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(UsageServiceServer::new(UsageApi).max_decoding_message_size(limit))
+        .add_service(QuotaServiceServer::new(QuotaApi).max_decoding_message_size(limit))
+        .add_service(TransactionServiceServer::new(TransactionApi).max_decoding_message_size(limit))
+        .add_service(PriceBookServiceServer::new(PriceBookApi).max_decoding_message_size(limit))
+        .add_service(InvoiceServiceServer::new(InvoiceApi).max_decoding_message_size(limit))
+        .add_service(ReportServiceServer::new(ReportApi).max_decoding_message_size(limit))
+        .add_service(ExportServiceServer::new(ExportApi).max_decoding_message_size(limit))
+        .add_service(AdminServiceServer::new(AdminApi).max_decoding_message_size(limit))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! Test scaffolding: a fresh database per test, the app on port 0, per-test Kafka topics.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokenmeter::app::{AppError, Application};
+use tokenmeter::config::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The maintenance database tests create their databases from; override with
+/// `TOKENMETER_TEST_DATABASE_URL`.
+pub fn base_database_url() -> String {
+    std::env::var("TOKENMETER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://tokenmeter:tokenmeter@127.0.0.1:5433/tokenmeter".into())
+}
+
+/// Kafka bootstrap servers; override with `TOKENMETER_TEST_KAFKA_BROKERS`.
+pub fn kafka_brokers() -> String {
+    std::env::var("TOKENMETER_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Creates an empty database with a unique name and returns its URL.
+pub async fn create_database() -> String {
+    let base = base_database_url();
+    let name = format!("tm_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&base)
+        .await
+        .expect("connect to the test postgres (is deploy/local/postgres.sh running?)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let mut url = url::Url::parse(&base).expect("test database url");
+    url.set_path(&name);
+    url.to_string()
+}
+
+/// Settings for a test: defaults, a fresh database, ephemeral ports, the test Kafka.
+pub async fn test_settings() -> Settings {
+    let mut settings = Settings::load_from(None, Vec::new()).expect("default settings load");
+    settings.database.url = create_database().await;
+    settings.database.run_migrations = true;
+    settings.database.max_connections = 8;
+    settings.grpc.listen_addr = "127.0.0.1:0".parse().expect("addr");
+    settings.admin.listen_addr = "127.0.0.1:0".parse().expect("addr");
+    settings.kafka.brokers = kafka_brokers();
+    settings.shutdown_grace = Duration::from_secs(5);
+    settings
+}
+
+pub struct TestApp {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub pool: PgPool,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), AppError>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Spawns the app after `customize` has adjusted the test settings.
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = test_settings().await;
+    customize(&mut settings);
+    let app = Application::build(settings).await.expect("app builds");
+    let grpc_addr = app.grpc_addr().expect("grpc enabled");
+    let admin_addr = app.admin_addr().expect("admin enabled");
+    let pool = app.pool().clone();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        grpc_addr,
+        admin_addr,
+        pool,
+        shutdown,
+        handle,
+    }
+}
+
+impl TestApp {
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
+    }
+
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// Triggers the graceful shutdown and waits for it.
+    pub async fn stop(self) -> Result<(), AppError> {
+        self.shutdown.cancel();
+        self.handle.await.expect("app task")
+    }
+}
+
+/// Creates a topic only this test uses.
+pub async fn create_topic(partitions: i32) -> String {
+    let name = format!("tm-test-{}", uuid::Uuid::new_v4().simple());
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("kafka admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topic request (is deploy/local/kafka.sh running?)");
+    for result in results {
+        result.expect("topic created");
+    }
+    name
+}

@@ -1,0 +1,8 @@
+//! One integration-test binary against the real Postgres and Kafka (see `deploy/local/`).
+//! Each test gets its own database and, where it needs one, its own topic.
+
+mod cli;
+mod grpc;
+mod helpers;
+mod http;
+mod kafka;
