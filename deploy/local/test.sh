@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian machine: installs what is missing, starts the real
+# Postgres and Kafka on loopback, checks formatting and lints, then runs unit, property and
+# integration tests against them. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+started=$SECONDS
+
+source deploy/local/deps.sh
+deploy/local/postgres.sh start
+deploy/local/kafka.sh start
+
+database_url="$(deploy/local/postgres.sh url)"
+export TOKENMETER_TEST_DATABASE_URL="${TOKENMETER_TEST_DATABASE_URL:-$database_url}"
+export TOKENMETER_TEST_KAFKA_BROKERS="${TOKENMETER_TEST_KAFKA_BROKERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
+
+# Each integration test creates its own database; drop the ones earlier runs left behind.
+psql "$TOKENMETER_TEST_DATABASE_URL" -qtA -c \
+  "SELECT format('DROP DATABASE IF EXISTS %I;', datname) FROM pg_database WHERE datname LIKE 'tm\_test\_%'" \
+  | psql "$TOKENMETER_TEST_DATABASE_URL" -q >/dev/null
+
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo test --locked "$@"
+echo "test.sh: finished in $((SECONDS - started)) s" >&2
