@@ -11,7 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin_http::{self, AdminState};
 use crate::config::Settings;
-use crate::grpc;
+use std::sync::Arc;
+
+use crate::grpc::{self, ApiState};
+use crate::ingest::{IngestMetrics, Ingestor};
 use crate::kafka::{KafkaProbe, ProbeError};
 use crate::store::{self, StoreError};
 use crate::telemetry::Metrics;
@@ -43,6 +46,7 @@ pub struct Application {
     settings: Settings,
     pool: PgPool,
     metrics: Metrics,
+    ingestor: Arc<Ingestor>,
     kafka: Option<KafkaProbe>,
     grpc_listener: Option<TcpListener>,
     admin_listener: Option<TcpListener>,
@@ -57,6 +61,11 @@ impl Application {
             store::migrate(&pool).await?;
             tracing::info!("migrations applied");
         }
+        let ingestor = Arc::new(Ingestor::new(
+            pool.clone(),
+            &settings.ingest,
+            IngestMetrics::register(&metrics.registry)?,
+        ));
         let kafka = if settings.kafka.enabled {
             let probe = KafkaProbe::new(&settings.kafka)?;
             // Kafka being down is not fatal at start: /readyz reports it until it answers.
@@ -81,6 +90,7 @@ impl Application {
             settings,
             pool,
             metrics,
+            ingestor,
             kafka,
             grpc_listener,
             admin_listener,
@@ -109,8 +119,13 @@ impl Application {
                 self.metrics.clone(),
                 shutdown.clone(),
             );
+            let state = ApiState {
+                pool: self.pool.clone(),
+                ingestor: self.ingestor.clone(),
+                ingest: self.settings.ingest.clone(),
+            };
             tasks.spawn(async move {
-                grpc::serve(listener, limit, metrics, token)
+                grpc::serve(listener, state, limit, metrics, token)
                     .await
                     .map_err(AppError::from)
             });

@@ -28,6 +28,7 @@ pub struct Settings {
     pub grpc: GrpcSettings,
     pub admin: AdminSettings,
     pub kafka: KafkaSettings,
+    pub ingest: IngestSettings,
     pub log: LogSettings,
     /// How long in-flight work may take to drain after SIGTERM / Ctrl-C.
     #[serde(with = "humantime_serde")]
@@ -76,6 +77,31 @@ pub struct KafkaSettings {
     pub probe_timeout: Duration,
     /// Extra librdkafka properties passed through verbatim (e.g. `security.protocol`).
     pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    /// Most events one IngestUsage call may carry.
+    pub max_batch_events: usize,
+    /// Most events one StreamUsage call may carry in total.
+    pub max_stream_events: usize,
+    pub max_id_bytes: usize,
+    pub max_attributes: usize,
+    pub max_attribute_key_bytes: usize,
+    pub max_attribute_value_bytes: usize,
+    /// How far in the future an occurred_at may be (producer clock skew).
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// How long raw events are kept and deduplicated; older events are rejected.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Create a tenant on its first event (with `default_currency` and the default price
+    /// book) instead of rejecting the event as naming an unknown tenant.
+    pub auto_create_tenants: bool,
+    pub default_currency: String,
+    /// The price book of tenants that do not name one.
+    pub default_price_book_id: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

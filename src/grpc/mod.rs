@@ -3,31 +3,49 @@
 //! Services whose features have not landed yet use tonic's generated default methods, which
 //! answer `UNIMPLEMENTED`; each later feature replaces one of the empty impls below.
 
+pub mod admin;
+pub mod convert;
 pub mod metrics;
+pub mod pricebook;
+pub mod reports;
+pub mod status;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::IngestSettings;
+use crate::ingest::Ingestor;
 use crate::proto::v1::{
-    admin_service_server::{AdminService, AdminServiceServer},
+    admin_service_server::AdminServiceServer,
     export_service_server::{ExportService, ExportServiceServer},
     invoice_service_server::{InvoiceService, InvoiceServiceServer},
-    price_book_service_server::{PriceBookService, PriceBookServiceServer},
+    price_book_service_server::PriceBookServiceServer,
     quota_service_server::{QuotaService, QuotaServiceServer},
-    report_service_server::{ReportService, ReportServiceServer},
+    report_service_server::ReportServiceServer,
     transaction_service_server::{TransactionService, TransactionServiceServer},
-    usage_service_server::{UsageService, UsageServiceServer},
+    usage_service_server::UsageServiceServer,
 };
 use crate::telemetry::Metrics;
+use admin::AdminApi;
 use metrics::GrpcMetricsLayer;
+use pricebook::PriceBookApi;
+use reports::ReportApi;
+use usage::UsageApi;
 
-pub struct UsageApi;
-impl UsageService for UsageApi {}
+/// What the services share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: sqlx::PgPool,
+    pub ingestor: Arc<Ingestor>,
+    pub ingest: IngestSettings,
+}
 
 pub struct QuotaApi;
 impl QuotaService for QuotaApi {}
@@ -35,20 +53,11 @@ impl QuotaService for QuotaApi {}
 pub struct TransactionApi;
 impl TransactionService for TransactionApi {}
 
-pub struct PriceBookApi;
-impl PriceBookService for PriceBookApi {}
-
 pub struct InvoiceApi;
 impl InvoiceService for InvoiceApi {}
 
-pub struct ReportApi;
-impl ReportService for ReportApi {}
-
 pub struct ExportApi;
 impl ExportService for ExportApi {}
-
-pub struct AdminApi;
-impl AdminService for AdminApi {}
 
 /// Full names of the tokenmeter services, as health checks and reflection know them.
 pub fn service_names() -> Vec<String> {
@@ -113,6 +122,7 @@ pub enum GrpcError {
 /// calls finish.
 pub async fn serve(
     listener: TcpListener,
+    state: ApiState,
     max_message_bytes: usize,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -154,14 +164,33 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(UsageServiceServer::new(UsageApi).max_decoding_message_size(limit))
+        .add_service(
+            UsageServiceServer::new(UsageApi::new(
+                state.ingestor.clone(),
+                state.ingest.max_batch_events,
+                state.ingest.max_stream_events,
+            ))
+            .max_decoding_message_size(limit),
+        )
         .add_service(QuotaServiceServer::new(QuotaApi).max_decoding_message_size(limit))
         .add_service(TransactionServiceServer::new(TransactionApi).max_decoding_message_size(limit))
-        .add_service(PriceBookServiceServer::new(PriceBookApi).max_decoding_message_size(limit))
+        .add_service(
+            PriceBookServiceServer::new(PriceBookApi::new(
+                state.pool.clone(),
+                state.ingestor.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        )
         .add_service(InvoiceServiceServer::new(InvoiceApi).max_decoding_message_size(limit))
-        .add_service(ReportServiceServer::new(ReportApi).max_decoding_message_size(limit))
+        .add_service(
+            ReportServiceServer::new(ReportApi::new(state.pool.clone()))
+                .max_decoding_message_size(limit),
+        )
         .add_service(ExportServiceServer::new(ExportApi).max_decoding_message_size(limit))
-        .add_service(AdminServiceServer::new(AdminApi).max_decoding_message_size(limit))
+        .add_service(
+            AdminServiceServer::new(AdminApi::new(state.pool.clone()))
+                .max_decoding_message_size(limit),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await?;
     Ok(())

@@ -1,6 +1,11 @@
 //! Postgres access: the connection pool and migrations. All SQL of the service lives under
 //! this module, grouped by table family.
 
+pub mod pricing;
+pub mod reports;
+pub mod tenants;
+pub mod usage;
+
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -21,6 +26,29 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("postgres query failed: {0}")]
     Query(#[from] sqlx::Error),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// A request the schema or a cross-row rule rejects, naming the field.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl StoreError {
+    /// Classifies Postgres errors by SQLSTATE: 23505 (unique violation) becomes
+    /// `AlreadyExists`, 23503 (foreign key) `NotFound` of the referenced row.
+    pub fn classify(error: sqlx::Error, what: &str) -> Self {
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        match code.as_deref() {
+            Some("23505") => StoreError::AlreadyExists(what.to_owned()),
+            Some("23503") => StoreError::NotFound(format!("a row {what} refers to")),
+            _ => StoreError::Query(error),
+        }
+    }
 }
 
 /// Opens the pool and proves it with one connection, so a wrong URL fails at start.

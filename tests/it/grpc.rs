@@ -1,5 +1,6 @@
 //! The gRPC surface: health, reflection, and the not-yet-implemented contract.
 
+use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -94,10 +95,10 @@ async fn reflection_lists_every_tokenmeter_service() {
 #[tokio::test]
 async fn rpcs_that_have_not_landed_answer_unimplemented() {
     let app = spawn_app().await;
-    let mut usage = UsageServiceClient::new(app.channel().await);
+    let mut quota = QuotaServiceClient::new(app.channel().await);
 
-    let status = usage
-        .ingest_usage(tokenmeter::proto::v1::IngestUsageRequest::default())
+    let status = quota
+        .reserve(tokenmeter::proto::v1::ReserveRequest::default())
         .await
         .expect_err("not implemented yet");
 

@@ -67,6 +67,11 @@ pub async fn spawn_app() -> TestApp {
 /// Spawns the app after `customize` has adjusted the test settings.
 pub async fn spawn_app_with(customize: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings().await;
+    // `TEST_LOG=debug cargo test …` shows the service's logs while debugging a test.
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        settings.log.filter = filter;
+        tokenmeter::telemetry::init_tracing(&settings.log);
+    }
     customize(&mut settings);
     let app = Application::build(settings).await.expect("app builds");
     let grpc_addr = app.grpc_addr().expect("grpc enabled");

@@ -2,7 +2,10 @@
 //! Each test gets its own database and, where it needs one, its own topic.
 
 mod cli;
+mod exactly_once;
 mod grpc;
 mod helpers;
 mod http;
+mod ingest;
 mod kafka;
+mod usage_support;

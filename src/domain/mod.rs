@@ -1,0 +1,36 @@
+//! Pure domain types and rules: no I/O, no clocks, no database. Adapters (gRPC, Kafka, store)
+//! convert to and from these.
+
+pub mod normalize;
+pub mod pricing;
+pub mod rollup;
+pub mod tenant;
+pub mod tokens;
+pub mod usage;
+
+/// A validation failure pinned to one field of the input, e.g. `tokens.cache_read` /
+/// `must not be negative`. Turned into a per-event INVALID result, an INVALID_ARGUMENT status
+/// or a DLQ reason header by the adapters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error one level deeper, e.g. `tokens.input` → `events[3].tokens.input`.
+    pub fn within(self, prefix: &str) -> Self {
+        Self {
+            field: format!("{prefix}.{}", self.field),
+            reason: self.reason,
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! ReportService: usage queries over rollups. (Attribution lands with transactions.)
+
+use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    next_page_token, page_offset, page_size, required_class, required_time, timestamp,
+};
+use super::status::{from_store, invalid_field};
+use crate::domain::tokens::TokenClass;
+use crate::proto::v1 as pb;
+use crate::proto::v1::report_service_server::ReportService;
+use crate::store;
+use crate::store::reports::{Dimension, UsageFilter, UsageQuery, Window};
+
+pub struct ReportApi {
+    pool: PgPool,
+}
+
+impl ReportApi {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn dimension(number: i32, field: &str) -> Result<Dimension, Status> {
+    Ok(match pb::UsageDimension::try_from(number) {
+        Ok(pb::UsageDimension::Tenant) => Dimension::Tenant,
+        Ok(pb::UsageDimension::Agent) => Dimension::Agent,
+        Ok(pb::UsageDimension::Transaction) => Dimension::Transaction,
+        Ok(pb::UsageDimension::Service) => Dimension::Service,
+        Ok(pb::UsageDimension::Provider) => Dimension::Provider,
+        Ok(pb::UsageDimension::Model) => Dimension::Model,
+        Ok(pb::UsageDimension::TokenClass) => Dimension::TokenClass,
+        _ => return Err(invalid_field(field, "must be a usage dimension")),
+    })
+}
+
+fn on_the_hour(at: DateTime<Utc>) -> bool {
+    at.minute() == 0 && at.second() == 0 && at.nanosecond() == 0
+}
+
+/// Rollups are hourly in UTC, so local days and months can only be cut exactly in zones whose
+/// offset is a whole number of hours.
+fn whole_hour_offset(zone: chrono_tz::Tz, at: DateTime<Utc>) -> bool {
+    zone.offset_from_utc_datetime(&at.naive_utc())
+        .fix()
+        .local_minus_utc()
+        % 3600
+        == 0
+}
+
+impl ReportApi {
+    async fn to_query(&self, request: &pb::QueryUsageRequest) -> Result<UsageQuery, Status> {
+        let range = request
+            .time_range
+            .as_ref()
+            .ok_or_else(|| invalid_field("time_range", "is required"))?;
+        let start = required_time(range.start.as_ref(), "time_range.start")?;
+        let end = required_time(range.end.as_ref(), "time_range.end")?;
+        if end <= start {
+            return Err(invalid_field(
+                "time_range.end",
+                "must be after time_range.start",
+            ));
+        }
+        if !on_the_hour(start) || !on_the_hour(end) {
+            return Err(invalid_field(
+                "time_range",
+                "bounds must fall on whole hours (rollups are hourly)",
+            ));
+        }
+        let window = match pb::TimeBucket::try_from(request.window) {
+            Ok(pb::TimeBucket::Unspecified | pb::TimeBucket::None) => Window::Whole,
+            Ok(pb::TimeBucket::Hour) => Window::Hour,
+            Ok(pb::TimeBucket::Day) => Window::Day,
+            Ok(pb::TimeBucket::Month) => Window::Month,
+            Err(_) => return Err(invalid_field("window", "unknown value")),
+        };
+        let mut group_by = Vec::new();
+        for (i, number) in request.group_by.iter().enumerate() {
+            let field = format!("group_by[{i}]");
+            let dim = dimension(*number, &field)?;
+            if group_by.contains(&dim) {
+                return Err(invalid_field(&field, "is repeated"));
+            }
+            group_by.push(dim);
+        }
+        let time_zone = if !request.time_zone.is_empty() {
+            request.time_zone.clone()
+        } else if let [tenant] = request.tenant_ids.as_slice() {
+            store::tenants::get(&self.pool, tenant)
+                .await
+                .map_err(from_store)?
+                .billing_timezone
+        } else {
+            "UTC".to_owned()
+        };
+        let zone: chrono_tz::Tz = time_zone
+            .parse()
+            .map_err(|_| invalid_field("time_zone", "is not an IANA time zone name"))?;
+        if matches!(window, Window::Day | Window::Month)
+            && !(whole_hour_offset(zone, start) && whole_hour_offset(zone, end))
+        {
+            return Err(Status::failed_precondition(format!(
+                "time_zone: {time_zone} is not a whole number of hours from UTC; hourly rollups cannot cut its days"
+            )));
+        }
+        let filter = request.filter.clone().unwrap_or_default();
+        let token_classes = filter
+            .token_classes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| required_class(*n, &format!("filter.token_classes[{i}]")))
+            .collect::<Result<Vec<TokenClass>, Status>>()?;
+        Ok(UsageQuery {
+            tenant_ids: request.tenant_ids.clone(),
+            start,
+            end,
+            window,
+            group_by,
+            filter: UsageFilter {
+                agent_ids: filter.agent_ids,
+                services: filter.services,
+                providers: filter.providers,
+                models: filter.models,
+                token_classes,
+                transaction_ids: filter.transaction_ids,
+                has_transaction: filter.has_transaction,
+                unpriced: filter.unpriced,
+            },
+            time_zone,
+            offset: page_offset(&request.page_token)?,
+            limit: page_size(request.page_size)?,
+        })
+    }
+}
+
+fn row_to_proto(query: &UsageQuery, row: store::reports::UsageRow) -> pb::UsageRow {
+    let mut out = pb::UsageRow {
+        bucket_start: Some(timestamp(row.bucket_start)),
+        bucket_end: Some(timestamp(row.bucket_end)),
+        currency: row.currency,
+        billed_amount: row.billed.to_string(),
+        cost_amount: row.cost.to_string(),
+        event_count: row.event_count,
+        unpriced_event_count: row.unpriced_event_count,
+        unpriced_tokens: row.unpriced_tokens,
+        total_tokens: row.tokens.iter().sum(),
+        tokens: Some(token_counts(&row.tokens)),
+        ..Default::default()
+    };
+    for (dimension, value) in query.group_by.iter().zip(row.dimensions) {
+        match dimension {
+            Dimension::Tenant => out.tenant_id = Some(value),
+            Dimension::Agent => out.agent_id = Some(value),
+            Dimension::Transaction => out.transaction_id = Some(value),
+            Dimension::Service => out.service = Some(value),
+            Dimension::Provider => out.provider = Some(value),
+            Dimension::Model => out.model = Some(value),
+            Dimension::TokenClass => out.token_class = value.parse().ok(),
+        }
+    }
+    out
+}
+
+pub fn token_counts(buckets: &[i64; 10]) -> pb::TokenCounts {
+    let get = |class: TokenClass| buckets[class.index()];
+    pb::TokenCounts {
+        input: get(TokenClass::Input),
+        cache_read: get(TokenClass::CacheRead),
+        cache_write_5m: get(TokenClass::CacheWrite5m),
+        cache_write_1h: get(TokenClass::CacheWrite1h),
+        output: get(TokenClass::Output),
+        reasoning: get(TokenClass::Reasoning),
+        input_audio: get(TokenClass::InputAudio),
+        output_audio: get(TokenClass::OutputAudio),
+        input_image: get(TokenClass::InputImage),
+        output_image: get(TokenClass::OutputImage),
+    }
+}
+
+#[tonic::async_trait]
+impl ReportService for ReportApi {
+    async fn query_usage(
+        &self,
+        request: Request<pb::QueryUsageRequest>,
+    ) -> Result<Response<pb::QueryUsageResponse>, Status> {
+        let request = request.into_inner();
+        let query = self.to_query(&request).await?;
+        let rows = store::reports::query_usage(&self.pool, &query)
+            .await
+            .map_err(from_store)?;
+        let next = next_page_token(query.offset, rows.len(), query.limit);
+        Ok(Response::new(pb::QueryUsageResponse {
+            time_zone: query.time_zone.clone(),
+            rows: rows.into_iter().map(|r| row_to_proto(&query, r)).collect(),
+            next_page_token: next,
+        }))
+    }
+}

@@ -1,0 +1,166 @@
+//! UsageService: batch and streaming ingest over the shared pipeline.
+
+use std::sync::Arc;
+
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status::{from_ingest, invalid_field};
+use crate::ingest::{Channel, Ingestor, Outcome};
+use crate::proto::v1 as pb;
+use crate::proto::v1::usage_service_server::UsageService;
+
+pub struct UsageApi {
+    ingestor: Arc<Ingestor>,
+    max_batch_events: usize,
+    max_stream_events: usize,
+}
+
+impl UsageApi {
+    pub fn new(ingestor: Arc<Ingestor>, max_batch_events: usize, max_stream_events: usize) -> Self {
+        Self {
+            ingestor,
+            max_batch_events,
+            max_stream_events,
+        }
+    }
+}
+
+/// Per-event results and the summary, indices offset by `base` (for streams).
+fn results(
+    events: &[pb::UsageEvent],
+    outcomes: &[Outcome],
+    base: usize,
+    omit_accepted: bool,
+    results: &mut Vec<pb::EventResult>,
+    summary: &mut pb::IngestSummary,
+) {
+    for (i, (event, outcome)) in events.iter().zip(outcomes).enumerate() {
+        let mut result = pb::EventResult {
+            index: i32::try_from(base + i).unwrap_or(i32::MAX),
+            event_id: event.event_id.clone(),
+            ..Default::default()
+        };
+        match outcome {
+            Outcome::Accepted { unpriced } => {
+                summary.accepted += 1;
+                if omit_accepted {
+                    continue;
+                }
+                result.set_status(pb::IngestStatus::Accepted);
+                result.unpriced = *unpriced;
+            }
+            Outcome::Duplicate => {
+                summary.duplicate += 1;
+                result.set_status(pb::IngestStatus::Duplicate);
+            }
+            Outcome::Conflict => {
+                summary.conflict += 1;
+                result.set_status(pb::IngestStatus::Conflict);
+                result.reason = "same identity as a stored event with a different payload".into();
+            }
+            Outcome::Invalid(error) => {
+                summary.invalid += 1;
+                result.set_status(pb::IngestStatus::Invalid);
+                result.field = error.field.clone();
+                result.reason = error.reason.clone();
+            }
+        }
+        results.push(result);
+    }
+}
+
+#[tonic::async_trait]
+impl UsageService for UsageApi {
+    async fn ingest_usage(
+        &self,
+        request: Request<pb::IngestUsageRequest>,
+    ) -> Result<Response<pb::IngestUsageResponse>, Status> {
+        let request = request.into_inner();
+        if request.events.is_empty() {
+            return Err(invalid_field("events", "at least one event is required"));
+        }
+        if request.events.len() > self.max_batch_events {
+            return Err(invalid_field(
+                "events",
+                &format!(
+                    "more than {} events in one call (ingest.max_batch_events)",
+                    self.max_batch_events
+                ),
+            ));
+        }
+        let outcomes = self
+            .ingestor
+            .ingest(&request.events, Channel::Grpc)
+            .await
+            .map_err(from_ingest)?;
+        let mut response = pb::IngestUsageResponse {
+            summary: Some(pb::IngestSummary::default()),
+            ..Default::default()
+        };
+        let summary = response.summary.get_or_insert_default();
+        results(
+            &request.events,
+            &outcomes,
+            0,
+            request.omit_accepted_results,
+            &mut response.results,
+            summary,
+        );
+        Ok(Response::new(response))
+    }
+
+    async fn stream_usage(
+        &self,
+        request: Request<Streaming<pb::StreamUsageRequest>>,
+    ) -> Result<Response<pb::StreamUsageResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut response = pb::StreamUsageResponse::default();
+        let mut summary = pb::IngestSummary::default();
+        let mut seen = 0usize;
+        let mut omit_accepted = None;
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            let omit = *omit_accepted.get_or_insert(message.omit_accepted_results);
+            if message.events.len() > self.max_batch_events {
+                return Err(invalid_field(
+                    "events",
+                    &format!(
+                        "more than {} events in one message (ingest.max_batch_events)",
+                        self.max_batch_events
+                    ),
+                ));
+            }
+            if seen + message.events.len() > self.max_stream_events {
+                return Err(invalid_field(
+                    "events",
+                    &format!(
+                        "more than {} events in one stream (ingest.max_stream_events)",
+                        self.max_stream_events
+                    ),
+                ));
+            }
+            if message.events.is_empty() {
+                continue;
+            }
+            // Commit message by message: the client resends everything if the stream fails,
+            // and committed events come back DUPLICATE.
+            let outcomes = self
+                .ingestor
+                .ingest(&message.events, Channel::Grpc)
+                .await
+                .map_err(from_ingest)?;
+            results(
+                &message.events,
+                &outcomes,
+                seen,
+                omit,
+                &mut response.results,
+                &mut summary,
+            );
+            seen += message.events.len();
+        }
+        response.summary = Some(summary);
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,356 @@
+//! The one pipeline both gRPC and Kafka feed: validate → normalize → dedupe → price →
+//! roll up → write, with raw events, dedup keys and rollups committed in one transaction.
+
+pub mod pricing_cache;
+pub mod validate;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use prometheus::{IntCounterVec, Opts, Registry};
+use sqlx::PgPool;
+
+use crate::config::IngestSettings;
+use crate::domain::FieldError;
+use crate::domain::pricing::{PricedUsage, PricingError};
+use crate::domain::rollup::RollupBatch;
+use crate::domain::usage::{EventIdentity, UsageEvent};
+use crate::proto::v1 as pb;
+use crate::store::usage::Candidate;
+use crate::store::{self, StoreError};
+use pricing_cache::PricingCache;
+use validate::Limits;
+
+/// Where a batch came from; stored on raw events and used as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Grpc,
+    Kafka,
+}
+
+impl Channel {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Channel::Grpc => "grpc",
+            Channel::Kafka => "kafka",
+        }
+    }
+}
+
+/// What happened to one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed; counted exactly once. `unpriced` when some of its tokens had no rate.
+    Accepted {
+        unpriced: bool,
+    },
+    /// Same identity and payload as a stored (or earlier in-batch) event: not counted again.
+    Duplicate,
+    /// Same identity, different payload: not counted, kept for audit.
+    Conflict,
+    Invalid(FieldError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for IngestError {
+    fn from(error: sqlx::Error) -> Self {
+        IngestError::Store(StoreError::Query(error))
+    }
+}
+
+/// Counters of the ingest pipeline.
+#[derive(Clone)]
+pub struct IngestMetrics {
+    events: IntCounterVec,
+}
+
+impl IngestMetrics {
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let events = IntCounterVec::new(
+            Opts::new(
+                "tokenmeter_ingest_events_total",
+                "Usage events by channel and outcome (accepted, duplicate, conflict, invalid, unpriced)",
+            ),
+            &["channel", "outcome"],
+        )?;
+        registry.register(Box::new(events.clone()))?;
+        // Export every series at 0 from the start, so rate() and increase() see the first one.
+        for channel in [Channel::Grpc, Channel::Kafka] {
+            for outcome in ["accepted", "duplicate", "conflict", "invalid", "unpriced"] {
+                events.with_label_values(&[channel.as_str(), outcome]);
+            }
+        }
+        Ok(Self { events })
+    }
+
+    fn record(&self, channel: Channel, outcomes: &[Outcome]) {
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for outcome in outcomes {
+            let label = match outcome {
+                Outcome::Accepted { unpriced } => {
+                    if *unpriced {
+                        *counts.entry("unpriced").or_default() += 1;
+                    }
+                    "accepted"
+                }
+                Outcome::Duplicate => "duplicate",
+                Outcome::Conflict => "conflict",
+                Outcome::Invalid(_) => "invalid",
+            };
+            *counts.entry(label).or_default() += 1;
+        }
+        for (label, n) in counts {
+            self.events
+                .with_label_values(&[channel.as_str(), label])
+                .inc_by(n);
+        }
+    }
+}
+
+pub struct Ingestor {
+    pool: PgPool,
+    pricing: PricingCache,
+    limits: Limits,
+    auto_create_tenants: bool,
+    default_currency: String,
+    metrics: IngestMetrics,
+    /// Month partitions known to exist, so the common case skips the DDL round trip.
+    partitions: Mutex<HashSet<DateTime<Utc>>>,
+}
+
+impl Ingestor {
+    pub fn new(pool: PgPool, settings: &IngestSettings, metrics: IngestMetrics) -> Self {
+        Self {
+            pricing: PricingCache::new(pool.clone(), settings.default_price_book_id.clone()),
+            pool,
+            limits: Limits::from_settings(settings),
+            auto_create_tenants: settings.auto_create_tenants,
+            default_currency: settings.default_currency.clone(),
+            metrics,
+            partitions: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn pricing(&self) -> &PricingCache {
+        &self.pricing
+    }
+
+    /// Ingests a batch and returns one outcome per event, in input order. Returns only after
+    /// every accepted event is committed; an error means nothing of the batch was committed.
+    pub async fn ingest(
+        self: &Arc<Self>,
+        events: &[pb::UsageEvent],
+        channel: Channel,
+    ) -> Result<Vec<Outcome>, IngestError> {
+        let now = Utc::now();
+        let validated: Vec<Result<UsageEvent, FieldError>> = events
+            .iter()
+            .map(|e| validate::validate(e, &self.limits, now))
+            .collect();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
+
+        self.resolve_tenants(&validated, &mut outcomes).await?;
+        let catalog = self.pricing.catalog().await?;
+
+        // The first valid delivery of each identity is the candidate; later ones in the batch
+        // are judged against whatever wins for that identity.
+        let mut first_of: HashMap<&EventIdentity, usize> = HashMap::new();
+        let mut candidates: Vec<Candidate<'_>> = Vec::new();
+        let mut candidate_of_event: HashMap<usize, usize> = HashMap::new();
+        for (index, result) in validated.iter().enumerate() {
+            if outcomes[index].is_some() {
+                continue;
+            }
+            let event = match result {
+                Ok(event) => event,
+                Err(error) => {
+                    outcomes[index] = Some(Outcome::Invalid(error.clone()));
+                    continue;
+                }
+            };
+            if first_of.contains_key(&event.identity) {
+                continue;
+            }
+            let priced = match price(&catalog, event) {
+                Ok(priced) => priced,
+                Err(error) => {
+                    outcomes[index] = Some(Outcome::Invalid(error));
+                    continue;
+                }
+            };
+            first_of.insert(&event.identity, index);
+            candidate_of_event.insert(index, candidates.len());
+            candidates.push(Candidate {
+                event,
+                payload_hash: event.payload_hash(),
+                priced,
+            });
+        }
+
+        self.ensure_partitions(&candidates).await?;
+
+        let mut tx = self.pool.begin().await?;
+        let inserted: HashSet<EventIdentity> = if candidates.is_empty() {
+            HashSet::new()
+        } else {
+            store::usage::insert_keys(&mut tx, &candidates)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let existing: Vec<&EventIdentity> = candidates
+            .iter()
+            .map(|c| &c.event.identity)
+            .filter(|identity| !inserted.contains(*identity))
+            .collect();
+        let stored = store::usage::stored_hashes(&mut tx, &existing).await?;
+
+        // The hash every delivery of an identity is compared with: the stored one if the
+        // identity existed, else the candidate this batch inserted.
+        let mut winning_hash: HashMap<&EventIdentity, Vec<u8>> = HashMap::new();
+        for candidate in &candidates {
+            let identity = &candidate.event.identity;
+            let hash = match stored.get(identity) {
+                Some(hash) => hash.clone(),
+                None => candidate.payload_hash.to_vec(),
+            };
+            winning_hash.insert(identity, hash);
+        }
+
+        let mut conflicts: Vec<(&UsageEvent, [u8; 32])> = Vec::new();
+        let mut accepted: Vec<&Candidate<'_>> = Vec::new();
+        for (index, result) in validated.iter().enumerate() {
+            if outcomes[index].is_some() {
+                continue;
+            }
+            let Ok(event) = result else { continue };
+            if let Some(&c) = candidate_of_event.get(&index)
+                && inserted.contains(&event.identity)
+            {
+                let candidate = &candidates[c];
+                outcomes[index] = Some(Outcome::Accepted {
+                    unpriced: candidate.priced.is_unpriced(),
+                });
+                accepted.push(candidate);
+                continue;
+            }
+            let hash = event.payload_hash();
+            let same = winning_hash
+                .get(&event.identity)
+                .is_some_and(|winner| winner.as_slice() == hash.as_slice());
+            outcomes[index] = Some(if same {
+                Outcome::Duplicate
+            } else {
+                conflicts.push((event, hash));
+                Outcome::Conflict
+            });
+        }
+
+        store::usage::insert_conflicts(&mut tx, &conflicts, channel.as_str()).await?;
+        store::usage::insert_events(&mut tx, &accepted, channel.as_str()).await?;
+        let mut rollups = RollupBatch::default();
+        for candidate in &accepted {
+            rollups.add(candidate.event, &candidate.priced);
+        }
+        store::usage::upsert_rollups(&mut tx, &rollups).await?;
+        tx.commit().await?;
+
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::Invalid(FieldError::new("event", "not processed")))
+            })
+            .collect();
+        self.metrics.record(channel, &outcomes);
+        Ok(outcomes)
+    }
+
+    /// Creates tenants seen for the first time (when configured to), or marks their events
+    /// invalid.
+    async fn resolve_tenants(
+        &self,
+        validated: &[Result<UsageEvent, FieldError>],
+        outcomes: &mut [Option<Outcome>],
+    ) -> Result<(), IngestError> {
+        let catalog = self.pricing.catalog().await?;
+        let unknown: Vec<&str> = validated
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|e| e.identity.tenant_id.as_str())
+            .filter(|t| catalog.tenant(t).is_none())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        if self.auto_create_tenants {
+            store::tenants::insert_missing(&self.pool, &unknown, &self.default_currency).await?;
+            return Ok(());
+        }
+        for (index, result) in validated.iter().enumerate() {
+            if let Ok(event) = result
+                && unknown.contains(&event.identity.tenant_id.as_str())
+            {
+                outcomes[index] = Some(Outcome::Invalid(FieldError::new(
+                    "tenant_id",
+                    "unknown tenant",
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_partitions(&self, candidates: &[Candidate<'_>]) -> Result<(), IngestError> {
+        let months: HashSet<DateTime<Utc>> = candidates
+            .iter()
+            .map(|c| month_start(c.event.occurred_at))
+            .collect();
+        let missing: Vec<DateTime<Utc>> = {
+            let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            months.into_iter().filter(|m| !known.contains(m)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.pool.acquire().await?;
+        store::usage::ensure_partitions(&mut conn, &missing).await?;
+        self.partitions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(missing);
+        Ok(())
+    }
+}
+
+fn price(
+    catalog: &crate::domain::pricing::PricingCatalog,
+    event: &UsageEvent,
+) -> Result<PricedUsage, FieldError> {
+    catalog
+        .price(
+            &event.identity.tenant_id,
+            &event.provider,
+            &event.model,
+            event.occurred_at,
+            &event.tokens,
+        )
+        .map_err(|error| match error {
+            PricingError::UnknownTenant(_) => FieldError::new("tenant_id", "unknown tenant"),
+            PricingError::Overflow => {
+                FieldError::new("tokens", "amount overflows exact decimal range")
+            }
+        })
+}
+
+fn month_start(at: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(at)
+}

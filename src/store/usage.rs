@@ -1,0 +1,358 @@
+//! SQL of the ingest write path. Each function runs one statement on the caller's
+//! transaction; `ingest` orchestrates them so raw events, dedup keys and rollups commit
+//! together or not at all.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgConnection;
+
+use super::StoreError;
+use crate::domain::pricing::PricedUsage;
+use crate::domain::rollup::RollupBatch;
+use crate::domain::tokens::TokenClass;
+use crate::domain::usage::{EventIdentity, UsageEvent};
+
+/// A first delivery of an identity in this batch, priced, waiting to be written.
+pub struct Candidate<'a> {
+    pub event: &'a UsageEvent,
+    pub payload_hash: [u8; 32],
+    pub priced: PricedUsage,
+}
+
+/// Makes sure the month partitions holding `instants` exist. Runs in its own short
+/// transaction because creating a partition locks the parent table.
+pub async fn ensure_partitions(
+    conn: &mut PgConnection,
+    months: &[DateTime<Utc>],
+) -> Result<(), StoreError> {
+    for month in months {
+        sqlx::query("SELECT ensure_usage_events_partition($1)")
+            .bind(month)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Inserts the identities that are new, in key order (so concurrent batches lock keys in the
+/// same order), and returns the ones this call inserted. A concurrent transaction inserting
+/// the same key makes this one wait for its outcome, so an identity is inserted exactly once.
+pub async fn insert_keys(
+    conn: &mut PgConnection,
+    candidates: &[Candidate<'_>],
+) -> Result<Vec<EventIdentity>, StoreError> {
+    let mut sorted: Vec<&Candidate<'_>> = candidates.iter().collect();
+    sorted.sort_by(|a, b| a.event.identity.cmp(&b.event.identity));
+    let tenants: Vec<&str> = sorted
+        .iter()
+        .map(|c| c.event.identity.tenant_id.as_str())
+        .collect();
+    let sources: Vec<&str> = sorted
+        .iter()
+        .map(|c| c.event.identity.source.as_str())
+        .collect();
+    let ids: Vec<&str> = sorted
+        .iter()
+        .map(|c| c.event.identity.event_id.as_str())
+        .collect();
+    let times: Vec<DateTime<Utc>> = sorted.iter().map(|c| c.event.occurred_at).collect();
+    let hashes: Vec<&[u8]> = sorted.iter().map(|c| &c.payload_hash[..]).collect();
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "INSERT INTO usage_event_keys (tenant_id, source, event_id, occurred_at, payload_hash)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bytea[])
+         ON CONFLICT DO NOTHING
+         RETURNING tenant_id, source, event_id",
+    )
+    .bind(tenants)
+    .bind(sources)
+    .bind(ids)
+    .bind(times)
+    .bind(hashes)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(tenant_id, source, event_id)| EventIdentity {
+            tenant_id,
+            source,
+            event_id,
+        })
+        .collect())
+}
+
+/// The stored payload hash of each identity that already exists.
+pub async fn stored_hashes(
+    conn: &mut PgConnection,
+    identities: &[&EventIdentity],
+) -> Result<HashMap<EventIdentity, Vec<u8>>, StoreError> {
+    if identities.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let tenants: Vec<&str> = identities.iter().map(|i| i.tenant_id.as_str()).collect();
+    let sources: Vec<&str> = identities.iter().map(|i| i.source.as_str()).collect();
+    let ids: Vec<&str> = identities.iter().map(|i| i.event_id.as_str()).collect();
+    let rows: Vec<(String, String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT k.tenant_id, k.source, k.event_id, k.payload_hash
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS q (tenant_id, source, event_id)
+         JOIN usage_event_keys k USING (tenant_id, source, event_id)",
+    )
+    .bind(tenants)
+    .bind(sources)
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(tenant_id, source, event_id, hash)| {
+            (
+                EventIdentity {
+                    tenant_id,
+                    source,
+                    event_id,
+                },
+                hash,
+            )
+        })
+        .collect())
+}
+
+/// Keeps conflicting deliveries for audit; they change no totals.
+pub async fn insert_conflicts(
+    conn: &mut PgConnection,
+    conflicts: &[(&UsageEvent, [u8; 32])],
+    channel: &str,
+) -> Result<(), StoreError> {
+    if conflicts.is_empty() {
+        return Ok(());
+    }
+    let tenants: Vec<&str> = conflicts
+        .iter()
+        .map(|(e, _)| e.identity.tenant_id.as_str())
+        .collect();
+    let sources: Vec<&str> = conflicts
+        .iter()
+        .map(|(e, _)| e.identity.source.as_str())
+        .collect();
+    let ids: Vec<&str> = conflicts
+        .iter()
+        .map(|(e, _)| e.identity.event_id.as_str())
+        .collect();
+    let hashes: Vec<&[u8]> = conflicts.iter().map(|(_, h)| &h[..]).collect();
+    let payloads: Vec<String> = conflicts.iter().map(|(e, _)| audit_json(e)).collect();
+    sqlx::query(
+        "INSERT INTO usage_event_conflicts (tenant_id, source, event_id, payload_hash, payload, channel)
+         SELECT t, s, e, h, p::jsonb, $6
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[]) AS x (t, s, e, h, p)",
+    )
+    .bind(tenants)
+    .bind(sources)
+    .bind(ids)
+    .bind(hashes)
+    .bind(payloads)
+    .bind(channel)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Inserts accepted raw events with their prices.
+pub async fn insert_events(
+    conn: &mut PgConnection,
+    accepted: &[&Candidate<'_>],
+    channel: &str,
+) -> Result<(), StoreError> {
+    if accepted.is_empty() {
+        return Ok(());
+    }
+    let text =
+        |f: fn(&UsageEvent) -> &str| -> Vec<&str> { accepted.iter().map(|c| f(c.event)).collect() };
+    let optional = |f: fn(&UsageEvent) -> Option<&str>| -> Vec<Option<&str>> {
+        accepted.iter().map(|c| f(c.event)).collect()
+    };
+    let class = |class: TokenClass| -> Vec<i64> {
+        accepted.iter().map(|c| c.event.tokens.get(class)).collect()
+    };
+    sqlx::query(
+        "INSERT INTO usage_events (
+             tenant_id, source, event_id, occurred_at, agent_id, transaction_id, service,
+             session_id, request_id, reservation_id, provider, model,
+             input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
+             input_audio, output_audio, input_image, output_image,
+             usage_source, status, attributes, currency, billed_amount, cost_amount,
+             unpriced_tokens, price_book_version_id, channel)
+         SELECT t, s, e, o, a, tx, sv, ss, rq, rs, p, m, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
+                us, st, at::jsonb, cu, b, co, un, v, $31
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                     $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::int8[],
+                     $17::int8[], $18::int8[], $19::int8[], $20::int8[], $21::int8[],
+                     $22::int8[], $23::int2[], $24::int2[], $25::text[], $26::text[],
+                     $27::numeric[], $28::numeric[], $29::int8[], $30::text[])
+              AS x (t, s, e, o, a, tx, sv, ss, rq, rs, p, m, c1, c2, c3, c4, c5, c6, c7, c8,
+                    c9, c10, us, st, at, cu, b, co, un, v)",
+    )
+    .bind(text(|e| &e.identity.tenant_id))
+    .bind(text(|e| &e.identity.source))
+    .bind(text(|e| &e.identity.event_id))
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.event.occurred_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(text(|e| &e.agent_id))
+    .bind(optional(|e| e.transaction_id.as_deref()))
+    .bind(optional(|e| e.service.as_deref()))
+    .bind(optional(|e| e.session_id.as_deref()))
+    .bind(optional(|e| e.request_id.as_deref()))
+    .bind(optional(|e| e.reservation_id.as_deref()))
+    .bind(text(|e| &e.provider))
+    .bind(text(|e| &e.model))
+    .bind(class(TokenClass::Input))
+    .bind(class(TokenClass::CacheRead))
+    .bind(class(TokenClass::CacheWrite5m))
+    .bind(class(TokenClass::CacheWrite1h))
+    .bind(class(TokenClass::Output))
+    .bind(class(TokenClass::Reasoning))
+    .bind(class(TokenClass::InputAudio))
+    .bind(class(TokenClass::OutputAudio))
+    .bind(class(TokenClass::InputImage))
+    .bind(class(TokenClass::OutputImage))
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.event.usage_source as i16)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.event.status as i16)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| attributes_json(c.event))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.priced.currency.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.priced.billed)
+            .collect::<Vec<Decimal>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.priced.cost)
+            .collect::<Vec<Decimal>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.priced.unpriced_tokens)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        accepted
+            .iter()
+            .map(|c| c.priced.version_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(channel)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds the batch's rollup deltas to the stored rows (rows are in key order).
+pub async fn upsert_rollups(
+    conn: &mut PgConnection,
+    batch: &RollupBatch,
+) -> Result<(), StoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = batch.rows().collect();
+    let text = |f: fn(&crate::domain::rollup::RollupKey) -> &str| -> Vec<&str> {
+        rows.iter().map(|(k, _)| f(k)).collect()
+    };
+    sqlx::query(
+        "INSERT INTO usage_rollups AS r (
+             tenant_id, hour, agent_id, transaction_id, service, provider, model, token_class,
+             currency, tokens, billed_amount, cost_amount, unpriced_tokens, class_events,
+             class_unpriced_events, events, unpriced_events)
+         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::int2[], $9::text[], $10::int8[],
+                              $11::numeric[], $12::numeric[], $13::int8[], $14::int8[],
+                              $15::int8[], $16::int8[], $17::int8[])
+         ON CONFLICT (tenant_id, hour, agent_id, transaction_id, service, provider, model,
+                      token_class, currency)
+         DO UPDATE SET tokens = r.tokens + excluded.tokens,
+                       billed_amount = r.billed_amount + excluded.billed_amount,
+                       cost_amount = r.cost_amount + excluded.cost_amount,
+                       unpriced_tokens = r.unpriced_tokens + excluded.unpriced_tokens,
+                       class_events = r.class_events + excluded.class_events,
+                       class_unpriced_events = r.class_unpriced_events + excluded.class_unpriced_events,
+                       events = r.events + excluded.events,
+                       unpriced_events = r.unpriced_events + excluded.unpriced_events",
+    )
+    .bind(text(|k| &k.tenant_id))
+    .bind(rows.iter().map(|(k, _)| k.hour).collect::<Vec<_>>())
+    .bind(text(|k| &k.agent_id))
+    .bind(text(|k| &k.transaction_id))
+    .bind(text(|k| &k.service))
+    .bind(text(|k| &k.provider))
+    .bind(text(|k| &k.model))
+    .bind(rows.iter().map(|(k, _)| k.class as i16).collect::<Vec<_>>())
+    .bind(text(|k| &k.currency))
+    .bind(rows.iter().map(|(_, v)| v.tokens).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.billed).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.cost).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.unpriced_tokens).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.class_events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.class_unpriced_events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, v)| v.unpriced_events).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn attributes_json(event: &UsageEvent) -> String {
+    serde_json::to_string(&event.attributes).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The normalized event as JSON, for the conflict audit table.
+fn audit_json(event: &UsageEvent) -> String {
+    let tokens: serde_json::Map<String, serde_json::Value> = event
+        .tokens
+        .non_zero()
+        .map(|(class, n)| (class.as_str().to_owned(), n.into()))
+        .collect();
+    serde_json::json!({
+        "agent_id": event.agent_id,
+        "transaction_id": event.transaction_id,
+        "service": event.service,
+        "session_id": event.session_id,
+        "request_id": event.request_id,
+        "reservation_id": event.reservation_id,
+        "provider": event.provider,
+        "model": event.model,
+        "occurred_at": event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "tokens": tokens,
+        "usage_source": event.usage_source as i16,
+        "status": event.status as i16,
+        "attributes": event.attributes,
+    })
+    .to_string()
+}

@@ -1,0 +1,496 @@
+//! Usage ingest over gRPC against the real Postgres: exactly-once, conflicts, validation,
+//! pricing, rollups and usage queries.
+
+use chrono::Duration;
+use rust_decimal::Decimal;
+use tokenmeter::proto::v1 as pb;
+use tokenmeter::proto::v1::IngestStatus::{Accepted, Conflict, Duplicate, Invalid};
+
+use crate::helpers::{spawn_app, spawn_app_with};
+use crate::usage_support::{Clients, event, hour, statuses, ts, unique};
+
+fn dec(text: &str) -> Decimal {
+    text.parse().expect("decimal")
+}
+
+#[tokio::test]
+async fn accepted_events_roll_up_and_a_resent_batch_comes_back_duplicate() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    let batch = vec![
+        event(&tenant, "e1", 100, 10),
+        event(&tenant, "e2", 200, 20),
+        event(&tenant, "e3", 300, 0),
+    ];
+
+    let first = api.ingest(batch.clone()).await;
+    let second = api.ingest(batch).await;
+
+    assert_eq!(statuses(&first), vec![Accepted, Accepted, Accepted]);
+    assert_eq!(statuses(&second), vec![Duplicate, Duplicate, Duplicate]);
+    let rows = api.usage(&tenant, &[]).await;
+    assert_eq!(rows.len(), 1);
+    let tokens = rows[0].tokens.expect("tokens");
+    assert_eq!(tokens.input, 100 + 200 + 300);
+    assert_eq!(tokens.output, 10 + 20);
+    assert_eq!(rows[0].total_tokens, 630);
+    assert_eq!(rows[0].event_count, 3);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
+        .bind(&tenant)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(stored, 3);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn same_identity_with_another_payload_is_a_conflict_kept_for_audit() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    api.ingest(vec![event(&tenant, "e1", 100, 10)]).await;
+
+    let mut retimed = event(&tenant, "e1", 100, 10);
+    retimed.occurred_at = Some(ts(hour(30)));
+    let mut other_source = event(&tenant, "e1", 5, 5);
+    other_source.source = "another-producer".into();
+    let response = api
+        .ingest(vec![
+            retimed,
+            event(&tenant, "e1", 999, 10),
+            event(&tenant, "e1", 100, 10),
+            other_source,
+            event(&tenant, "e2", 1, 1),
+            event(&tenant, "e2", 2, 2),
+        ])
+        .await;
+
+    assert_eq!(
+        statuses(&response),
+        vec![Conflict, Conflict, Duplicate, Accepted, Accepted, Conflict]
+    );
+    let summary = response.summary.expect("summary");
+    assert_eq!(
+        (summary.accepted, summary.duplicate, summary.conflict),
+        (2, 1, 3)
+    );
+    let rows = api.usage(&tenant, &[]).await;
+    let tokens = rows[0].tokens.expect("tokens");
+    assert_eq!(
+        tokens.input,
+        100 + 5 + 1,
+        "conflicts must not change totals"
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_event_conflicts WHERE tenant_id = $1")
+            .bind(&tenant)
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!(audited, 3);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn invalid_events_get_field_and_reason_and_the_valid_ones_are_still_accepted() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    let negative = event(&tenant, "neg", -1, 5);
+    let mut no_model = event(&tenant, "nomodel", 1, 1);
+    no_model.model.clear();
+    let mut no_usage = event(&tenant, "nousage", 1, 1);
+    no_usage.usage = None;
+    let mut future = event(&tenant, "future", 1, 1);
+    future.occurred_at = Some(ts(hour(-3)));
+    let mut too_many = event(&tenant, "attrs", 1, 1);
+    too_many.attributes = (0..40).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let mut cached_over_prompt = event(&tenant, "openai", 0, 0);
+    cached_over_prompt.usage = Some(pb::usage_event::Usage::OpenaiChat(pb::OpenAiChatUsage {
+        prompt_tokens: 100,
+        completion_tokens: 10,
+        prompt_tokens_details: Some(pb::OpenAiPromptTokensDetails {
+            cached_tokens: 120,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+
+    let response = api
+        .ingest(vec![
+            negative,
+            no_model,
+            no_usage,
+            future,
+            too_many,
+            cached_over_prompt,
+            event(&tenant, "good", 7, 3),
+        ])
+        .await;
+
+    let fields: Vec<(pb::IngestStatus, &str)> = response
+        .results
+        .iter()
+        .map(|r| (r.status(), r.field.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            (Invalid, "tokens.input"),
+            (Invalid, "model"),
+            (Invalid, "usage"),
+            (Invalid, "occurred_at"),
+            (Invalid, "attributes"),
+            (Invalid, "openai_chat.prompt_tokens_details.cached_tokens"),
+            (Accepted, ""),
+        ]
+    );
+    assert!(
+        response
+            .results
+            .iter()
+            .take(6)
+            .all(|r| !r.reason.is_empty())
+    );
+    let rows = api.usage(&tenant, &[]).await;
+    assert_eq!(rows[0].event_count, 1);
+    assert_eq!(rows[0].total_tokens, 10);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_batch_over_the_limit_is_rejected_naming_the_limit() {
+    let app = spawn_app_with(|s| s.ingest.max_batch_events = 3).await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    let events = (0..4)
+        .map(|i| event(&tenant, &format!("e{i}"), 1, 1))
+        .collect();
+
+    let status = api
+        .usage
+        .ingest_usage(pb::IngestUsageRequest {
+            events,
+            omit_accepted_results: false,
+        })
+        .await
+        .expect_err("over the limit");
+
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("ingest.max_batch_events"),
+        "{status:?}"
+    );
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn concurrent_streams_carrying_the_same_events_count_each_once() {
+    let app = spawn_app().await;
+    let channel = app.channel().await;
+    let tenant = unique("t");
+    let events: Vec<pb::UsageEvent> = (0..300)
+        .map(|i| event(&tenant, &format!("e{i}"), i + 1, 1))
+        .collect();
+
+    let mut streams = Vec::new();
+    for worker in 0..4u64 {
+        let mut client =
+            tokenmeter::proto::v1::usage_service_client::UsageServiceClient::new(channel.clone());
+        // Every stream sends all events, each in its own order and chunking.
+        let mut mine = events.clone();
+        mine.rotate_left(usize::try_from(worker * 70).expect("rotation"));
+        let chunk = 17 + usize::try_from(worker).expect("chunk") * 9;
+        let messages: Vec<pb::StreamUsageRequest> = mine
+            .chunks(chunk)
+            .map(|c| pb::StreamUsageRequest {
+                events: c.to_vec(),
+                omit_accepted_results: true,
+            })
+            .collect();
+        streams.push(tokio::spawn(async move {
+            client
+                .stream_usage(tokio_stream::iter(messages))
+                .await
+                .expect("stream")
+                .into_inner()
+        }));
+    }
+    let mut accepted = 0;
+    let mut duplicate = 0;
+    for stream in streams {
+        let response = stream.await.expect("join");
+        let summary = response.summary.expect("summary");
+        accepted += summary.accepted;
+        duplicate += summary.duplicate;
+        assert!(response.results.iter().all(|r| r.status() == Duplicate));
+    }
+
+    assert_eq!(accepted, 300);
+    assert_eq!(duplicate, 3 * 300);
+    let mut api = Clients::new(channel);
+    let rows = api.usage(&tenant, &[]).await;
+    let tokens = rows[0].tokens.expect("tokens");
+    assert_eq!(tokens.input, (1..=300).sum::<i64>());
+    assert_eq!(rows[0].event_count, 300);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn events_are_priced_with_the_version_in_force_at_occurred_at() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let book = unique("book").to_lowercase();
+    let switch = hour(5);
+    api.version(
+        &book,
+        "USD",
+        hour(48),
+        &[
+            ("gpt-4.1-mini", pb::TokenClass::Input, "0.40", "0.30"),
+            ("gpt-4.1-mini", pb::TokenClass::Output, "1.60", "1.20"),
+        ],
+    )
+    .await;
+    api.version(
+        &book,
+        "USD",
+        switch,
+        &[
+            ("gpt-4.1-mini", pb::TokenClass::Input, "0.50", "0.35"),
+            ("gpt-4.1-mini", pb::TokenClass::Output, "2.00", "1.40"),
+        ],
+    )
+    .await;
+    let tenant = api.tenant("USD", "UTC", Some(&book)).await;
+    let mut before = event(&tenant, "before", 1_000_000, 500_000);
+    before.occurred_at = Some(ts(switch - Duration::microseconds(1)));
+    let mut at_switch = event(&tenant, "at", 2_000_000, 250_000);
+    at_switch.occurred_at = Some(ts(switch));
+
+    let response = api.ingest(vec![before, at_switch]).await;
+
+    assert_eq!(statuses(&response), vec![Accepted, Accepted]);
+    let rows = api.usage(&tenant, &[]).await;
+    // before: 1M × 0.40 + 0.5M × 1.60 = 0.40 + 0.80 = 1.20 (cost 0.30 + 0.60 = 0.90)
+    // at:     2M × 0.50 + 0.25M × 2.00 = 1.00 + 0.50 = 1.50 (cost 0.70 + 0.35 = 1.05)
+    assert_eq!(dec(&rows[0].billed_amount), dec("1.20") + dec("1.50"));
+    assert_eq!(dec(&rows[0].cost_amount), dec("0.90") + dec("1.05"));
+    assert_eq!(rows[0].currency, "USD");
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn tenant_overrides_change_the_price_but_not_the_cost() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let book = unique("book").to_lowercase();
+    api.version(
+        &book,
+        "EUR",
+        hour(48),
+        &[
+            ("gpt-4.1-mini", pb::TokenClass::Input, "0.40", "0.30"),
+            ("gpt-4.1-mini", pb::TokenClass::Output, "1.60", "1.20"),
+        ],
+    )
+    .await;
+    let own = api.tenant("EUR", "UTC", Some(&book)).await;
+    let discounted = api.tenant("EUR", "UTC", Some(&book)).await;
+    api.prices
+        .create_tenant_price_override(pb::CreateTenantPriceOverrideRequest {
+            override_rule: Some(pb::TenantPriceOverride {
+                tenant_id: own.clone(),
+                provider: "openai".into(),
+                model: "gpt-4.1-mini".into(),
+                token_class: pb::TokenClass::Input as i32,
+                adjustment: Some(pb::tenant_price_override::Adjustment::PricePerMillion(
+                    "0.25".into(),
+                )),
+                effective_from: Some(ts(hour(24))),
+                ..Default::default()
+            }),
+            allow_backdated: true,
+        })
+        .await
+        .expect("own price");
+    api.prices
+        .create_tenant_price_override(pb::CreateTenantPriceOverrideRequest {
+            override_rule: Some(pb::TenantPriceOverride {
+                tenant_id: discounted.clone(),
+                adjustment: Some(pb::tenant_price_override::Adjustment::DiscountPercent(
+                    "12.5".into(),
+                )),
+                effective_from: Some(ts(hour(24))),
+                ..Default::default()
+            }),
+            allow_backdated: true,
+        })
+        .await
+        .expect("discount");
+
+    api.ingest(vec![event(&own, "e", 1_000_000, 1_000_000)])
+        .await;
+    api.ingest(vec![event(&discounted, "e", 1_000_000, 1_000_000)])
+        .await;
+
+    let own_row = &api.usage(&own, &[]).await[0];
+    let discounted_row = &api.usage(&discounted, &[]).await[0];
+    // own: input at its own 0.25, output at list 1.60
+    assert_eq!(dec(&own_row.billed_amount), dec("0.25") + dec("1.60"));
+    // discounted: (0.40 + 1.60) × (1 − 0.125) = 1.75
+    assert_eq!(dec(&discounted_row.billed_amount), dec("1.75"));
+    for row in [own_row, discounted_row] {
+        assert_eq!(dec(&row.cost_amount), dec("0.30") + dec("1.20"));
+        assert_eq!(row.currency, "EUR");
+    }
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_unknown_model_is_stored_counted_and_surfaced_as_unpriced() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let book = unique("book").to_lowercase();
+    api.version(
+        &book,
+        "USD",
+        hour(48),
+        &[("gpt-4.1-mini", pb::TokenClass::Input, "0.40", "0.30")],
+    )
+    .await;
+    let tenant = api.tenant("USD", "UTC", Some(&book)).await;
+    let mut unknown = event(&tenant, "unknown", 1_000, 100);
+    unknown.model = "gpt-99".into();
+
+    let response = api
+        .ingest(vec![unknown, event(&tenant, "known", 1_000_000, 0)])
+        .await;
+
+    assert_eq!(statuses(&response), vec![Accepted, Accepted]);
+    assert!(response.results[0].unpriced);
+    assert!(!response.results[1].unpriced);
+    let rows = api.usage(&tenant, &[pb::UsageDimension::Model]).await;
+    let unknown_row = rows
+        .iter()
+        .find(|r| r.model.as_deref() == Some("gpt-99"))
+        .expect("row");
+    assert_eq!(unknown_row.total_tokens, 1_100);
+    assert_eq!(unknown_row.unpriced_event_count, 1);
+    assert_eq!(unknown_row.unpriced_tokens, 1_100);
+    assert_eq!(dec(&unknown_row.billed_amount), Decimal::ZERO);
+    let known_row = rows
+        .iter()
+        .find(|r| r.model.as_deref() == Some("gpt-4.1-mini"))
+        .expect("row");
+    assert_eq!(dec(&known_row.billed_amount), dec("0.40"));
+    assert_eq!(known_row.unpriced_event_count, 0);
+
+    let metrics = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tokenmeter_ingest_events_total")
+                && l.contains(r#"outcome="unpriced""#)
+                && l.contains(r#"channel="grpc""#)
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn usage_groups_by_class_and_by_local_day_of_the_tenant() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = api.tenant("USD", "Asia/Tokyo", None).await;
+    // Two events straddling 00:00 in Tokyo (15:00 UTC).
+    let tokyo_midnight = {
+        let now = chrono::Utc::now() - Duration::days(2);
+        let date = now.date_naive();
+        date.and_hms_opt(15, 0, 0).expect("time").and_utc()
+    };
+    let mut late = event(&tenant, "late", 10, 1);
+    late.occurred_at = Some(ts(tokyo_midnight - Duration::minutes(1)));
+    let mut early = event(&tenant, "early", 20, 2);
+    early.occurred_at = Some(ts(tokyo_midnight + Duration::minutes(1)));
+    api.ingest(vec![late, early]).await;
+
+    let days = api
+        .query(pb::QueryUsageRequest {
+            tenant_ids: vec![tenant.clone()],
+            time_range: Some(pb::TimeRange {
+                start: Some(ts(tokyo_midnight - Duration::hours(24))),
+                end: Some(ts(tokyo_midnight + Duration::hours(24))),
+            }),
+            window: pb::TimeBucket::Day as i32,
+            ..Default::default()
+        })
+        .await;
+    let by_class = api.usage(&tenant, &[pb::UsageDimension::TokenClass]).await;
+
+    assert_eq!(days.len(), 2, "{days:?}");
+    assert_eq!(days[0].bucket_end, Some(ts(tokyo_midnight)));
+    assert_eq!(days[0].total_tokens, 11);
+    assert_eq!(days[1].bucket_start, Some(ts(tokyo_midnight)));
+    assert_eq!(days[1].total_tokens, 22);
+    let classes: Vec<(Option<i32>, i64, i64)> = by_class
+        .iter()
+        .map(|r| (r.token_class, r.total_tokens, r.event_count))
+        .collect();
+    assert_eq!(
+        classes,
+        vec![
+            (Some(pb::TokenClass::Input as i32), 30, 2),
+            (Some(pb::TokenClass::Output as i32), 3, 2),
+        ]
+    );
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn provider_usage_objects_are_normalized_before_deduplication() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    // Anthropic: cache reads and writes are outside input_tokens.
+    let mut anthropic = event(&tenant, "a1", 0, 0);
+    anthropic.usage = Some(pb::usage_event::Usage::Anthropic(pb::AnthropicUsage {
+        input_tokens: 50,
+        output_tokens: 400,
+        cache_read_input_tokens: 2_000,
+        cache_creation_input_tokens: 300,
+        ..Default::default()
+    }));
+    // The same call resent as disjoint buckets is the same payload: a duplicate, not a conflict.
+    let mut as_buckets = event(&tenant, "a1", 0, 0);
+    as_buckets.usage = Some(pb::usage_event::Usage::Tokens(pb::TokenCounts {
+        input: 50,
+        cache_read: 2_000,
+        cache_write_5m: 300,
+        output: 400,
+        ..Default::default()
+    }));
+
+    let response = api.ingest(vec![anthropic, as_buckets]).await;
+
+    assert_eq!(statuses(&response), vec![Accepted, Duplicate]);
+    let tokens = api.usage(&tenant, &[]).await[0].tokens.expect("tokens");
+    assert_eq!(
+        (
+            tokens.input,
+            tokens.cache_read,
+            tokens.cache_write_5m,
+            tokens.output
+        ),
+        (50, 2_000, 300, 400)
+    );
+    app.stop().await.expect("clean shutdown");
+}
