@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Application;
 use crate::config::Settings;
+use crate::pricebook_import::{self, ImportArgs};
 use crate::{store, telemetry};
 
 /// Meters LLM token usage, enforces quotas, bills tenants and attributes token cost to revenue.
@@ -37,6 +38,17 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Manage price books.
+    Prices {
+        #[command(subcommand)]
+        command: PricesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PricesCommand {
+    /// Create a price book version from a TOML or CSV file (see README for the formats).
+    Import(ImportArgs),
 }
 
 /// Entry point used by `main`: errors are printed once, in full, and turn into exit code 1.
@@ -65,6 +77,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serve(settings).await
             }
             Command::Migrate => migrate(settings).await,
+            Command::Prices {
+                command: PricesCommand::Import(args),
+            } => import_prices(settings, args).await,
         }
     })
 }
@@ -82,6 +97,27 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     pool.close().await;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn import_prices(settings: Settings, args: ImportArgs) -> anyhow::Result<()> {
+    let given = pricebook_import::read(&args)?;
+    let version = crate::grpc::pricebook::version_from_proto(
+        &given,
+        args.allow_backdated,
+        chrono::Utc::now(),
+    )?;
+    let pool = store::connect(&settings.database).await?;
+    let created = store::pricing::insert_version(&pool, &version).await?;
+    pool.close().await;
+    println!(
+        "created version {} of price book {} ({} rates, {}, effective from {})",
+        created.version.version_id,
+        created.version.price_book_id,
+        created.version.rates.len(),
+        created.version.currency,
+        created.version.effective_from.to_rfc3339(),
+    );
     Ok(())
 }
 

@@ -5,17 +5,10 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
-use crate::helpers::{create_database, kafka_brokers};
+use crate::helpers::{create_database, free_port, kafka_brokers, tokenmeter_command};
 
 fn tokenmeter() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenmeter"));
-    // Start from a clean slate: only the variables a test sets apply.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("TOKENMETER_") {
-            command.env_remove(key);
-        }
-    }
-    command
+    tokenmeter_command()
 }
 
 #[test]
@@ -101,13 +94,6 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 #[tokio::test]
 async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
     let url = create_database().await;
@@ -174,4 +160,122 @@ async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
             .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
     }
     assert!(stderr.contains("shutdown complete"), "{stderr}");
+}
+
+#[tokio::test]
+async fn prices_import_creates_versions_from_toml_and_csv_and_names_bad_rows() {
+    let url = create_database().await;
+    let migrated = tokenmeter()
+        .arg("migrate")
+        .env("TOKENMETER_DATABASE__URL", &url)
+        .status()
+        .expect("migrate");
+    assert!(migrated.success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml_file = dir.path().join("december.toml");
+    std::fs::write(
+        &toml_file,
+        r#"price_book_id = "imported"
+currency = "USD"
+effective_from = "2026-12-01T00:00:00Z"
+[[rates]]
+provider = "openai"
+model = "gpt-4.1-mini"
+token_class = "input"
+price_per_million = "0.40"
+cost_per_million = "0.30"
+[[rates]]
+provider = "openai"
+model = "gpt-4.1-mini"
+token_class = "output"
+price_per_million = "1.60"
+cost_per_million = "1.20"
+"#,
+    )
+    .expect("write toml");
+    let csv_file = dir.path().join("january.csv");
+    std::fs::write(
+        &csv_file,
+        "provider,model,token_class,price_per_million,cost_per_million\n\
+         anthropic,claude-sonnet-4-5,input,3.00,2.40\n\
+         anthropic,claude-sonnet-4-5,cache_read,0.30,0.24\n\
+         anthropic,claude-sonnet-4-5,output,15.00,12.00\n",
+    )
+    .expect("write csv");
+    let bad_file = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad_file,
+        "provider,model,token_class,price_per_million,cost_per_million\n\
+         openai,gpt-5,thinking,1.00,0.50\n",
+    )
+    .expect("write bad csv");
+
+    let import = |file: &std::path::Path, extra: &[&str]| {
+        tokenmeter()
+            .args(["prices", "import"])
+            .arg(file)
+            .args(["--allow-backdated"])
+            .args(extra)
+            .env("TOKENMETER_DATABASE__URL", &url)
+            .output()
+            .expect("run import")
+    };
+    let from_toml = import(&toml_file, &[]);
+    let from_csv = import(
+        &csv_file,
+        &[
+            "--price-book",
+            "imported",
+            "--currency",
+            "USD",
+            "--effective-from",
+            "2027-01-01T00:00:00Z",
+        ],
+    );
+    let bad = import(
+        &bad_file,
+        &[
+            "--price-book",
+            "imported",
+            "--currency",
+            "USD",
+            "--effective-from",
+            "2027-02-01T00:00:00Z",
+        ],
+    );
+
+    assert!(
+        from_toml.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_toml.stderr)
+    );
+    assert!(
+        from_csv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_csv.stderr)
+    );
+    assert!(String::from_utf8_lossy(&from_toml.stdout).contains("2 rates"));
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("thinking"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    let rates: Vec<(String, i16, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT v.effective_from::date::text, r.token_class, r.price_per_million
+         FROM price_book_rates r JOIN price_book_versions v USING (version_id)
+         WHERE v.price_book_id = 'imported' ORDER BY 1, 2",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("rates");
+    let expected: Vec<(String, i16, rust_decimal::Decimal)> = vec![
+        ("2026-12-01".into(), 1, "0.40".parse().expect("d")),
+        ("2026-12-01".into(), 5, "1.60".parse().expect("d")),
+        ("2027-01-01".into(), 1, "3.00".parse().expect("d")),
+        ("2027-01-01".into(), 2, "0.30".parse().expect("d")),
+        ("2027-01-01".into(), 5, "15.00".parse().expect("d")),
+    ];
+    assert_eq!(rates, expected);
 }

@@ -131,3 +131,67 @@ pub async fn create_topic(partitions: i32) -> String {
     }
     name
 }
+
+/// A `tokenmeter serve` child process on free ports, for tests that kill or signal it.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub grpc_port: u16,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A command for the built binary with no inherited `TOKENMETER_*` settings.
+pub fn tokenmeter_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tokenmeter"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TOKENMETER_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// Starts `serve --run-migrations` against `database_url` and waits until `/readyz` is 200.
+pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> ServeProcess {
+    let (grpc_port, admin_port) = (free_port(), free_port());
+    let mut command = tokenmeter_command();
+    command
+        .args(["serve", "--run-migrations"])
+        .env("TOKENMETER_DATABASE__URL", database_url)
+        .env(
+            "TOKENMETER_GRPC__LISTEN_ADDR",
+            format!("127.0.0.1:{grpc_port}"),
+        )
+        .env(
+            "TOKENMETER_ADMIN__LISTEN_ADDR",
+            format!("127.0.0.1:{admin_port}"),
+        )
+        .env("TOKENMETER_KAFKA__BROKERS", kafka_brokers())
+        .env("TOKENMETER_LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    let child = command.spawn().expect("spawn tokenmeter serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
+    loop {
+        if let Ok(response) = reqwest::get(&ready_url).await
+            && response.status() == 200
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ServeProcess { child, grpc_port }
+}
