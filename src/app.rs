@@ -144,6 +144,18 @@ impl Application {
             });
         }
 
+        if !self.settings.ingest.retention_interval.is_zero() {
+            let (pool, token) = (self.pool.clone(), shutdown.clone());
+            let (interval, retention) = (
+                self.settings.ingest.retention_interval,
+                self.settings.ingest.retention,
+            );
+            tasks.spawn(async move {
+                run_retention(pool, interval, retention, token).await;
+                Ok(())
+            });
+        }
+
         // A component that stops on its own (an error) takes the others down with it.
         let first = tokio::select! {
             _ = shutdown.cancelled() => None,
@@ -175,6 +187,44 @@ impl Application {
         }
         outcome
     }
+}
+
+/// Applies retention every `interval` until shutdown. A failed pass is logged and retried at
+/// the next tick: retention is housekeeping, never a reason to stop serving.
+async fn run_retention(
+    pool: PgPool,
+    interval: std::time::Duration,
+    retention: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let cutoff = retention_cutoff(chrono::Utc::now(), retention);
+        match store::retention::apply(&pool, cutoff).await {
+            Ok(report) if !report.dropped_partitions.is_empty() => tracing::info!(
+                partitions = ?report.dropped_partitions,
+                keys = report.deleted_keys,
+                "retention applied"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention pass failed; retrying next interval"),
+        }
+    }
+}
+
+/// The oldest instant still retained.
+pub fn retention_cutoff(
+    now: chrono::DateTime<chrono::Utc>,
+    retention: std::time::Duration,
+) -> chrono::DateTime<chrono::Utc> {
+    chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|r| now.checked_sub_signed(r))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
 }
 
 async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {

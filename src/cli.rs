@@ -38,6 +38,9 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Drop raw usage older than ingest.retention (whole month partitions) and its dedup
+    /// keys, once; `serve` also does this every ingest.retention_interval.
+    Retention,
     /// Manage price books.
     Prices {
         #[command(subcommand)]
@@ -77,6 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serve(settings).await
             }
             Command::Migrate => migrate(settings).await,
+            Command::Retention => retention(settings).await,
             Command::Prices {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,
@@ -97,6 +101,22 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     pool.close().await;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn retention(settings: Settings) -> anyhow::Result<()> {
+    let pool = store::connect(&settings.database).await?;
+    let cutoff = crate::app::retention_cutoff(chrono::Utc::now(), settings.ingest.retention);
+    let report = store::retention::apply(&pool, cutoff).await?;
+    pool.close().await;
+    println!(
+        "retained from {}: dropped {} partition(s) {:?}, {} dedup key(s), {} conflict record(s)",
+        cutoff.to_rfc3339(),
+        report.dropped_partitions.len(),
+        report.dropped_partitions,
+        report.deleted_keys,
+        report.deleted_conflicts
+    );
     Ok(())
 }
 

@@ -96,6 +96,10 @@ pub struct IngestSettings {
     /// How long raw events are kept and deduplicated; older events are rejected.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// How often `serve` drops expired partitions; 0s turns the job off (run
+    /// `tokenmeter retention` from a scheduler instead).
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
     /// Create a tenant on its first event (with `default_currency` and the default price
     /// book) instead of rejecting the event as naming an unknown tenant.
     pub auto_create_tenants: bool,

@@ -3,6 +3,7 @@
 
 pub mod pricing;
 pub mod reports;
+pub mod retention;
 pub mod tenants;
 pub mod usage;
 

@@ -494,3 +494,48 @@ async fn provider_usage_objects_are_normalized_before_deduplication() {
     );
     app.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn retention_drops_whole_expired_months_with_their_dedup_keys() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    let mut old = event(&tenant, "old", 5, 5);
+    old.occurred_at = Some(ts(hour(24 * 70)));
+    let recent = event(&tenant, "recent", 7, 7);
+    api.ingest(vec![old.clone(), recent.clone()]).await;
+    // The start of the month `recent` falls in.
+    let this_month = {
+        use chrono::Datelike;
+        let now = hour(1);
+        chrono::NaiveDate::from_ymd_opt(now.year(), now.month(), 1)
+            .expect("date")
+            .and_hms_opt(0, 0, 0)
+            .expect("time")
+            .and_utc()
+    };
+
+    let report = tokenmeter::store::retention::apply(&app.pool, this_month)
+        .await
+        .expect("retention");
+
+    assert!(!report.dropped_partitions.is_empty());
+    assert_eq!(report.deleted_keys, 1);
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM usage_events WHERE tenant_id = $1")
+            .bind(&tenant)
+            .fetch_all(&app.pool)
+            .await
+            .expect("ids");
+    assert_eq!(ids, vec!["recent".to_owned()]);
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM usage_event_keys WHERE tenant_id = $1")
+            .bind(&tenant)
+            .fetch_all(&app.pool)
+            .await
+            .expect("keys");
+    assert_eq!(keys, vec!["recent".to_owned()]);
+    // What is retained is still deduplicated.
+    assert_eq!(statuses(&api.ingest(vec![recent]).await), vec![Duplicate]);
+    app.stop().await.expect("clean shutdown");
+}
