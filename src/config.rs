@@ -86,6 +86,10 @@ pub struct IngestSettings {
     pub max_batch_events: usize,
     /// Most events one StreamUsage call may carry in total.
     pub max_stream_events: usize,
+    /// Writer tasks; each owns a share of the tenants and commits their events in groups.
+    pub writers: usize,
+    /// Most events one writer commits in one transaction.
+    pub max_group_events: usize,
     pub max_id_bytes: usize,
     pub max_attributes: usize,
     pub max_attribute_key_bytes: usize,

@@ -33,5 +33,10 @@ pub fn from_store(error: StoreError) -> Status {
 pub fn from_ingest(error: IngestError) -> Status {
     match error {
         IngestError::Store(e) => from_store(e),
+        IngestError::Group(reason) => {
+            tracing::error!(error = %reason, "ingest group failed");
+            Status::unavailable("storage unavailable, retry with backoff")
+        }
+        IngestError::Stopped => Status::unavailable("shutting down, retry on another instance"),
     }
 }

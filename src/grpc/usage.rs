@@ -28,17 +28,17 @@ impl UsageApi {
 
 /// Per-event results and the summary, indices offset by `base` (for streams).
 fn results(
-    events: &[pb::UsageEvent],
+    event_ids: &[String],
     outcomes: &[Outcome],
     base: usize,
     omit_accepted: bool,
     results: &mut Vec<pb::EventResult>,
     summary: &mut pb::IngestSummary,
 ) {
-    for (i, (event, outcome)) in events.iter().zip(outcomes).enumerate() {
+    for (i, (event_id, outcome)) in event_ids.iter().zip(outcomes).enumerate() {
         let mut result = pb::EventResult {
             index: i32::try_from(base + i).unwrap_or(i32::MAX),
-            event_id: event.event_id.clone(),
+            event_id: event_id.clone(),
             ..Default::default()
         };
         match outcome {
@@ -89,9 +89,10 @@ impl UsageService for UsageApi {
                 ),
             ));
         }
+        let event_ids: Vec<String> = request.events.iter().map(|e| e.event_id.clone()).collect();
         let outcomes = self
             .ingestor
-            .ingest(&request.events, Channel::Grpc)
+            .ingest(request.events, Channel::Grpc)
             .await
             .map_err(from_ingest)?;
         let mut response = pb::IngestUsageResponse {
@@ -100,7 +101,7 @@ impl UsageService for UsageApi {
         };
         let summary = response.summary.get_or_insert_default();
         results(
-            &request.events,
+            &event_ids,
             &outcomes,
             0,
             request.omit_accepted_results,
@@ -145,20 +146,23 @@ impl UsageService for UsageApi {
             }
             // Commit message by message: the client resends everything if the stream fails,
             // and committed events come back DUPLICATE.
+            let count = message.events.len();
+            let event_ids: Vec<String> =
+                message.events.iter().map(|e| e.event_id.clone()).collect();
             let outcomes = self
                 .ingestor
-                .ingest(&message.events, Channel::Grpc)
+                .ingest(message.events, Channel::Grpc)
                 .await
                 .map_err(from_ingest)?;
             results(
-                &message.events,
+                &event_ids,
                 &outcomes,
                 seen,
                 omit,
                 &mut response.results,
                 &mut summary,
             );
-            seen += message.events.len();
+            seen += count;
         }
         response.summary = Some(summary);
         Ok(Response::new(response))

@@ -10,10 +10,11 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use prometheus::{IntCounterVec, Opts, Registry};
 use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::IngestSettings;
 use crate::domain::FieldError;
-use crate::domain::pricing::{PricedUsage, PricingError};
+use crate::domain::pricing::{PricedUsage, PricingCatalog, PricingError};
 use crate::domain::rollup::RollupBatch;
 use crate::domain::usage::{EventIdentity, UsageEvent};
 use crate::proto::v1 as pb;
@@ -56,6 +57,11 @@ pub enum Outcome {
 pub enum IngestError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The group this request was written with failed; nothing of it was committed.
+    #[error("ingest group failed: {0}")]
+    Group(String),
+    #[error("ingest writers have stopped")]
+    Stopped,
 }
 
 impl From<sqlx::Error> for IngestError {
@@ -113,7 +119,156 @@ impl IngestMetrics {
     }
 }
 
+/// The ingest entry point. Events are routed by tenant to one of `ingest.writers` writer
+/// tasks; each writer takes every request waiting for it, up to `ingest.max_group_events`,
+/// and commits them in one transaction (group commit). Concurrent requests then never wait
+/// on each other's rollup row locks — a tenant's rows belong to one writer — and the commit
+/// cost is shared, while every request still gets its answer only after its events are
+/// durable.
 pub struct Ingestor {
+    pipeline: Arc<Pipeline>,
+    writers: Vec<mpsc::Sender<Job>>,
+}
+
+/// The part of a request one writer handles.
+struct Job {
+    events: Vec<pb::UsageEvent>,
+    channel: Channel,
+    reply: oneshot::Sender<Result<Vec<Outcome>, Arc<IngestError>>>,
+}
+
+impl Ingestor {
+    /// Starts the writer tasks (on the current Tokio runtime). They stop when the
+    /// `Ingestor` is dropped, after finishing what they hold.
+    pub fn new(pool: PgPool, settings: &IngestSettings, metrics: IngestMetrics) -> Self {
+        let pipeline = Arc::new(Pipeline::new(pool, settings, metrics));
+        let writers = (0..settings.writers.max(1))
+            .map(|_| {
+                let (sender, receiver) = mpsc::channel(1024);
+                tokio::spawn(write_groups(
+                    pipeline.clone(),
+                    receiver,
+                    settings.max_group_events,
+                ));
+                sender
+            })
+            .collect();
+        Self { pipeline, writers }
+    }
+
+    pub fn pricing(&self) -> &PricingCache {
+        &self.pipeline.pricing
+    }
+
+    /// Ingests a batch and returns one outcome per event, in input order. Returns only after
+    /// every accepted event is committed; on an error, resending the batch is safe (what was
+    /// committed comes back DUPLICATE).
+    pub async fn ingest(
+        &self,
+        events: Vec<pb::UsageEvent>,
+        channel: Channel,
+    ) -> Result<Vec<Outcome>, IngestError> {
+        let total = events.len();
+        let mut parts: Vec<(Vec<pb::UsageEvent>, Vec<usize>)> = (0..self.writers.len())
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
+        for (position, event) in events.into_iter().enumerate() {
+            let shard = shard_of(&event.tenant_id, self.writers.len());
+            parts[shard].0.push(event);
+            parts[shard].1.push(position);
+        }
+        let mut pending = Vec::new();
+        for (writer, (events, positions)) in self.writers.iter().zip(parts) {
+            if events.is_empty() {
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                events,
+                channel,
+                reply,
+            };
+            writer.send(job).await.map_err(|_| IngestError::Stopped)?;
+            pending.push((positions, answer));
+        }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; total];
+        for (positions, answer) in pending {
+            let part = answer
+                .await
+                .map_err(|_| IngestError::Stopped)?
+                .map_err(|e| IngestError::Group(e.to_string()))?;
+            for (position, outcome) in positions.into_iter().zip(part) {
+                outcomes[position] = Some(outcome);
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::Invalid(FieldError::new("event", "not processed")))
+            })
+            .collect())
+    }
+}
+
+/// Which writer owns a tenant. Stable within a process, which is all that is needed: it only
+/// spreads lock ownership, never decides correctness.
+fn shard_of(tenant_id: &str, writers: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    tenant_id.hash(&mut hasher);
+    usize::try_from(hasher.finish() % writers.max(1) as u64).unwrap_or(0)
+}
+
+/// One writer: drains every job waiting (up to `max_events`), writes them as one group per
+/// channel, answers each job.
+async fn write_groups(pipeline: Arc<Pipeline>, mut jobs: mpsc::Receiver<Job>, max_events: usize) {
+    while let Some(first) = jobs.recv().await {
+        let mut group = vec![first];
+        let mut size = group[0].events.len();
+        while size < max_events {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    size += job.events.len();
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        for channel in [Channel::Grpc, Channel::Kafka] {
+            let (mine, rest): (Vec<Job>, Vec<Job>) =
+                group.into_iter().partition(|j| j.channel == channel);
+            group = rest;
+            if mine.is_empty() {
+                continue;
+            }
+            let lengths: Vec<usize> = mine.iter().map(|j| j.events.len()).collect();
+            let mut events = Vec::with_capacity(lengths.iter().sum());
+            let mut replies = Vec::with_capacity(mine.len());
+            for job in mine {
+                events.extend(job.events);
+                replies.push(job.reply);
+            }
+            match pipeline.process(&events, channel).await {
+                Ok(outcomes) => {
+                    let mut outcomes = outcomes.into_iter();
+                    for (reply, length) in replies.into_iter().zip(lengths) {
+                        let _ = reply.send(Ok(outcomes.by_ref().take(length).collect()));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, events = events.len(), "ingest group failed; callers will retry");
+                    let error = Arc::new(error);
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Validates, dedupes, prices and writes one group of events in one transaction.
+struct Pipeline {
     pool: PgPool,
     pricing: PricingCache,
     limits: Limits,
@@ -124,8 +279,8 @@ pub struct Ingestor {
     partitions: Mutex<HashSet<DateTime<Utc>>>,
 }
 
-impl Ingestor {
-    pub fn new(pool: PgPool, settings: &IngestSettings, metrics: IngestMetrics) -> Self {
+impl Pipeline {
+    fn new(pool: PgPool, settings: &IngestSettings, metrics: IngestMetrics) -> Self {
         Self {
             pricing: PricingCache::new(pool.clone(), settings.default_price_book_id.clone()),
             pool,
@@ -137,14 +292,10 @@ impl Ingestor {
         }
     }
 
-    pub fn pricing(&self) -> &PricingCache {
-        &self.pricing
-    }
-
-    /// Ingests a batch and returns one outcome per event, in input order. Returns only after
-    /// every accepted event is committed; an error means nothing of the batch was committed.
-    pub async fn ingest(
-        self: &Arc<Self>,
+    /// One outcome per event, in input order, after every accepted event is committed; an
+    /// error means nothing of the group was committed.
+    async fn process(
+        &self,
         events: &[pb::UsageEvent],
         channel: Channel,
     ) -> Result<Vec<Outcome>, IngestError> {
@@ -155,8 +306,7 @@ impl Ingestor {
             .collect();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
 
-        self.resolve_tenants(&validated, &mut outcomes).await?;
-        let catalog = self.pricing.catalog().await?;
+        let catalog = self.resolve_tenants(&validated, &mut outcomes).await?;
 
         // The first valid delivery of each identity is the candidate; later ones in the batch
         // are judged against whatever wins for that identity.
@@ -273,11 +423,12 @@ impl Ingestor {
 
     /// Creates tenants seen for the first time (when configured to), or marks their events
     /// invalid.
+    /// Returns the pricing catalog that covers every tenant left valid.
     async fn resolve_tenants(
         &self,
         validated: &[Result<UsageEvent, FieldError>],
         outcomes: &mut [Option<Outcome>],
-    ) -> Result<(), IngestError> {
+    ) -> Result<Arc<PricingCatalog>, IngestError> {
         let catalog = self.pricing.catalog().await?;
         let unknown: Vec<&str> = validated
             .iter()
@@ -288,11 +439,11 @@ impl Ingestor {
             .into_iter()
             .collect();
         if unknown.is_empty() {
-            return Ok(());
+            return Ok(catalog);
         }
         if self.auto_create_tenants {
             store::tenants::insert_missing(&self.pool, &unknown, &self.default_currency).await?;
-            return Ok(());
+            return Ok(self.pricing.catalog().await?);
         }
         for (index, result) in validated.iter().enumerate() {
             if let Ok(event) = result
@@ -304,7 +455,7 @@ impl Ingestor {
                 )));
             }
         }
-        Ok(())
+        Ok(catalog)
     }
 
     async fn ensure_partitions(&self, candidates: &[Candidate<'_>]) -> Result<(), IngestError> {
@@ -329,10 +480,7 @@ impl Ingestor {
     }
 }
 
-fn price(
-    catalog: &crate::domain::pricing::PricingCatalog,
-    event: &UsageEvent,
-) -> Result<PricedUsage, FieldError> {
+fn price(catalog: &PricingCatalog, event: &UsageEvent) -> Result<PricedUsage, FieldError> {
     catalog
         .price(
             &event.identity.tenant_id,
