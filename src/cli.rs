@@ -41,6 +41,9 @@ enum Command {
     /// Drop raw usage older than ingest.retention (whole month partitions) and its dedup
     /// keys, once; `serve` also does this every ingest.retention_interval.
     Retention,
+    /// Send realistic usage to a server's IngestUsage and check every answer against the
+    /// ground truth it prints (a load generator and an end-to-end check).
+    Loadgen(crate::loadgen::LoadgenArgs),
     /// Manage price books.
     Prices {
         #[command(subcommand)]
@@ -81,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Migrate => migrate(settings).await,
             Command::Retention => retention(settings).await,
+            Command::Loadgen(args) => crate::loadgen::run(args).await,
             Command::Prices {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,

@@ -251,11 +251,20 @@ impl figment::Provider for EnvLayer {
     }
 }
 
-/// `TOKENMETER_DATABASE__URL` → `["database", "url"]`. Keys under `kafka.client` are
+/// Top-level settings that are not sections, so their variables have no `__`.
+const TOP_LEVEL_SCALARS: &[&str] = &["shutdown_grace"];
+
+/// `TOKENMETER_DATABASE__URL` → `["database", "url"]`. Only variables with a `__` or naming a
+/// top-level setting are settings; others sharing the prefix (`TOKENMETER_CONFIG`, the dev
+/// scripts' `TOKENMETER_PG_PORT`, …) are left alone, while a typo inside a section
+/// (`TOKENMETER_DATABASE__URLL`) is still rejected as unknown. Keys under `kafka.client` are
 /// librdkafka property names, which use dots, so `TOKENMETER_KAFKA__CLIENT__SECURITY_PROTOCOL`
 /// → `["kafka", "client", "security.protocol"]`.
 fn env_var_to_path(name: &str) -> Option<Vec<String>> {
     let rest = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+    if !rest.contains("__") && !TOP_LEVEL_SCALARS.contains(&rest.as_str()) {
+        return None;
+    }
     let mut parts: Vec<String> = rest.split("__").map(str::to_owned).collect();
     if parts.len() >= 3 && parts[0] == "kafka" && parts[1] == "client" {
         let property = parts.split_off(2).join("__").replace('_', ".");
@@ -404,6 +413,20 @@ mod tests {
             message.contains("TOKENMETER_GRPC__LISTEN_ADDR"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn prefixed_variables_that_are_not_settings_are_left_alone() {
+        let settings = Settings::load_from(
+            None,
+            env(&[
+                ("TOKENMETER_CONFIG", "/etc/tokenmeter.toml"),
+                ("TOKENMETER_PG_PORT", "5433"),
+                ("TOKENMETER_TEST_DATABASE_URL", "postgres://x"),
+            ]),
+        );
+
+        assert!(settings.is_ok(), "{settings:?}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod grpc;
 pub mod ingest;
 pub mod kafka;
+pub mod loadgen;
 pub mod pricebook_import;
 pub mod store;
 pub mod telemetry;
