@@ -75,9 +75,9 @@ CREATE TRIGGER tenants_bump AFTER INSERT OR UPDATE OR DELETE ON tenants
 -- across partitions, and a retry carrying another occurred_at (another month) must still hit
 -- the same key. It is narrow; retention trims it by occurred_at in step with the raw partitions.
 CREATE TABLE usage_event_keys (
-    tenant_id    text NOT NULL,
-    source       text NOT NULL,
-    event_id     text NOT NULL,
+    tenant_id    text COLLATE "C" NOT NULL,
+    source       text COLLATE "C" NOT NULL,
+    event_id     text COLLATE "C" NOT NULL,
     occurred_at  timestamptz NOT NULL,
     -- SHA-256 of the normalized payload: equal → DUPLICATE, different → CONFLICT.
     payload_hash bytea NOT NULL,
@@ -88,7 +88,7 @@ CREATE INDEX usage_event_keys_by_time ON usage_event_keys (occurred_at);
 -- Raw accepted events, for audit and re-rating. Partitioned by month of occurred_at so
 -- retention drops whole partitions (see ensure_usage_events_partition).
 CREATE TABLE usage_events (
-    tenant_id             text NOT NULL,
+    tenant_id             text COLLATE "C" NOT NULL,
     source                text NOT NULL,
     event_id              text NOT NULL,
     occurred_at           timestamptz NOT NULL,
@@ -163,17 +163,19 @@ CREATE INDEX usage_event_conflicts_by_identity ON usage_event_conflicts (tenant_
 -- ---------------------------------------------------------------------------------------------
 -- Hourly rollups: tenant × agent × transaction × service × provider × model × class × hour,
 -- updated in the same transaction as the raw events. Absent dimensions are '' so they take
--- part in the key.
+-- part in the key. Identifier columns here and in the key tables use the "C" collation: they
+-- are opaque ids, and byte comparison is several times cheaper than a locale's on the
+-- hottest indexes of the ingest path.
 CREATE TABLE usage_rollups (
-    tenant_id             text NOT NULL,
+    tenant_id             text COLLATE "C" NOT NULL,
     hour                  timestamptz NOT NULL,
-    agent_id              text NOT NULL,
-    transaction_id        text NOT NULL,
-    service               text NOT NULL,
-    provider              text NOT NULL,
-    model                 text NOT NULL,
+    agent_id              text COLLATE "C" NOT NULL,
+    transaction_id        text COLLATE "C" NOT NULL,
+    service               text COLLATE "C" NOT NULL,
+    provider              text COLLATE "C" NOT NULL,
+    model                 text COLLATE "C" NOT NULL,
     token_class           smallint NOT NULL CHECK (token_class BETWEEN 1 AND 10),
-    currency              char(3) NOT NULL,
+    currency              text COLLATE "C" NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
     tokens                bigint NOT NULL,
     billed_amount         numeric NOT NULL,
     cost_amount           numeric NOT NULL,
