@@ -9,7 +9,7 @@
 #   benches/ingest_grpc.sh            # from anywhere; takes a few minutes for 1M events
 #
 # Environment (all optional):
-#   EVENTS=1000000  BATCH_SIZE=100  CONCURRENCY=8  DUPLICATE_RATIO=0.1  TENANTS=10  SEED=1
+#   EVENTS=1000000  BATCH_SIZE=100  CONCURRENCY=32  DUPLICATE_RATIO=0.1  TENANTS=10  SEED=1
 #   RATE=0 (events/s, 0 = as fast as possible)  LOADGEN_ARGS="..." (more loadgen options)
 #   GRPC_PORT / ADMIN_PORT (default: free ports)  LOADGEN_API_KEY (if the server needs keys)
 #   KEEP_DATABASES=1 (do not drop the two databases)  SKIP_BUILD=1 (use the existing binary)
@@ -24,7 +24,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 EVENTS="${EVENTS:-1000000}"
 BATCH_SIZE="${BATCH_SIZE:-100}"
-CONCURRENCY="${CONCURRENCY:-8}"
+CONCURRENCY="${CONCURRENCY:-32}"
 DUPLICATE_RATIO="${DUPLICATE_RATIO:-0.1}"
 TENANTS="${TENANTS:-10}"
 SEED="${SEED:-1}"
