@@ -203,6 +203,9 @@ pub enum PricingError {
     Overflow,
 }
 
+/// A version's rates of one model, by class.
+type ModelRates = [Option<Rate>; 10];
+
 /// Every price book version, tenant binding and override, as loaded from storage.
 #[derive(Debug, Clone, Default)]
 pub struct PricingCatalog {
@@ -210,6 +213,9 @@ pub struct PricingCatalog {
     books: HashMap<String, Vec<PriceBookVersion>>,
     tenants: HashMap<String, TenantPricing>,
     overrides: HashMap<String, Vec<PriceOverride>>,
+    /// version → provider → model → rates, so pricing an event looks up `&str`s without
+    /// building keys.
+    index: HashMap<String, HashMap<String, HashMap<String, ModelRates>>>,
 }
 
 impl PricingCatalog {
@@ -218,6 +224,18 @@ impl PricingCatalog {
         tenants: HashMap<String, TenantPricing>,
         overrides: Vec<(String, PriceOverride)>,
     ) -> Self {
+        let mut index: HashMap<String, HashMap<String, HashMap<String, ModelRates>>> =
+            HashMap::new();
+        for version in &versions {
+            let by_provider = index.entry(version.version_id.clone()).or_default();
+            for (key, rate) in &version.rates {
+                by_provider
+                    .entry(key.provider.clone())
+                    .or_default()
+                    .entry(key.model.clone())
+                    .or_insert([None; 10])[key.class.index()] = Some(*rate);
+            }
+        }
         let mut books: HashMap<String, Vec<PriceBookVersion>> = HashMap::new();
         for version in versions {
             books
@@ -236,7 +254,42 @@ impl PricingCatalog {
             books,
             tenants,
             overrides: by_tenant,
+            index,
         }
+    }
+
+    fn model_rates(&self, version_id: &str, provider: &str, model: &str) -> Option<&ModelRates> {
+        self.index.get(version_id)?.get(provider)?.get(model)
+    }
+
+    /// Applies the tenant's override covering this rate at `at`, if any: (price, discount,
+    /// override id).
+    fn apply_override<'a>(
+        &'a self,
+        tenant_id: &str,
+        list: &Rate,
+        provider: &str,
+        model: &str,
+        class: TokenClass,
+        at: DateTime<Utc>,
+    ) -> Result<(Decimal, Option<Decimal>, Option<&'a PriceOverride>), PricingError> {
+        let rule = self
+            .overrides
+            .get(tenant_id)
+            .and_then(|rules| rules.iter().find(|r| r.covers(provider, model, class, at)));
+        Ok(match rule.map(|r| r.adjustment) {
+            None => (list.price_per_million, None, None),
+            Some(Adjustment::OwnPrice(own)) => (own, None, rule),
+            Some(Adjustment::DiscountPercent(percent)) => {
+                let kept = ONE_HUNDRED - percent;
+                let price = list
+                    .price_per_million
+                    .checked_mul(kept)
+                    .and_then(|p| p.checked_div(ONE_HUNDRED))
+                    .ok_or(PricingError::Overflow)?;
+                (price, Some(percent), rule)
+            }
+        })
     }
 
     pub fn tenant(&self, tenant_id: &str) -> Option<&TenantPricing> {
@@ -273,31 +326,14 @@ impl PricingCatalog {
         let Some(version) = self.version_at(&tenant.price_book_id, at) else {
             return Ok(None);
         };
-        let key = RateKey {
-            provider: provider.to_owned(),
-            model: model.to_owned(),
-            class,
-        };
-        let Some(list) = version.rates.get(&key).copied() else {
+        let Some(list) = self
+            .model_rates(&version.version_id, provider, model)
+            .and_then(|rates| rates[class.index()])
+        else {
             return Ok(None);
         };
-        let rule = self
-            .overrides
-            .get(tenant_id)
-            .and_then(|rules| rules.iter().find(|r| r.covers(provider, model, class, at)));
-        let (price, discount) = match rule.map(|r| r.adjustment) {
-            None => (list.price_per_million, None),
-            Some(Adjustment::OwnPrice(own)) => (own, None),
-            Some(Adjustment::DiscountPercent(percent)) => {
-                let kept = ONE_HUNDRED - percent;
-                let price = list
-                    .price_per_million
-                    .checked_mul(kept)
-                    .and_then(|p| p.checked_div(ONE_HUNDRED))
-                    .ok_or(PricingError::Overflow)?;
-                (price, Some(percent))
-            }
-        };
+        let (price, discount, rule) =
+            self.apply_override(tenant_id, &list, provider, model, class, at)?;
         Ok(Some(EffectiveRate {
             rate: Rate {
                 price_per_million: price,
@@ -322,33 +358,34 @@ impl PricingCatalog {
         let tenant = self
             .tenant(tenant_id)
             .ok_or_else(|| PricingError::UnknownTenant(tenant_id.to_owned()))?;
+        let version = self.version_at(&tenant.price_book_id, at);
+        let rates = version.and_then(|v| self.model_rates(&v.version_id, provider, model));
         let mut priced = PricedUsage {
             currency: tenant.currency.clone(),
-            version_id: self
-                .version_at(&tenant.price_book_id, at)
-                .map(|v| v.version_id.clone()),
+            version_id: version.map(|v| v.version_id.clone()),
             charges: [None; 10],
             billed: Decimal::ZERO,
             cost: Decimal::ZERO,
             unpriced_tokens: 0,
         };
         for (class, count) in tokens.non_zero() {
-            match self.effective_rate(tenant_id, provider, model, class, at)? {
-                None => priced.unpriced_tokens += count,
-                Some(effective) => {
-                    let billed = amount(count, effective.rate.price_per_million)?;
-                    let cost = amount(count, effective.rate.cost_per_million)?;
-                    priced.billed = priced
-                        .billed
-                        .checked_add(billed)
-                        .ok_or(PricingError::Overflow)?;
-                    priced.cost = priced
-                        .cost
-                        .checked_add(cost)
-                        .ok_or(PricingError::Overflow)?;
-                    priced.charges[class.index()] = Some((billed, cost));
-                }
-            }
+            let Some(list) = rates.and_then(|r| r[class.index()]) else {
+                priced.unpriced_tokens += count;
+                continue;
+            };
+            let (price, _, _) =
+                self.apply_override(tenant_id, &list, provider, model, class, at)?;
+            let billed = amount(count, price)?;
+            let cost = amount(count, list.cost_per_million)?;
+            priced.billed = priced
+                .billed
+                .checked_add(billed)
+                .ok_or(PricingError::Overflow)?;
+            priced.cost = priced
+                .cost
+                .checked_add(cost)
+                .ok_or(PricingError::Overflow)?;
+            priced.charges[class.index()] = Some((billed, cost));
         }
         Ok(priced)
     }

@@ -11,8 +11,9 @@ use super::pricing::PricedUsage;
 use super::tokens::TokenClass;
 use super::usage::UsageEvent;
 
-/// tenant × hour × agent × transaction × service × provider × model × class × currency.
-/// Absent transaction and service are `""` so they take part in the key.
+/// tenant × hour × agent × transaction × service × provider × model × currency: the rollup key
+/// without the class, built once per event. Absent transaction and service are `""` so they
+/// take part in the key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RollupKey {
     pub tenant_id: String,
@@ -22,7 +23,6 @@ pub struct RollupKey {
     pub service: String,
     pub provider: String,
     pub model: String,
-    pub class: TokenClass,
     pub currency: String,
 }
 
@@ -52,12 +52,16 @@ impl RollupValue {
         self.events += other.events;
         self.unpriced_events += other.unpriced_events;
     }
+
+    fn is_zero(&self) -> bool {
+        *self == RollupValue::default()
+    }
 }
 
-/// Rollup deltas of a batch, ordered by key so concurrent writers lock rows in the same order
-/// and cannot deadlock.
+/// Rollup deltas of a batch, one row per (key, class), ordered so concurrent writers lock rows
+/// in the same order and cannot deadlock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RollupBatch(BTreeMap<RollupKey, RollupValue>);
+pub struct RollupBatch(BTreeMap<RollupKey, [RollupValue; 10]>);
 
 impl RollupBatch {
     /// Adds one accepted event. It contributes a row per class with tokens; its distinct-event
@@ -68,7 +72,7 @@ impl RollupBatch {
             .occurred_at
             .duration_trunc(TimeDelta::hours(1))
             .unwrap_or(event.occurred_at);
-        let key = |class: TokenClass| RollupKey {
+        let key = RollupKey {
             tenant_id: event.identity.tenant_id.clone(),
             hour,
             agent_id: event.agent_id.clone(),
@@ -76,23 +80,19 @@ impl RollupBatch {
             service: event.service.clone().unwrap_or_default(),
             provider: event.provider.clone(),
             model: event.model.clone(),
-            class,
             currency: priced.currency.clone(),
         };
+        let rows = self.0.entry(key).or_default();
         let first_class = event
             .tokens
             .non_zero()
             .next()
             .map_or(TokenClass::Input, |(class, _)| class);
-        let event_unpriced = i64::from(priced.is_unpriced());
-        self.0
-            .entry(key(first_class))
-            .or_default()
-            .merge(&RollupValue {
-                events: 1,
-                unpriced_events: event_unpriced,
-                ..RollupValue::default()
-            });
+        rows[first_class.index()].merge(&RollupValue {
+            events: 1,
+            unpriced_events: i64::from(priced.is_unpriced()),
+            ..RollupValue::default()
+        });
         for (class, count) in event.tokens.non_zero() {
             let delta = match priced.charges[class.index()] {
                 Some((billed, cost)) => RollupValue {
@@ -110,25 +110,146 @@ impl RollupBatch {
                     ..RollupValue::default()
                 },
             };
-            self.0.entry(key(class)).or_default().merge(&delta);
+            rows[class.index()].merge(&delta);
         }
     }
 
     pub fn merge(&mut self, other: &RollupBatch) {
-        for (key, value) in &other.0 {
-            self.0.entry(key.clone()).or_default().merge(value);
+        for (key, values) in &other.0 {
+            let rows = self.0.entry(key.clone()).or_default();
+            for (row, value) in rows.iter_mut().zip(values) {
+                row.merge(value);
+            }
         }
     }
 
-    pub fn rows(&self) -> impl Iterator<Item = (&RollupKey, &RollupValue)> {
-        self.0.iter()
+    /// Every non-empty (key, class) row, in key then class order.
+    pub fn rows(&self) -> impl Iterator<Item = (&RollupKey, TokenClass, &RollupValue)> {
+        self.0.iter().flat_map(|(key, values)| {
+            TokenClass::ALL
+                .into_iter()
+                .zip(values.iter())
+                .filter(|(_, value)| !value.is_zero())
+                .map(move |(class, value)| (key, class, value))
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.rows().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.rows().next().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tokens::TokenCounts;
+    use crate::domain::usage::{CallStatus, EventIdentity, UsageSource};
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use rust_decimal::Decimal;
+
+    /// (tenant, agent, minutes after the epoch hour, tokens by class, priced classes mask)
+    type Spec = (u8, u8, u16, [i64; 10], u16);
+
+    fn event_and_price(index: usize, spec: &Spec) -> (UsageEvent, PricedUsage) {
+        let (tenant, agent, minute, buckets, priced_mask) = *spec;
+        let tokens = TokenCounts::new(buckets).expect("non-negative");
+        let event = UsageEvent {
+            identity: EventIdentity {
+                tenant_id: format!("t{tenant}"),
+                source: "s".into(),
+                event_id: format!("e{index}"),
+            },
+            agent_id: format!("a{agent}"),
+            transaction_id: (agent % 2 == 0).then(|| "tx".to_owned()),
+            service: None,
+            session_id: None,
+            request_id: None,
+            reservation_id: None,
+            provider: "openai".into(),
+            model: "m".into(),
+            occurred_at: Utc
+                .timestamp_opt(1_780_000_000 + i64::from(minute) * 60, 0)
+                .single()
+                .expect("time"),
+            tokens,
+            usage_source: UsageSource::ProviderReported,
+            status: CallStatus::Success,
+            attributes: Default::default(),
+        };
+        let mut priced = PricedUsage {
+            currency: "USD".into(),
+            version_id: None,
+            charges: [None; 10],
+            billed: Decimal::ZERO,
+            cost: Decimal::ZERO,
+            unpriced_tokens: 0,
+        };
+        for (class, count) in tokens.non_zero() {
+            if priced_mask & (1 << class.index()) != 0 {
+                let billed = Decimal::new(count * 3, 6);
+                let cost = Decimal::new(count * 2, 6);
+                priced.charges[class.index()] = Some((billed, cost));
+                priced.billed += billed;
+                priced.cost += cost;
+            } else {
+                priced.unpriced_tokens += count;
+            }
+        }
+        (event, priced)
+    }
+
+    fn specs() -> impl Strategy<Value = Vec<Spec>> {
+        let buckets = prop::array::uniform10(prop_oneof![Just(0i64), 1i64..10_000]);
+        prop::collection::vec((0u8..3, 0u8..3, 0u16..180, buckets, any::<u16>()), 0..60)
+    }
+
+    proptest! {
+        #[test]
+        fn any_order_and_any_split_into_batches_gives_the_same_rollup(
+            specs in specs(),
+            seed in any::<u64>(),
+            cuts in prop::collection::vec(1usize..8, 1..8),
+        ) {
+            let events: Vec<(UsageEvent, PricedUsage)> =
+                specs.iter().enumerate().map(|(i, s)| event_and_price(i, s)).collect();
+            let mut whole = RollupBatch::default();
+            for (event, priced) in &events {
+                whole.add(event, priced);
+            }
+
+            // Shuffle deterministically from the seed, then fold batch by batch.
+            let mut order: Vec<usize> = (0..events.len()).collect();
+            let mut state = seed | 1;
+            for i in (1..order.len()).rev() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                order.swap(i, usize::try_from(state % (i as u64 + 1)).expect("index"));
+            }
+            let mut merged = RollupBatch::default();
+            let mut rest = order.as_slice();
+            let mut sizes = cuts.iter().cycle();
+            while !rest.is_empty() {
+                let size = (*sizes.next().expect("cycle")).min(rest.len());
+                let (part, tail) = rest.split_at(size);
+                let mut batch = RollupBatch::default();
+                for i in part {
+                    batch.add(&events[*i].0, &events[*i].1);
+                }
+                merged.merge(&batch);
+                rest = tail;
+            }
+
+            prop_assert_eq!(&merged, &whole);
+            let distinct: i64 = whole.rows().map(|(_, _, v)| v.events).sum();
+            prop_assert_eq!(distinct, i64::try_from(events.len()).expect("len"));
+            let tokens: i64 = whole.rows().map(|(_, _, v)| v.tokens).sum();
+            prop_assert_eq!(tokens, events.iter().map(|(e, _)| e.tokens.total()).sum::<i64>());
+        }
     }
 }

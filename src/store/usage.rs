@@ -284,7 +284,7 @@ pub async fn upsert_rollups(
     }
     let rows: Vec<_> = batch.rows().collect();
     let text = |f: fn(&crate::domain::rollup::RollupKey) -> &str| -> Vec<&str> {
-        rows.iter().map(|(k, _)| f(k)).collect()
+        rows.iter().map(|(k, _, _)| f(k)).collect()
     };
     sqlx::query(
         "INSERT INTO usage_rollups AS r (
@@ -307,22 +307,22 @@ pub async fn upsert_rollups(
                        unpriced_events = r.unpriced_events + excluded.unpriced_events",
     )
     .bind(text(|k| &k.tenant_id))
-    .bind(rows.iter().map(|(k, _)| k.hour).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(k, _, _)| k.hour).collect::<Vec<_>>())
     .bind(text(|k| &k.agent_id))
     .bind(text(|k| &k.transaction_id))
     .bind(text(|k| &k.service))
     .bind(text(|k| &k.provider))
     .bind(text(|k| &k.model))
-    .bind(rows.iter().map(|(k, _)| k.class as i16).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, class, _)| *class as i16).collect::<Vec<_>>())
     .bind(text(|k| &k.currency))
-    .bind(rows.iter().map(|(_, v)| v.tokens).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.billed).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.cost).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.unpriced_tokens).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.class_events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.class_unpriced_events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, v)| v.unpriced_events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.tokens).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.billed).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.cost).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.unpriced_tokens).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.class_events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.class_unpriced_events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.events).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, _, v)| v.unpriced_events).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     Ok(())
