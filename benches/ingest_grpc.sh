@@ -11,7 +11,8 @@
 # Environment (all optional):
 #   EVENTS=1000000  BATCH_SIZE=100  CONCURRENCY=32  DUPLICATE_RATIO=0.1  TENANTS=10  SEED=1
 #   RATE=0 (events/s, 0 = as fast as possible)  LOADGEN_ARGS="..." (more loadgen options)
-#   GRPC_PORT / ADMIN_PORT (default: free ports)  LOADGEN_API_KEY (if the server needs keys)
+#   GRPC_PORT / ADMIN_PORT (default: free ports)  LOADGEN_API_KEY (default: a random one-off
+#   bootstrap admin key given to the server)
 #   KEEP_DATABASES=1 (do not drop the two databases)  SKIP_BUILD=1 (use the existing binary)
 #   TOKENMETER_LOG__FILTER (server log filter, default warn)
 #
@@ -141,7 +142,10 @@ create_db() {
 # --- server on a fresh database ------------------------------------------------------------------
 create_db "$bench_db"
 log "serving gRPC on 127.0.0.1:$grpc_port, admin on 127.0.0.1:$admin_port, database $bench_db"
+# Every call needs a key: the server gets a one-off bootstrap admin key, loadgen sends it.
+export LOADGEN_API_KEY="${LOADGEN_API_KEY:-bench-$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')}"
 env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" \
+  TOKENMETER_AUTH__BOOTSTRAP_ADMIN_KEY="$LOADGEN_API_KEY" \
   TOKENMETER_GRPC__LISTEN_ADDR="127.0.0.1:$grpc_port" \
   TOKENMETER_ADMIN__LISTEN_ADDR="127.0.0.1:$admin_port" \
   TOKENMETER_LOG__FILTER="${TOKENMETER_LOG__FILTER:-warn}" \

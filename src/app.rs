@@ -123,6 +123,15 @@ impl Application {
                 pool: self.pool.clone(),
                 ingestor: self.ingestor.clone(),
                 ingest: self.settings.ingest.clone(),
+                authenticator: Arc::new(grpc::auth::Authenticator::new(
+                    self.pool.clone(),
+                    self.settings
+                        .auth
+                        .bootstrap_admin_key
+                        .as_ref()
+                        .map(|k| k.expose()),
+                    self.settings.auth.cache_ttl,
+                )),
             };
             tasks.spawn(async move {
                 grpc::serve(listener, state, limit, metrics, token)

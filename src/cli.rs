@@ -44,11 +44,45 @@ enum Command {
     /// Send realistic usage to a server's IngestUsage and check every answer against the
     /// ground truth it prints (a load generator and an end-to-end check).
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Issue, list and revoke API keys (directly in the database, as the operator).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Manage price books.
     Prices {
         #[command(subcommand)]
         command: PricesCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Issue a key and print it once; only its hash is stored.
+    Create {
+        /// A label, e.g. "gateway-eu prod".
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Comma-separated: ingest, quota, read, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// A tenant the key may act on (repeatable).
+        #[arg(long = "tenant", conflicts_with = "all_tenants")]
+        tenants: Vec<String>,
+        /// Every tenant, present and future (platform keys).
+        #[arg(long)]
+        all_tenants: bool,
+        /// RFC 3339 instant after which the key stops working.
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// List keys (never their secrets).
+    List {
+        #[arg(long)]
+        include_revoked: bool,
+    },
+    /// Revoke a key by id; every replica refuses it within auth.cache_ttl.
+    Revoke { key_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Migrate => migrate(settings).await,
             Command::Retention => retention(settings).await,
             Command::Loadgen(args) => crate::loadgen::run(args).await,
+            Command::Keys { command } => keys(settings, command).await,
             Command::Prices {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,
@@ -105,6 +140,78 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     pool.close().await;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn keys(settings: Settings, command: KeysCommand) -> anyhow::Result<()> {
+    use crate::domain::auth::{Principal, Scope, TenantBinding};
+    let pool = store::connect(&settings.database).await?;
+    match command {
+        KeysCommand::Create {
+            name,
+            scopes,
+            tenants,
+            all_tenants,
+            expires_at,
+        } => {
+            let scopes = scopes
+                .iter()
+                .map(|s| {
+                    Scope::parse(s.trim()).ok_or_else(|| {
+                        anyhow::anyhow!("unknown scope {s:?}: use ingest, quota, read or admin")
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let binding = match (all_tenants, tenants.is_empty()) {
+                (true, _) => TenantBinding::All,
+                (false, false) => TenantBinding::Only(tenants.into_iter().collect()),
+                (false, true) => anyhow::bail!("give --tenant T (repeatable) or --all-tenants"),
+            };
+            let (record, secret) = crate::grpc::admin::issue_key(
+                &pool,
+                &Principal::bootstrap(),
+                &name,
+                scopes,
+                binding,
+                expires_at,
+            )
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            eprintln!(
+                "created key {} ({}); it is shown once:",
+                record.key_id, record.prefix
+            );
+            println!("{secret}");
+        }
+        KeysCommand::List { include_revoked } => {
+            for key in store::keys::list(&pool, include_revoked).await? {
+                let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+                let binding = match &key.binding {
+                    TenantBinding::All => "all tenants".to_owned(),
+                    TenantBinding::Only(t) => t.iter().cloned().collect::<Vec<_>>().join(","),
+                };
+                let state = match (key.revoked_at, key.expires_at) {
+                    (Some(at), _) => format!("revoked {}", at.to_rfc3339()),
+                    (None, Some(at)) => format!("expires {}", at.to_rfc3339()),
+                    (None, None) => "active".to_owned(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    key.key_id,
+                    key.prefix,
+                    key.name,
+                    scopes.join(","),
+                    binding,
+                    state
+                );
+            }
+        }
+        KeysCommand::Revoke { key_id } => {
+            let key = store::keys::revoke(&pool, &key_id).await?;
+            println!("revoked {} ({})", key.key_id, key.prefix);
+        }
+    }
+    pool.close().await;
     Ok(())
 }
 

@@ -29,6 +29,7 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub kafka: KafkaSettings,
     pub ingest: IngestSettings,
+    pub auth: AuthSettings,
     pub log: LogSettings,
     /// How long in-flight work may take to drain after SIGTERM / Ctrl-C.
     #[serde(with = "humantime_serde")]
@@ -110,6 +111,34 @@ pub struct IngestSettings {
     pub default_currency: String,
     /// The price book of tenants that do not name one.
     pub default_price_book_id: String,
+}
+
+/// A setting that must never be printed: `Debug` shows `***`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// A key with every scope on every tenant, for first start (create real keys with it, then
+    /// unset it). Any string of at least 32 characters; never logged.
+    pub bootstrap_admin_key: Option<Secret>,
+    /// How long a key lookup is cached: the delay before a revocation takes effect everywhere.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

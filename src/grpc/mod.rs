@@ -4,6 +4,7 @@
 //! answer `UNIMPLEMENTED`; each later feature replaces one of the empty impls below.
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod metrics;
 pub mod pricebook;
@@ -45,6 +46,7 @@ pub struct ApiState {
     pub pool: sqlx::PgPool,
     pub ingestor: Arc<Ingestor>,
     pub ingest: IngestSettings,
+    pub authenticator: Arc<auth::Authenticator>,
 }
 
 pub struct QuotaApi;
@@ -159,8 +161,13 @@ pub async fn serve(
         }
     };
 
-    tonic::transport::Server::builder()
+    // Metrics outside authentication, so refused calls are counted with their code.
+    let layers = tower::ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(metrics, known_methods()))
+        .layer(auth::AuthLayer::new(state.authenticator.clone()))
+        .into_inner();
+    tonic::transport::Server::builder()
+        .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

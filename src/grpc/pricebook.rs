@@ -7,12 +7,14 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
+use super::auth::{denied, principal};
 use super::convert::{
     next_page_token, optional_time, page_offset, page_size, required_class, required_time,
     timestamp,
 };
 use super::status::{from_store, invalid, invalid_field};
 use crate::domain::FieldError;
+use crate::domain::auth::Scope;
 use crate::domain::pricing::{
     Adjustment, PriceBookVersion, PriceOverride, Rate, RateKey, is_valid_price_book_id,
     parse_discount, parse_price,
@@ -275,6 +277,9 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::CreatePriceBookVersionRequest>,
     ) -> Result<Response<pb::CreatePriceBookVersionResponse>, Status> {
+        principal(&request)?
+            .require_all_tenants(Scope::Admin)
+            .map_err(denied)?;
         let request = request.into_inner();
         let given = request
             .version
@@ -294,6 +299,9 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::GetPriceBookVersionRequest>,
     ) -> Result<Response<pb::GetPriceBookVersionResponse>, Status> {
+        principal(&request)?
+            .require(Scope::Read, [])
+            .map_err(denied)?;
         let request = request.into_inner();
         let stored =
             store::pricing::get_version(&self.pool, &request.price_book_id, &request.version_id)
@@ -316,6 +324,9 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::ListPriceBookVersionsRequest>,
     ) -> Result<Response<pb::ListPriceBookVersionsResponse>, Status> {
+        principal(&request)?
+            .require(Scope::Read, [])
+            .map_err(denied)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size)?;
         let offset = page_offset(&request.page_token)?;
@@ -363,6 +374,11 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::ListRatesRequest>,
     ) -> Result<Response<pb::ListRatesResponse>, Status> {
+        let caller = principal(&request)?;
+        let tenant = request.get_ref().tenant_id.clone();
+        caller
+            .require(Scope::Read, (!tenant.is_empty()).then_some(tenant.as_str()))
+            .map_err(denied)?;
         let request = request.into_inner();
         let at = optional_time(request.at.as_ref(), "at")?.unwrap_or_else(Utc::now);
         let catalog = self
@@ -451,6 +467,16 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::CreateTenantPriceOverrideRequest>,
     ) -> Result<Response<pb::CreateTenantPriceOverrideResponse>, Status> {
+        let caller = principal(&request)?;
+        let tenant = request
+            .get_ref()
+            .override_rule
+            .as_ref()
+            .map(|o| o.tenant_id.clone())
+            .unwrap_or_default();
+        caller
+            .require(Scope::Admin, [tenant.as_str()])
+            .map_err(denied)?;
         let request = request.into_inner();
         let given = request
             .override_rule
@@ -468,6 +494,9 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::ListTenantPriceOverridesRequest>,
     ) -> Result<Response<pb::ListTenantPriceOverridesResponse>, Status> {
+        principal(&request)?
+            .require(Scope::Read, [request.get_ref().tenant_id.as_str()])
+            .map_err(denied)?;
         let request = request.into_inner();
         if request.tenant_id.is_empty() {
             return Err(invalid_field("tenant_id", "is required"));
@@ -499,6 +528,9 @@ impl PriceBookService for PriceBookApi {
         &self,
         request: Request<pb::DeleteTenantPriceOverrideRequest>,
     ) -> Result<Response<pb::DeleteTenantPriceOverrideResponse>, Status> {
+        principal(&request)?
+            .require(Scope::Admin, [request.get_ref().tenant_id.as_str()])
+            .map_err(denied)?;
         let request = request.into_inner();
         let ended = store::pricing::end_override(
             &self.pool,

@@ -4,10 +4,12 @@ use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
+use super::auth::{denied, principal};
 use super::convert::{
     next_page_token, page_offset, page_size, required_class, required_time, timestamp,
 };
 use super::status::{from_store, invalid_field};
+use crate::domain::auth::{Scope, TenantBinding};
 use crate::domain::tokens::TokenClass;
 use crate::proto::v1 as pb;
 use crate::proto::v1::report_service_server::ReportService;
@@ -187,7 +189,19 @@ impl ReportService for ReportApi {
         &self,
         request: Request<pb::QueryUsageRequest>,
     ) -> Result<Response<pb::QueryUsageResponse>, Status> {
-        let request = request.into_inner();
+        let caller = principal(&request)?;
+        let mut request = request.into_inner();
+        caller
+            .require(Scope::Read, request.tenant_ids.iter().map(String::as_str))
+            .map_err(denied)?;
+        // No tenant named: every tenant the key is bound to.
+        if let (true, TenantBinding::Only(bound)) = (request.tenant_ids.is_empty(), &caller.binding)
+        {
+            if bound.is_empty() {
+                return Ok(Response::new(pb::QueryUsageResponse::default()));
+            }
+            request.tenant_ids = bound.iter().cloned().collect();
+        }
         let query = self.to_query(&request).await?;
         let rows = store::reports::query_usage(&self.pool, &query)
             .await

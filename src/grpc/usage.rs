@@ -5,7 +5,9 @@ use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::auth::{denied, principal};
 use super::status::{from_ingest, invalid_field};
+use crate::domain::auth::Scope;
 use crate::ingest::{Channel, Ingestor, Outcome};
 use crate::proto::v1 as pb;
 use crate::proto::v1::usage_service_server::UsageService;
@@ -70,13 +72,32 @@ fn results(
     }
 }
 
+/// INGEST on the tenant of every event; one event for another tenant refuses the whole call,
+/// so nothing is written. Events without a tenant are left to validation (INVALID).
+fn authorize_events(
+    caller: &crate::domain::auth::Principal,
+    events: &[pb::UsageEvent],
+) -> Result<(), Status> {
+    caller
+        .require(
+            Scope::Ingest,
+            events
+                .iter()
+                .map(|e| e.tenant_id.as_str())
+                .filter(|t| !t.is_empty()),
+        )
+        .map_err(denied)
+}
+
 #[tonic::async_trait]
 impl UsageService for UsageApi {
     async fn ingest_usage(
         &self,
         request: Request<pb::IngestUsageRequest>,
     ) -> Result<Response<pb::IngestUsageResponse>, Status> {
+        let caller = principal(&request)?;
         let request = request.into_inner();
+        authorize_events(&caller, &request.events)?;
         if request.events.is_empty() {
             return Err(invalid_field("events", "at least one event is required"));
         }
@@ -115,6 +136,7 @@ impl UsageService for UsageApi {
         &self,
         request: Request<Streaming<pb::StreamUsageRequest>>,
     ) -> Result<Response<pb::StreamUsageResponse>, Status> {
+        let caller = principal(&request)?;
         let mut stream = request.into_inner();
         let mut response = pb::StreamUsageResponse::default();
         let mut summary = pb::IngestSummary::default();
@@ -144,6 +166,7 @@ impl UsageService for UsageApi {
             if message.events.is_empty() {
                 continue;
             }
+            authorize_events(&caller, &message.events)?;
             // Commit message by message: the client resends everything if the stream fails,
             // and committed events come back DUPLICATE.
             let count = message.events.len();

@@ -279,3 +279,74 @@ cost_per_million = "1.20"
     ];
     assert_eq!(rates, expected);
 }
+
+#[tokio::test]
+async fn keys_created_on_the_command_line_work_until_revoked() {
+    let url = create_database().await;
+    let server = crate::helpers::spawn_serve(&url, &[("TOKENMETER_AUTH__CACHE_TTL", "0s")]).await;
+    let run = |args: &[&str]| {
+        tokenmeter()
+            .args(args)
+            .env("TOKENMETER_DATABASE__URL", &url)
+            .output()
+            .expect("run tokenmeter keys")
+    };
+    let created = run(&[
+        "keys",
+        "create",
+        "--name",
+        "ci reader",
+        "--scopes",
+        "read",
+        "--all-tenants",
+    ]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let secret = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    let listed = String::from_utf8_lossy(&run(&["keys", "list"]).stdout).into_owned();
+    let key_id = listed.split('\t').next().expect("key id").to_owned();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.grpc_port))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+    let query = || tokenmeter::proto::v1::QueryUsageRequest {
+        time_range: Some(tokenmeter::proto::v1::TimeRange {
+            start: Some(prost_types::Timestamp {
+                seconds: 1_780_000_000 - 1_780_000_000 % 3600,
+                nanos: 0,
+            }),
+            end: Some(prost_types::Timestamp {
+                seconds: 1_780_000_000 - 1_780_000_000 % 3600 + 3600,
+                nanos: 0,
+            }),
+        }),
+        ..Default::default()
+    };
+    let mut reports = tokenmeter::proto::v1::report_service_client::ReportServiceClient::new(
+        crate::helpers::authed(channel, &secret),
+    );
+
+    let before = reports.query_usage(query()).await;
+    let revoked = run(&["keys", "revoke", &key_id]);
+    let after = reports.query_usage(query()).await;
+
+    assert!(secret.starts_with("tm_"), "{secret}");
+    assert!(
+        listed.contains("ci reader") && listed.contains("all tenants"),
+        "{listed}"
+    );
+    assert!(before.is_ok(), "{before:?}");
+    assert!(revoked.status.success());
+    assert_eq!(
+        after.expect_err("revoked").code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut server = server;
+    server.child.kill().expect("stop");
+    server.child.wait().expect("reap");
+}

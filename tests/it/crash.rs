@@ -41,9 +41,13 @@ async fn a_killed_server_loses_nothing_it_acknowledged_and_counts_nothing_twice(
         let (endpoint, tenant) = (endpoint.clone(), tenant.clone());
         let (acknowledged, attempted) = (acknowledged.clone(), attempted.clone());
         writers.push(tokio::spawn(async move {
-            let mut client = UsageServiceClient::connect(endpoint)
+            let channel = tonic::transport::Endpoint::from_shared(endpoint)
+                .expect("endpoint")
+                .connect()
                 .await
                 .expect("connect");
+            let mut client =
+                UsageServiceClient::new(crate::helpers::authed(channel, crate::helpers::ADMIN_KEY));
             for round in 0.. {
                 let n = round * 4 + worker;
                 attempted.lock().expect("lock").push(n);

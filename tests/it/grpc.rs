@@ -95,7 +95,10 @@ async fn reflection_lists_every_tokenmeter_service() {
 #[tokio::test]
 async fn rpcs_that_have_not_landed_answer_unimplemented() {
     let app = spawn_app().await;
-    let mut quota = QuotaServiceClient::new(app.channel().await);
+    let mut quota = QuotaServiceClient::new(crate::helpers::authed(
+        app.channel().await,
+        crate::helpers::ADMIN_KEY,
+    ));
 
     let status = quota
         .reserve(tokenmeter::proto::v1::ReserveRequest::default())
@@ -109,7 +112,10 @@ async fn rpcs_that_have_not_landed_answer_unimplemented() {
 #[tokio::test]
 async fn oversized_requests_are_rejected_before_reaching_a_service() {
     let app = crate::helpers::spawn_app_with(|s| s.grpc.max_message_bytes = 2048).await;
-    let mut usage = UsageServiceClient::new(app.channel().await);
+    let mut usage = UsageServiceClient::new(crate::helpers::authed(
+        app.channel().await,
+        crate::helpers::ADMIN_KEY,
+    ));
     let big = tokenmeter::proto::v1::IngestUsageRequest {
         events: vec![tokenmeter::proto::v1::UsageEvent {
             event_id: "x".repeat(4096),

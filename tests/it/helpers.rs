@@ -39,9 +39,53 @@ pub async fn create_database() -> String {
     url.to_string()
 }
 
-/// Settings for a test: defaults, a fresh database, ephemeral ports, the test Kafka.
+/// The bootstrap admin key every test server accepts (every scope, every tenant).
+pub const ADMIN_KEY: &str = "test-bootstrap-admin-key-0123456789abcdef";
+
+/// Adds `authorization: Bearer <key>` to every call (nothing for `None`).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(key: Option<&str>) -> Self {
+        Self(key.map(|k| format!("Bearer {k}").parse().expect("ascii key")))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry `key`.
+pub type Authed =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+pub fn authed(channel: tonic::transport::Channel, key: &str) -> Authed {
+    tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(Some(key)))
+}
+
+/// Settings for a test: defaults, a fresh database, ephemeral ports, the test Kafka, the test
+/// admin key, and no key cache (so a revocation is visible to the very next call).
 pub async fn test_settings() -> Settings {
-    let mut settings = Settings::load_from(None, Vec::new()).expect("default settings load");
+    let mut settings = Settings::load_from(
+        None,
+        vec![(
+            "TOKENMETER_AUTH__BOOTSTRAP_ADMIN_KEY".to_owned(),
+            ADMIN_KEY.to_owned(),
+        )],
+    )
+    .expect("default settings load");
+    settings.auth.cache_ttl = Duration::ZERO;
     settings.database.url = create_database().await;
     settings.database.run_migrations = true;
     settings.database.max_connections = 8;
@@ -173,6 +217,7 @@ pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> Serv
         )
         .env("TOKENMETER_KAFKA__BROKERS", kafka_brokers())
         .env("TOKENMETER_LOG__FORMAT", "json")
+        .env("TOKENMETER_AUTH__BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     for (key, value) in extra_env {

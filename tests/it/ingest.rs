@@ -197,8 +197,9 @@ async fn concurrent_streams_carrying_the_same_events_count_each_once() {
 
     let mut streams = Vec::new();
     for worker in 0..4u64 {
-        let mut client =
-            tokenmeter::proto::v1::usage_service_client::UsageServiceClient::new(channel.clone());
+        let mut client = tokenmeter::proto::v1::usage_service_client::UsageServiceClient::new(
+            crate::helpers::authed(channel.clone(), crate::helpers::ADMIN_KEY),
+        );
         // Every stream sends all events, each in its own order and chunking.
         let mut mine = events.clone();
         mine.rotate_left(usize::try_from(worker * 70).expect("rotation"));

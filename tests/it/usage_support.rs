@@ -8,6 +8,8 @@ use tokenmeter::proto::v1::report_service_client::ReportServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic::transport::Channel;
 
+use crate::helpers::{ADMIN_KEY, Authed, Bearer};
+
 pub fn ts(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: at.timestamp(),
@@ -50,14 +52,22 @@ pub fn event(tenant: &str, id: &str, input: i64, output: i64) -> pb::UsageEvent 
 }
 
 pub struct Clients {
-    pub usage: UsageServiceClient<Channel>,
-    pub admin: AdminServiceClient<Channel>,
-    pub prices: PriceBookServiceClient<Channel>,
-    pub reports: ReportServiceClient<Channel>,
+    pub usage: UsageServiceClient<Authed>,
+    pub admin: AdminServiceClient<Authed>,
+    pub prices: PriceBookServiceClient<Authed>,
+    pub reports: ReportServiceClient<Authed>,
 }
 
 impl Clients {
+    /// Clients calling with the test admin key.
     pub fn new(channel: Channel) -> Self {
+        Self::with_key(channel, Some(ADMIN_KEY))
+    }
+
+    /// Clients calling with `key`, or with no `authorization` metadata at all.
+    pub fn with_key(channel: Channel, key: Option<&str>) -> Self {
+        let channel: Authed =
+            tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(key));
         Self {
             usage: UsageServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),

@@ -1,0 +1,179 @@
+//! Authentication of every gRPC call (API key in `authorization: Bearer …` metadata) as a
+//! tower layer, and the authorization helpers services call with the resulting principal.
+//!
+//! Health and reflection stay open. Key lookups are cached for `auth.cache_ttl`, so a
+//! revocation reaches every replica within that time without a database read per call.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tonic::{Request, Status};
+use tower::{Layer, Service};
+
+use crate::domain::auth::{Denied, Principal, StoredKey, constant_time_eq, hash_key, prefix_of};
+use crate::store;
+
+/// Paths served without a key.
+const OPEN_PREFIXES: &[&str] = &["/grpc.health.v1.", "/grpc.reflection."];
+
+pub struct Authenticator {
+    pool: PgPool,
+    bootstrap_hash: Option<[u8; 32]>,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, Option<StoredKey>)>>,
+}
+
+impl Authenticator {
+    pub fn new(pool: PgPool, bootstrap_key: Option<&str>, ttl: Duration) -> Self {
+        Self {
+            pool,
+            bootstrap_hash: bootstrap_key.map(hash_key),
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The caller's principal from the `authorization` metadata value.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, Status> {
+        let key = authorization
+            .and_then(|value| {
+                let (scheme, key) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(key.trim())
+            })
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <api key>` metadata")
+            })?;
+        if let Some(bootstrap) = &self.bootstrap_hash
+            && constant_time_eq(&hash_key(key), bootstrap)
+        {
+            return Ok(Principal::bootstrap());
+        }
+        let invalid = || Status::unauthenticated("invalid, revoked or expired api key");
+        let prefix = prefix_of(key).ok_or_else(invalid)?;
+        let stored = self.lookup(prefix).await?;
+        stored
+            .and_then(|stored| stored.authenticate(key, Utc::now()))
+            .ok_or_else(invalid)
+    }
+
+    async fn lookup(&self, prefix: &str) -> Result<Option<StoredKey>, Status> {
+        if let Some((at, stored)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(prefix)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(stored.clone());
+        }
+        let stored = store::keys::find_by_prefix(&self.pool, prefix)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "api key lookup failed");
+                Status::unavailable("cannot check the api key right now, retry with backoff")
+            })?;
+        if !self.ttl.is_zero() {
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(prefix.to_owned(), (Instant::now(), stored.clone()));
+        }
+        Ok(stored)
+    }
+}
+
+/// The authenticated caller of a request (set by [`AuthLayer`]).
+pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <api key>` metadata")
+        })
+}
+
+pub fn denied(reason: Denied) -> Status {
+    Status::permission_denied(reason.to_string())
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(authenticator: Arc<Authenticator>) -> Self {
+        Self { authenticator }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            authenticator: self.authenticator.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    authenticator: Arc<Authenticator>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for AuthService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ReqBody: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        // The ready inner service goes into the future; a fresh clone stays for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if OPEN_PREFIXES
+            .iter()
+            .any(|p| request.uri().path().starts_with(p))
+        {
+            return Box::pin(inner.call(request));
+        }
+        let authenticator = self.authenticator.clone();
+        Box::pin(async move {
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match authenticator.authenticate(header.as_deref()).await {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}

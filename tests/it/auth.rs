@@ -1,0 +1,275 @@
+//! Every implemented RPC is authenticated and authorized: no key, a revoked or expired key, a
+//! key without the scope, and a key for another tenant each get the right code and leave no
+//! trace.
+
+use tokenmeter::proto::v1 as pb;
+use tonic::Code;
+
+use crate::helpers::spawn_app;
+use crate::usage_support::{Clients, event, hour, ts, unique};
+
+/// Issues a key through the API with the admin key.
+async fn key(
+    admin: &mut Clients,
+    scopes: &[pb::ApiKeyScope],
+    tenants: &[&str],
+) -> (String, String) {
+    let response = admin
+        .admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            api_key: Some(pb::ApiKey {
+                name: "test".into(),
+                scopes: scopes.iter().map(|s| *s as i32).collect(),
+                binding: Some(if tenants.is_empty() {
+                    pb::api_key::Binding::AllTenants(true)
+                } else {
+                    pb::api_key::Binding::Tenants(pb::TenantBinding {
+                        tenant_ids: tenants.iter().map(|t| (*t).to_owned()).collect(),
+                    })
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create key")
+        .into_inner();
+    (response.api_key.expect("key").key_id, response.secret)
+}
+
+/// Calls one RPC for `tenant` and returns its status code.
+async fn call(api: &mut Clients, rpc: &str, tenant: &str) -> Code {
+    let result = match rpc {
+        "IngestUsage" => api
+            .usage
+            .ingest_usage(pb::IngestUsageRequest {
+                events: vec![event(tenant, &unique("e"), 10, 1)],
+                omit_accepted_results: false,
+            })
+            .await
+            .map(|_| ()),
+        "QueryUsage" => api
+            .reports
+            .query_usage(pb::QueryUsageRequest {
+                tenant_ids: vec![tenant.to_owned()],
+                time_range: Some(pb::TimeRange {
+                    start: Some(ts(hour(24))),
+                    end: Some(ts(hour(0))),
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "CreateTenantPriceOverride" => api
+            .prices
+            .create_tenant_price_override(pb::CreateTenantPriceOverrideRequest {
+                override_rule: Some(pb::TenantPriceOverride {
+                    tenant_id: tenant.to_owned(),
+                    adjustment: Some(pb::tenant_price_override::Adjustment::DiscountPercent(
+                        "5".into(),
+                    )),
+                    effective_from: Some(ts(hour(-2))),
+                    ..Default::default()
+                }),
+                allow_backdated: false,
+            })
+            .await
+            .map(|_| ()),
+        "ListTenantPriceOverrides" => api
+            .prices
+            .list_tenant_price_overrides(pb::ListTenantPriceOverridesRequest {
+                tenant_id: tenant.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "GetTenant" => api
+            .admin
+            .get_tenant(pb::GetTenantRequest {
+                tenant_id: tenant.to_owned(),
+            })
+            .await
+            .map(|_| ()),
+        other => panic!("unknown rpc {other}"),
+    };
+    match result {
+        Ok(()) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// (rpc, the scope it needs)
+const RPCS: &[(&str, pb::ApiKeyScope)] = &[
+    ("IngestUsage", pb::ApiKeyScope::Ingest),
+    ("QueryUsage", pb::ApiKeyScope::Read),
+    ("CreateTenantPriceOverride", pb::ApiKeyScope::Admin),
+    ("ListTenantPriceOverrides", pb::ApiKeyScope::Read),
+    ("GetTenant", pb::ApiKeyScope::Admin),
+];
+
+#[tokio::test]
+async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
+    let app = spawn_app().await;
+    let channel = app.channel().await;
+    let mut admin = Clients::new(channel.clone());
+    let a = admin.tenant("USD", "UTC", None).await;
+    let b = admin.tenant("USD", "UTC", None).await;
+    let all_scopes = [
+        pb::ApiKeyScope::Ingest,
+        pb::ApiKeyScope::Quota,
+        pb::ApiKeyScope::Read,
+        pb::ApiKeyScope::Admin,
+    ];
+    let (_, of_b) = key(&mut admin, &all_scopes, &[&b]).await;
+    let (revoked_id, revoked) = key(&mut admin, &all_scopes, &[&a]).await;
+    admin
+        .admin
+        .revoke_api_key(pb::RevokeApiKeyRequest { key_id: revoked_id })
+        .await
+        .expect("revoke");
+    let (expired_id, expired) = key(&mut admin, &all_scopes, &[&a]).await;
+    sqlx::query(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE key_id = $1::uuid",
+    )
+    .bind(&expired_id)
+    .execute(&app.pool)
+    .await
+    .expect("expire key");
+
+    for (rpc, scope) in RPCS {
+        let others: Vec<pb::ApiKeyScope> =
+            all_scopes.iter().copied().filter(|s| s != scope).collect();
+        let (_, unscoped) = key(&mut admin, &others, &[&a]).await;
+        let (_, scoped) = key(&mut admin, &[*scope], &[&a]).await;
+        let cases = [
+            ("no key", None, Code::Unauthenticated),
+            ("malformed key", Some("tm_nothing"), Code::Unauthenticated),
+            ("revoked key", Some(revoked.as_str()), Code::Unauthenticated),
+            ("expired key", Some(expired.as_str()), Code::Unauthenticated),
+            (
+                "key without the scope",
+                Some(unscoped.as_str()),
+                Code::PermissionDenied,
+            ),
+            (
+                "key of another tenant",
+                Some(of_b.as_str()),
+                Code::PermissionDenied,
+            ),
+        ];
+        for (case, secret, expected) in cases {
+            let mut api = Clients::with_key(channel.clone(), secret);
+            assert_eq!(call(&mut api, rpc, &a).await, expected, "{rpc} with {case}");
+        }
+        let mut allowed = Clients::with_key(channel.clone(), Some(&scoped));
+        assert_eq!(
+            call(&mut allowed, rpc, &a).await,
+            Code::Ok,
+            "{rpc} with its own scope"
+        );
+    }
+
+    // Refused calls left nothing behind: only the allowed ingest and override exist.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
+        .bind(&a)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    let overrides: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tenant_price_overrides WHERE tenant_id = $1")
+            .bind(&a)
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!((events, overrides), (1, 1));
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_tenant_bound_key_reads_only_its_tenants_and_issues_only_within_its_power() {
+    let app = spawn_app().await;
+    let channel = app.channel().await;
+    let mut admin = Clients::new(channel.clone());
+    let a = admin.tenant("USD", "UTC", None).await;
+    let b = admin.tenant("USD", "UTC", None).await;
+    admin.ingest(vec![event(&a, "ea", 10, 0)]).await;
+    admin.ingest(vec![event(&b, "eb", 20, 0)]).await;
+    let (_, reader_a) = key(
+        &mut admin,
+        &[pb::ApiKeyScope::Read, pb::ApiKeyScope::Admin],
+        &[&a],
+    )
+    .await;
+    let mut as_a = Clients::with_key(channel.clone(), Some(&reader_a));
+
+    // No tenant named: the key's own tenants only.
+    let rows = as_a
+        .query(pb::QueryUsageRequest {
+            time_range: Some(pb::TimeRange {
+                start: Some(ts(hour(48))),
+                end: Some(ts(hour(-1))),
+            }),
+            group_by: vec![pb::UsageDimension::Tenant as i32],
+            ..Default::default()
+        })
+        .await;
+    let escalate = as_a
+        .admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            api_key: Some(pb::ApiKey {
+                scopes: vec![pb::ApiKeyScope::Ingest as i32],
+                binding: Some(pb::api_key::Binding::Tenants(pb::TenantBinding {
+                    tenant_ids: vec![a.clone()],
+                })),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("no ingest scope to give");
+    let widen = as_a
+        .admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            api_key: Some(pb::ApiKey {
+                scopes: vec![pb::ApiKeyScope::Read as i32],
+                binding: Some(pb::api_key::Binding::AllTenants(true)),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("cannot reach beyond tenant a");
+
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.tenant_id.clone(), r.total_tokens))
+            .collect::<Vec<_>>(),
+        vec![(Some(a.clone()), 10)]
+    );
+    assert_eq!(escalate.code(), Code::PermissionDenied);
+    assert_eq!(widen.code(), Code::PermissionDenied);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn keys_are_stored_only_as_hashes() {
+    let app = spawn_app().await;
+    let mut admin = Clients::new(app.channel().await);
+    let tenant = admin.tenant("USD", "UTC", None).await;
+
+    let (key_id, secret) = key(&mut admin, &[pb::ApiKeyScope::Read], &[&tenant]).await;
+
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(k)::text FROM api_keys k
+         UNION ALL SELECT row_to_json(t)::text FROM api_key_tenants t",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("rows");
+    let secret_part = secret.rsplit('_').next().expect("secret part");
+    assert!(stored.iter().any(|row| row.contains(&key_id)));
+    assert!(
+        stored
+            .iter()
+            .all(|row| !row.contains(&secret) && !row.contains(secret_part)),
+        "{stored:?}"
+    );
+    app.stop().await.expect("clean shutdown");
+}
