@@ -49,6 +49,7 @@ pub struct Application {
     ingestor: Arc<Ingestor>,
     kafka: Option<KafkaProbe>,
     grpc_listener: Option<TcpListener>,
+    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     admin_listener: Option<TcpListener>,
 }
 
@@ -76,6 +77,7 @@ impl Application {
         } else {
             None
         };
+        let grpc_tls = settings.grpc.tls.as_ref().map(grpc::load_tls).transpose()?;
         let grpc_listener = if settings.grpc.enabled {
             Some(bind("grpc.listen_addr", settings.grpc.listen_addr).await?)
         } else {
@@ -93,6 +95,7 @@ impl Application {
             ingestor,
             kafka,
             grpc_listener,
+            grpc_tls,
             admin_listener,
         })
     }
@@ -133,8 +136,9 @@ impl Application {
                     self.settings.auth.cache_ttl,
                 )),
             };
+            let tls = self.grpc_tls.clone();
             tasks.spawn(async move {
-                grpc::serve(listener, state, limit, metrics, token)
+                grpc::serve(listener, tls, state, limit, metrics, token)
                     .await
                     .map_err(AppError::from)
             });

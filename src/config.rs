@@ -56,6 +56,21 @@ pub struct GrpcSettings {
     pub listen_addr: SocketAddr,
     /// Largest accepted request message, in bytes.
     pub max_message_bytes: usize,
+    /// Serve TLS (rustls) instead of plaintext when set.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the server.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key of the server.
+    pub key_file: std::path::PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -112,8 +112,40 @@ fn known_methods() -> HashSet<String> {
         .collect()
 }
 
+/// Reads the TLS files named by settings; errors name the setting.
+pub fn load_tls(
+    tls: &crate::config::TlsSettings,
+) -> Result<tonic::transport::ServerTlsConfig, GrpcError> {
+    let read = |setting: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| GrpcError::TlsFile {
+            setting,
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read("grpc.tls.cert_file", &tls.cert_file)?,
+        read("grpc.tls.key_file", &tls.key_file)?,
+    );
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
+            "grpc.tls.client_ca_file",
+            ca,
+        )?));
+    }
+    Ok(config)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
+    #[error("cannot read {path} (setting {setting}): {source}")]
+    TlsFile {
+        setting: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("grpc server failed: {0}")]
@@ -124,6 +156,7 @@ pub enum GrpcError {
 /// calls finish.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     state: ApiState,
     max_message_bytes: usize,
     metrics: Metrics,
@@ -166,7 +199,11 @@ pub async fn serve(
         .layer(GrpcMetricsLayer::new(metrics, known_methods()))
         .layer(auth::AuthLayer::new(state.authenticator.clone()))
         .into_inner();
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .layer(layers)
         .add_service(health_service)
         .add_service(reflection_v1)

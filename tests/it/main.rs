@@ -10,4 +10,5 @@ mod helpers;
 mod http;
 mod ingest;
 mod kafka;
+mod tls;
 mod usage_support;
