@@ -358,6 +358,20 @@ impl PricingCatalog {
         let tenant = self
             .tenant(tenant_id)
             .ok_or_else(|| PricingError::UnknownTenant(tenant_id.to_owned()))?;
+        self.price_for(tenant_id, tenant, provider, model, at, tokens)
+    }
+
+    /// Prices as [`PricingCatalog::price`] for a tenant described by `tenant` (one that may not
+    /// exist yet, for dry runs).
+    pub fn price_for(
+        &self,
+        tenant_id: &str,
+        tenant: &TenantPricing,
+        provider: &str,
+        model: &str,
+        at: DateTime<Utc>,
+        tokens: &TokenCounts,
+    ) -> Result<PricedUsage, PricingError> {
         let version = self.version_at(&tenant.price_book_id, at);
         let rates = version.and_then(|v| self.model_rates(&v.version_id, provider, model));
         let mut priced = PricedUsage {

@@ -132,6 +132,66 @@ impl UsageService for UsageApi {
         Ok(Response::new(response))
     }
 
+    async fn validate_usage(
+        &self,
+        request: Request<pb::ValidateUsageRequest>,
+    ) -> Result<Response<pb::ValidateUsageResponse>, Status> {
+        let caller = principal(&request)?;
+        let request = request.into_inner();
+        if request.events.len() > self.max_batch_events {
+            return Err(invalid_field(
+                "events",
+                &format!(
+                    "more than {} events in one call (ingest.max_batch_events)",
+                    self.max_batch_events
+                ),
+            ));
+        }
+        authorize_events(&caller, &request.events)?;
+        let runs = self
+            .ingestor
+            .dry_run(&request.events)
+            .await
+            .map_err(from_ingest)?;
+        let event_ids: Vec<String> = request.events.iter().map(|e| e.event_id.clone()).collect();
+        let outcomes: Vec<Outcome> = runs.iter().map(|r| r.outcome.clone()).collect();
+        let mut statuses = Vec::new();
+        results(
+            &event_ids,
+            &outcomes,
+            0,
+            false,
+            &mut statuses,
+            &mut pb::IngestSummary::default(),
+        );
+        let results = statuses
+            .into_iter()
+            .zip(runs)
+            .map(|(result, run)| {
+                let priced = run
+                    .priced
+                    .as_ref()
+                    .filter(|_| !matches!(run.outcome, Outcome::Invalid(_)));
+                pb::ValidatedUsageEvent {
+                    result: Some(result),
+                    normalized_tokens: run
+                        .tokens
+                        .filter(|_| !matches!(run.outcome, Outcome::Invalid(_)))
+                        .map(|t| super::reports::token_counts(&t.buckets())),
+                    currency: priced.map(|p| p.currency.clone()).unwrap_or_default(),
+                    billed_amount: priced
+                        .filter(|p| !p.is_unpriced())
+                        .map(|p| p.billed.to_string()),
+                    cost_amount: priced
+                        .filter(|p| !p.is_unpriced())
+                        .map(|p| p.cost.to_string()),
+                    price_book_version_id: priced.and_then(|p| p.version_id.clone()),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ValidateUsageResponse { results }))
+    }
+
     async fn stream_usage(
         &self,
         request: Request<Streaming<pb::StreamUsageRequest>>,

@@ -14,8 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::IngestSettings;
 use crate::domain::FieldError;
-use crate::domain::pricing::{PricedUsage, PricingCatalog, PricingError};
+use crate::domain::pricing::{PricedUsage, PricingCatalog, PricingError, TenantPricing};
 use crate::domain::rollup::RollupBatch;
+use crate::domain::tokens::TokenCounts;
 use crate::domain::usage::{EventIdentity, UsageEvent};
 use crate::proto::v1 as pb;
 use crate::store::usage::Candidate;
@@ -160,6 +161,11 @@ impl Ingestor {
         &self.pipeline.pricing
     }
 
+    /// What [`Ingestor::ingest`] would do with `events`, without writing anything.
+    pub async fn dry_run(&self, events: &[pb::UsageEvent]) -> Result<Vec<DryRun>, IngestError> {
+        self.pipeline.dry_run(events).await
+    }
+
     /// Ingests a batch and returns one outcome per event, in input order. Returns only after
     /// every accepted event is committed; on an error, resending the batch is safe (what was
     /// committed comes back DUPLICATE).
@@ -267,6 +273,15 @@ async fn write_groups(pipeline: Arc<Pipeline>, mut jobs: mpsc::Receiver<Job>, ma
     }
 }
 
+/// One event of a dry run: the outcome ingest would give it, with its normalized tokens and
+/// price when it is valid.
+#[derive(Debug, Clone)]
+pub struct DryRun {
+    pub outcome: Outcome,
+    pub tokens: Option<TokenCounts>,
+    pub priced: Option<PricedUsage>,
+}
+
 /// Validates, dedupes, prices and writes one group of events in one transaction.
 struct Pipeline {
     pool: PgPool,
@@ -274,6 +289,7 @@ struct Pipeline {
     limits: Limits,
     auto_create_tenants: bool,
     default_currency: String,
+    default_book: String,
     metrics: IngestMetrics,
     /// Month partitions known to exist, so the common case skips the DDL round trip.
     partitions: Mutex<HashSet<DateTime<Utc>>>,
@@ -283,6 +299,7 @@ impl Pipeline {
     fn new(pool: PgPool, settings: &IngestSettings, metrics: IngestMetrics) -> Self {
         Self {
             pricing: PricingCache::new(pool.clone(), settings.default_price_book_id.clone()),
+            default_book: settings.default_price_book_id.clone(),
             pool,
             limits: Limits::from_settings(settings),
             auto_create_tenants: settings.auto_create_tenants,
@@ -423,6 +440,97 @@ impl Pipeline {
 
     /// Creates tenants seen for the first time (when configured to), or marks their events
     /// invalid.
+    /// Validation, pricing and the duplicate/conflict verdict against stored events, read only.
+    /// Unknown tenants are priced as they would be created (or invalid without auto-create).
+    async fn dry_run(&self, events: &[pb::UsageEvent]) -> Result<Vec<DryRun>, IngestError> {
+        let now = Utc::now();
+        let catalog = self.pricing.catalog().await?;
+        let default_tenant = TenantPricing {
+            currency: self.default_currency.clone(),
+            price_book_id: self.default_book.clone(),
+        };
+        let validated: Vec<Result<UsageEvent, FieldError>> = events
+            .iter()
+            .map(|e| validate::validate(e, &self.limits, now))
+            .collect();
+        let identities: Vec<&EventIdentity> = validated
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|e| &e.identity)
+            .collect();
+        let mut conn = self.pool.acquire().await?;
+        let stored = store::usage::stored_hashes(&mut conn, &identities).await?;
+        let mut first_hash: HashMap<&EventIdentity, [u8; 32]> = HashMap::new();
+        let mut runs = Vec::with_capacity(events.len());
+        for result in &validated {
+            let event = match result {
+                Ok(event) => event,
+                Err(error) => {
+                    runs.push(DryRun {
+                        outcome: Outcome::Invalid(error.clone()),
+                        tokens: None,
+                        priced: None,
+                    });
+                    continue;
+                }
+            };
+            let tenant = match catalog.tenant(&event.identity.tenant_id) {
+                Some(tenant) => tenant,
+                None if self.auto_create_tenants => &default_tenant,
+                None => {
+                    runs.push(DryRun {
+                        outcome: Outcome::Invalid(FieldError::new("tenant_id", "unknown tenant")),
+                        tokens: Some(event.tokens),
+                        priced: None,
+                    });
+                    continue;
+                }
+            };
+            let priced = catalog
+                .price_for(
+                    &event.identity.tenant_id,
+                    tenant,
+                    &event.provider,
+                    &event.model,
+                    event.occurred_at,
+                    &event.tokens,
+                )
+                .map_err(|_| FieldError::new("tokens", "amount overflows exact decimal range"));
+            let priced = match priced {
+                Ok(priced) => priced,
+                Err(error) => {
+                    runs.push(DryRun {
+                        outcome: Outcome::Invalid(error),
+                        tokens: Some(event.tokens),
+                        priced: None,
+                    });
+                    continue;
+                }
+            };
+            let hash = event.payload_hash();
+            let winner = stored
+                .get(&event.identity)
+                .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
+                .or_else(|| first_hash.get(&event.identity).copied());
+            let outcome = match winner {
+                None => {
+                    first_hash.insert(&event.identity, hash);
+                    Outcome::Accepted {
+                        unpriced: priced.is_unpriced(),
+                    }
+                }
+                Some(winner) if winner == hash => Outcome::Duplicate,
+                Some(_) => Outcome::Conflict,
+            };
+            runs.push(DryRun {
+                outcome,
+                tokens: Some(event.tokens),
+                priced: Some(priced),
+            });
+        }
+        Ok(runs)
+    }
+
     /// Returns the pricing catalog that covers every tenant left valid.
     async fn resolve_tenants(
         &self,

@@ -47,6 +47,13 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str) -> Code {
             })
             .await
             .map(|_| ()),
+        "ValidateUsage" => api
+            .usage
+            .validate_usage(pb::ValidateUsageRequest {
+                events: vec![event(tenant, "dry", 1, 1)],
+            })
+            .await
+            .map(|_| ()),
         "QueryUsage" => api
             .reports
             .query_usage(pb::QueryUsageRequest {
@@ -100,6 +107,7 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str) -> Code {
 /// (rpc, the scope it needs)
 const RPCS: &[(&str, pb::ApiKeyScope)] = &[
     ("IngestUsage", pb::ApiKeyScope::Ingest),
+    ("ValidateUsage", pb::ApiKeyScope::Ingest),
     ("QueryUsage", pb::ApiKeyScope::Read),
     ("CreateTenantPriceOverride", pb::ApiKeyScope::Admin),
     ("ListTenantPriceOverrides", pb::ApiKeyScope::Read),

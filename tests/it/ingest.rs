@@ -540,3 +540,67 @@ async fn retention_drops_whole_expired_months_with_their_dedup_keys() {
     assert_eq!(statuses(&api.ingest(vec![recent]).await), vec![Duplicate]);
     app.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn validate_usage_answers_like_ingest_would_and_writes_nothing() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let book = unique("book").to_lowercase();
+    api.version(
+        &book,
+        "USD",
+        hour(48),
+        &[
+            ("gpt-4.1-mini", pb::TokenClass::Input, "0.40", "0.30"),
+            ("gpt-4.1-mini", pb::TokenClass::Output, "1.60", "1.20"),
+        ],
+    )
+    .await;
+    let tenant = api.tenant("USD", "UTC", Some(&book)).await;
+    api.ingest(vec![event(&tenant, "stored", 100, 10)]).await;
+    let mut invalid = event(&tenant, "bad", 1, 1);
+    invalid.provider = "OpenAI".into();
+
+    let response = api
+        .usage
+        .validate_usage(pb::ValidateUsageRequest {
+            events: vec![
+                event(&tenant, "stored", 100, 10),
+                event(&tenant, "stored", 999, 10),
+                event(&tenant, "new", 2_000_000, 500_000),
+                invalid,
+            ],
+        })
+        .await
+        .expect("validate")
+        .into_inner();
+
+    let statuses: Vec<pb::IngestStatus> = response
+        .results
+        .iter()
+        .map(|r| r.result.as_ref().expect("result").status())
+        .collect();
+    assert_eq!(statuses, vec![Duplicate, Conflict, Accepted, Invalid]);
+    let new = &response.results[2];
+    // 2M × 0.40 + 0.5M × 1.60 = 0.80 + 0.80 = 1.60 ; cost 2M × 0.30 + 0.5M × 1.20 = 0.60 + 0.60
+    assert_eq!(new.billed_amount.as_deref().map(dec), Some(dec("1.60")));
+    assert_eq!(new.cost_amount.as_deref().map(dec), Some(dec("1.20")));
+    assert_eq!(
+        new.normalized_tokens.map(|t| (t.input, t.output)),
+        Some((2_000_000, 500_000))
+    );
+    assert_eq!(
+        response.results[3].result.as_ref().expect("result").field,
+        "provider"
+    );
+    let (events, conflicts): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM usage_events WHERE tenant_id = $1),
+                (SELECT count(*) FROM usage_event_conflicts WHERE tenant_id = $1)",
+    )
+    .bind(&tenant)
+    .fetch_one(&app.pool)
+    .await
+    .expect("counts");
+    assert_eq!((events, conflicts), (1, 0), "a dry run writes nothing");
+    app.stop().await.expect("clean shutdown");
+}
