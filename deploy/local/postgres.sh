@@ -45,7 +45,8 @@ install_if_missing() {
 # initdb and postgres refuse to run as root, so the cluster belongs to the `postgres` user.
 as_postgres() {
   if [[ "$(id -u)" == 0 ]]; then
-    runuser -u postgres -- "$@"
+    # From /, so the postgres user is not left in a directory it may not enter.
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
