@@ -234,8 +234,20 @@ impl AdminService for AdminApi {
             .map_err(denied)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size)?;
-        let wanted: Vec<i32> = request.statuses.clone();
-        let tenants = store::tenants::list(&self.pool, &request.page_token, limit)
+        let statuses = request
+            .statuses
+            .iter()
+            .enumerate()
+            .map(|(i, n)| match pb::TenantStatus::try_from(*n) {
+                Ok(pb::TenantStatus::Active) => Ok(TenantStatus::Active),
+                Ok(pb::TenantStatus::Suspended) => Ok(TenantStatus::Suspended),
+                _ => Err(invalid_field(
+                    &format!("statuses[{i}]"),
+                    "must be ACTIVE or SUSPENDED",
+                )),
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let tenants = store::tenants::list(&self.pool, &request.page_token, &statuses, limit)
             .await
             .map_err(from_store)?;
         let next_page_token = if i64::try_from(tenants.len()).unwrap_or(i64::MAX) < limit {
@@ -246,11 +258,7 @@ impl AdminService for AdminApi {
                 .map(|t| t.tenant_id.clone())
                 .unwrap_or_default()
         };
-        let tenants = tenants
-            .iter()
-            .map(tenant_to_proto)
-            .filter(|t| wanted.is_empty() || wanted.contains(&t.status))
-            .collect();
+        let tenants = tenants.iter().map(tenant_to_proto).collect();
         Ok(Response::new(pb::ListTenantsResponse {
             tenants,
             next_page_token,

@@ -66,12 +66,21 @@ pub async fn get(pool: &PgPool, tenant_id: &str) -> Result<Tenant, StoreError> {
     from_row(&row)
 }
 
-/// Tenants after `after` in id order (keyset paging).
-pub async fn list(pool: &PgPool, after: &str, limit: i64) -> Result<Vec<Tenant>, StoreError> {
-    let sql =
-        format!("SELECT {COLUMNS} FROM tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2");
+/// Tenants after `after` in id order (keyset paging), with one of `statuses` (any if empty).
+pub async fn list(
+    pool: &PgPool,
+    after: &str,
+    statuses: &[TenantStatus],
+    limit: i64,
+) -> Result<Vec<Tenant>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM tenants
+         WHERE tenant_id > $1 AND (cardinality($2::text[]) = 0 OR status = ANY($2))
+         ORDER BY tenant_id LIMIT $3"
+    );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(after)
+        .bind(statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
         .bind(limit)
         .fetch_all(pool)
         .await?;

@@ -604,3 +604,60 @@ async fn validate_usage_answers_like_ingest_would_and_writes_nothing() {
     assert_eq!((events, conflicts), (1, 0), "a dry run writes nothing");
     app.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn list_tenants_filters_by_status_before_paging() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    for (id, status) in [
+        ("t-a", pb::TenantStatus::Active),
+        ("t-b", pb::TenantStatus::Suspended),
+        ("t-c", pb::TenantStatus::Active),
+        ("t-d", pb::TenantStatus::Suspended),
+    ] {
+        api.admin
+            .create_tenant(pb::CreateTenantRequest {
+                tenant: Some(pb::Tenant {
+                    tenant_id: id.into(),
+                    name: id.into(),
+                    currency: "USD".into(),
+                    status: status as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("create tenant");
+    }
+
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = api
+            .admin
+            .list_tenants(pb::ListTenantsRequest {
+                statuses: vec![pb::TenantStatus::Active as i32],
+                page_size: 1,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        pages.push(
+            page.tenants
+                .iter()
+                .map(|t| t.tenant_id.clone())
+                .collect::<Vec<_>>(),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+
+    let non_empty: Vec<Vec<String>> = pages.into_iter().filter(|p| !p.is_empty()).collect();
+    assert_eq!(
+        non_empty,
+        vec![vec!["t-a".to_owned()], vec!["t-c".to_owned()]]
+    );
+    app.stop().await.expect("clean shutdown");
+}
