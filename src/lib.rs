@@ -23,6 +23,23 @@ pub mod proto {
         tonic::include_proto!("tokenmeter.v1");
     }
 
+    /// A protobuf timestamp as a UTC instant, truncated to whole microseconds (the storage
+    /// precision) so every path compares instants the same way.
+    pub fn instant(
+        ts: &prost_types::Timestamp,
+        field: &str,
+    ) -> Result<chrono::DateTime<chrono::Utc>, crate::domain::FieldError> {
+        use crate::domain::FieldError;
+        if !(0..1_000_000_000).contains(&ts.nanos) {
+            return Err(FieldError::new(field, "nanos must be within 0..1e9"));
+        }
+        ts.seconds
+            .checked_mul(1_000_000)
+            .and_then(|s| s.checked_add(i64::from(ts.nanos / 1_000)))
+            .and_then(chrono::DateTime::from_timestamp_micros)
+            .ok_or_else(|| FieldError::new(field, "out of range"))
+    }
+
     /// Encoded descriptors of the package, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("tokenmeter_descriptor");

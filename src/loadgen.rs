@@ -31,10 +31,10 @@ use anyhow::{Context, bail};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::task::JoinSet;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::grpc::auth::Bearer;
 use crate::proto::v1::{
     AnthropicCacheCreation, AnthropicServerToolUse, AnthropicUsage, EventResult,
     GeminiModalityTokenCount, GeminiUsageMetadata, IngestStatus, IngestUsageRequest,
@@ -1128,25 +1128,7 @@ impl Truth {
 // Calling the server
 // ---------------------------------------------------------------------------------------------
 
-/// Adds `authorization: Bearer <key>` when a key is configured.
-#[derive(Clone)]
-struct Auth(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-type Client = UsageServiceClient<InterceptedService<Channel, Auth>>;
+type Client = UsageServiceClient<InterceptedService<Channel, Bearer>>;
 
 async fn connect(args: &LoadgenArgs) -> anyhow::Result<Client> {
     let endpoint = Endpoint::from_shared(args.target.clone())
@@ -1158,15 +1140,9 @@ async fn connect(args: &LoadgenArgs) -> anyhow::Result<Client> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to {}", args.target))?;
-    let auth = match &args.api_key {
-        Some(key) => Some(
-            format!("Bearer {key}")
-                .parse()
-                .context("--api-key is not a valid header value")?,
-        ),
-        None => None,
-    };
-    Ok(UsageServiceClient::with_interceptor(channel, Auth(auth))
+    let auth =
+        Bearer::new(args.api_key.as_deref()).context("--api-key is not a valid header value")?;
+    Ok(UsageServiceClient::with_interceptor(channel, auth)
         .max_decoding_message_size(64 * 1024 * 1024))
 }
 

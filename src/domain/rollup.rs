@@ -134,10 +134,6 @@ impl RollupBatch {
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.rows().count()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.rows().next().is_none()
     }

@@ -87,6 +87,30 @@ impl Authenticator {
     }
 }
 
+/// Client side: adds `authorization: Bearer <key>` to every call, or nothing without a key.
+/// For tonic clients (`XClient::with_interceptor`), such as `tokenmeter loadgen`.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(key: Option<&str>) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        key.map(|k| format!("Bearer {k}").parse())
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// The authenticated caller of a request (set by [`AuthLayer`]).
 pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
     request

@@ -16,24 +16,16 @@ pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
 
 /// A required timestamp, truncated to microseconds (storage precision).
 pub fn required_time(value: Option<&Timestamp>, field: &str) -> Result<DateTime<Utc>, Status> {
-    let value = value.ok_or_else(|| invalid_field(field, "is required"))?;
-    optional_time(Some(value), field)?.ok_or_else(|| invalid_field(field, "is required"))
+    optional_time(value, field)?.ok_or_else(|| invalid_field(field, "is required"))
 }
 
 pub fn optional_time(
     value: Option<&Timestamp>,
     field: &str,
 ) -> Result<Option<DateTime<Utc>>, Status> {
-    let Some(ts) = value else { return Ok(None) };
-    if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(invalid_field(field, "nanos must be within 0..1e9"));
-    }
-    ts.seconds
-        .checked_mul(1_000_000)
-        .and_then(|s| s.checked_add(i64::from(ts.nanos / 1_000)))
-        .and_then(DateTime::from_timestamp_micros)
-        .map(Some)
-        .ok_or_else(|| invalid_field(field, "out of range"))
+    value
+        .map(|ts| crate::proto::instant(ts, field).map_err(super::status::invalid))
+        .transpose()
 }
 
 /// A token class enum value that must be set.

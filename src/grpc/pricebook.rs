@@ -16,8 +16,8 @@ use super::status::{from_store, invalid, invalid_field};
 use crate::domain::FieldError;
 use crate::domain::auth::Scope;
 use crate::domain::pricing::{
-    Adjustment, PriceBookVersion, PriceOverride, Rate, RateKey, is_valid_price_book_id,
-    parse_discount, parse_price,
+    Adjustment, PriceBookVersion, PriceOverride, PricingCatalog, Rate, RateKey,
+    is_valid_price_book_id, parse_discount, parse_price,
 };
 use crate::domain::tenant::is_currency_code;
 use crate::domain::tokens::TokenClass;
@@ -33,6 +33,10 @@ pub struct PriceBookApi {
 }
 
 impl PriceBookApi {
+    async fn catalog(&self) -> Result<Arc<PricingCatalog>, Status> {
+        self.ingestor.pricing().catalog().await.map_err(from_store)
+    }
+
     pub fn new(pool: PgPool, ingestor: Arc<Ingestor>) -> Self {
         Self { pool, ingestor }
     }
@@ -56,10 +60,12 @@ pub fn version_from_proto(
             "must be an upper-case ISO 4217 code such as USD",
         ));
     }
-    let effective_from = optional_time(version.effective_from.as_ref(), "version.effective_from")
-        .ok()
-        .flatten()
-        .ok_or_else(|| FieldError::new("version.effective_from", "is required"))?;
+    let field = "version.effective_from";
+    let effective_from = version
+        .effective_from
+        .as_ref()
+        .ok_or_else(|| FieldError::new(field, "is required"))
+        .and_then(|ts| crate::proto::instant(ts, field))?;
     if effective_from < now && !allow_backdated {
         return Err(FieldError::new(
             "version.effective_from",
@@ -307,13 +313,9 @@ impl PriceBookService for PriceBookApi {
             store::pricing::get_version(&self.pool, &request.price_book_id, &request.version_id)
                 .await
                 .map_err(from_store)?;
-        let catalog = self
-            .ingestor
-            .pricing()
-            .catalog()
-            .await
-            .map_err(from_store)?;
-        let effective_to = next_version_start(&catalog, &stored.version);
+        let catalog = self.catalog().await?;
+        let effective_to = catalog
+            .next_version_start(&stored.version.price_book_id, stored.version.effective_from);
         let count = stored.version.rates.len();
         Ok(Response::new(pb::GetPriceBookVersionResponse {
             version: Some(version_to_proto(&stored, true, count, effective_to)),
@@ -346,12 +348,7 @@ impl PriceBookService for PriceBookApi {
         let counts = store::pricing::rate_counts(&self.pool, &ids)
             .await
             .map_err(from_store)?;
-        let catalog = self
-            .ingestor
-            .pricing()
-            .catalog()
-            .await
-            .map_err(from_store)?;
+        let catalog = self.catalog().await?;
         let next = next_page_token(offset, versions.len(), limit);
         Ok(Response::new(pb::ListPriceBookVersionsResponse {
             versions: versions
@@ -362,7 +359,8 @@ impl PriceBookService for PriceBookApi {
                         v,
                         request.include_rates,
                         usize::try_from(count).unwrap_or(0),
-                        next_version_start(&catalog, &v.version),
+                        catalog
+                            .next_version_start(&v.version.price_book_id, v.version.effective_from),
                     )
                 })
                 .collect(),
@@ -381,12 +379,7 @@ impl PriceBookService for PriceBookApi {
             .map_err(denied)?;
         let request = request.into_inner();
         let at = optional_time(request.at.as_ref(), "at")?.unwrap_or_else(Utc::now);
-        let catalog = self
-            .ingestor
-            .pricing()
-            .catalog()
-            .await
-            .map_err(from_store)?;
+        let catalog = self.catalog().await?;
         let book = match (request.tenant_id.as_str(), request.price_book_id.as_str()) {
             ("", "") => {
                 return Err(invalid_field(
@@ -544,12 +537,4 @@ impl PriceBookService for PriceBookApi {
             override_rule: ended.as_ref().map(override_to_proto),
         }))
     }
-}
-
-/// effective_to of a version: when the next version of its book starts.
-fn next_version_start(
-    catalog: &crate::domain::pricing::PricingCatalog,
-    version: &PriceBookVersion,
-) -> Option<DateTime<Utc>> {
-    catalog.next_version_start(&version.price_book_id, version.effective_from)
 }

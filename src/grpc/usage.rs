@@ -19,6 +19,20 @@ pub struct UsageApi {
 }
 
 impl UsageApi {
+    /// `ingest.max_batch_events` per call or stream message.
+    fn check_batch(&self, events: &[pb::UsageEvent], unit: &str) -> Result<(), Status> {
+        if events.len() > self.max_batch_events {
+            return Err(invalid_field(
+                "events",
+                &format!(
+                    "more than {} events in one {unit} (ingest.max_batch_events)",
+                    self.max_batch_events
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn new(ingestor: Arc<Ingestor>, max_batch_events: usize, max_stream_events: usize) -> Self {
         Self {
             ingestor,
@@ -101,15 +115,7 @@ impl UsageService for UsageApi {
         if request.events.is_empty() {
             return Err(invalid_field("events", "at least one event is required"));
         }
-        if request.events.len() > self.max_batch_events {
-            return Err(invalid_field(
-                "events",
-                &format!(
-                    "more than {} events in one call (ingest.max_batch_events)",
-                    self.max_batch_events
-                ),
-            ));
-        }
+        self.check_batch(&request.events, "call")?;
         let event_ids: Vec<String> = request.events.iter().map(|e| e.event_id.clone()).collect();
         let outcomes = self
             .ingestor
@@ -138,15 +144,7 @@ impl UsageService for UsageApi {
     ) -> Result<Response<pb::ValidateUsageResponse>, Status> {
         let caller = principal(&request)?;
         let request = request.into_inner();
-        if request.events.len() > self.max_batch_events {
-            return Err(invalid_field(
-                "events",
-                &format!(
-                    "more than {} events in one call (ingest.max_batch_events)",
-                    self.max_batch_events
-                ),
-            ));
-        }
+        self.check_batch(&request.events, "call")?;
         authorize_events(&caller, &request.events)?;
         let runs = self
             .ingestor
@@ -205,15 +203,7 @@ impl UsageService for UsageApi {
         while let Some(message) = stream.next().await {
             let message = message?;
             let omit = *omit_accepted.get_or_insert(message.omit_accepted_results);
-            if message.events.len() > self.max_batch_events {
-                return Err(invalid_field(
-                    "events",
-                    &format!(
-                        "more than {} events in one message (ingest.max_batch_events)",
-                        self.max_batch_events
-                    ),
-                ));
-            }
+            self.check_batch(&message.events, "message")?;
             if seen + message.events.len() > self.max_stream_events {
                 return Err(invalid_field(
                     "events",

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::IngestSettings;
 use crate::domain::FieldError;
-use crate::domain::pricing::{PricedUsage, PricingCatalog, PricingError, TenantPricing};
+use crate::domain::pricing::{PricedUsage, PricingCatalog, TenantPricing};
 use crate::domain::rollup::RollupBatch;
 use crate::domain::tokens::TokenCounts;
 use crate::domain::usage::{EventIdentity, UsageEvent};
@@ -321,6 +321,10 @@ impl Pipeline {
             .iter()
             .map(|e| validate::validate(e, &self.limits, now))
             .collect();
+        let hashes: Vec<Option<[u8; 32]>> = validated
+            .iter()
+            .map(|r| r.as_ref().ok().map(UsageEvent::payload_hash))
+            .collect();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
 
         let catalog = self.resolve_tenants(&validated, &mut outcomes).await?;
@@ -344,7 +348,10 @@ impl Pipeline {
             if first_of.contains_key(&event.identity) {
                 continue;
             }
-            let priced = match price(&catalog, event) {
+            let Some(payload_hash) = hashes[index] else {
+                continue;
+            };
+            let priced = match price(&catalog, event, None) {
                 Ok(priced) => priced,
                 Err(error) => {
                     outcomes[index] = Some(Outcome::Invalid(error));
@@ -355,7 +362,7 @@ impl Pipeline {
             candidate_of_event.insert(index, candidates.len());
             candidates.push(Candidate {
                 event,
-                payload_hash: event.payload_hash(),
+                payload_hash,
                 priced,
             });
         }
@@ -380,15 +387,16 @@ impl Pipeline {
 
         // The hash every delivery of an identity is compared with: the stored one if the
         // identity existed, else the candidate this batch inserted.
-        let mut winning_hash: HashMap<&EventIdentity, Vec<u8>> = HashMap::new();
-        for candidate in &candidates {
-            let identity = &candidate.event.identity;
-            let hash = match stored.get(identity) {
-                Some(hash) => hash.clone(),
-                None => candidate.payload_hash.to_vec(),
-            };
-            winning_hash.insert(identity, hash);
-        }
+        let winning_hash: HashMap<&EventIdentity, [u8; 32]> = candidates
+            .iter()
+            .map(|c| {
+                let identity = &c.event.identity;
+                (
+                    identity,
+                    stored.get(identity).copied().unwrap_or(c.payload_hash),
+                )
+            })
+            .collect();
 
         let mut conflicts: Vec<(&UsageEvent, [u8; 32])> = Vec::new();
         let mut accepted: Vec<&Candidate<'_>> = Vec::new();
@@ -407,16 +415,15 @@ impl Pipeline {
                 accepted.push(candidate);
                 continue;
             }
-            let hash = event.payload_hash();
-            let same = winning_hash
-                .get(&event.identity)
-                .is_some_and(|winner| winner.as_slice() == hash.as_slice());
-            outcomes[index] = Some(if same {
-                Outcome::Duplicate
-            } else {
+            let (Some(hash), Some(winner)) = (hashes[index], winning_hash.get(&event.identity))
+            else {
+                continue;
+            };
+            let outcome = judge(&hash, winner);
+            if outcome == Outcome::Conflict {
                 conflicts.push((event, hash));
-                Outcome::Conflict
-            });
+            }
+            outcomes[index] = Some(outcome);
         }
 
         store::usage::insert_conflicts(&mut tx, &conflicts, channel.as_str()).await?;
@@ -474,29 +481,8 @@ impl Pipeline {
                     continue;
                 }
             };
-            let tenant = match catalog.tenant(&event.identity.tenant_id) {
-                Some(tenant) => tenant,
-                None if self.auto_create_tenants => &default_tenant,
-                None => {
-                    runs.push(DryRun {
-                        outcome: Outcome::Invalid(FieldError::new("tenant_id", "unknown tenant")),
-                        tokens: Some(event.tokens),
-                        priced: None,
-                    });
-                    continue;
-                }
-            };
-            let priced = catalog
-                .price_for(
-                    &event.identity.tenant_id,
-                    tenant,
-                    &event.provider,
-                    &event.model,
-                    event.occurred_at,
-                    &event.tokens,
-                )
-                .map_err(|_| FieldError::new("tokens", "amount overflows exact decimal range"));
-            let priced = match priced {
+            let unknown = self.auto_create_tenants.then_some(&default_tenant);
+            let priced = match price(&catalog, event, unknown) {
                 Ok(priced) => priced,
                 Err(error) => {
                     runs.push(DryRun {
@@ -508,19 +494,17 @@ impl Pipeline {
                 }
             };
             let hash = event.payload_hash();
-            let winner = stored
+            let outcome = match stored
                 .get(&event.identity)
-                .and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok())
-                .or_else(|| first_hash.get(&event.identity).copied());
-            let outcome = match winner {
+                .or(first_hash.get(&event.identity))
+            {
+                Some(winner) => judge(&hash, winner),
                 None => {
                     first_hash.insert(&event.identity, hash);
                     Outcome::Accepted {
                         unpriced: priced.is_unpriced(),
                     }
                 }
-                Some(winner) if winner == hash => Outcome::Duplicate,
-                Some(_) => Outcome::Conflict,
             };
             runs.push(DryRun {
                 outcome,
@@ -588,21 +572,38 @@ impl Pipeline {
     }
 }
 
-fn price(catalog: &PricingCatalog, event: &UsageEvent) -> Result<PricedUsage, FieldError> {
+/// Prices a valid event for its tenant, or as the tenant `unknown` describes when its tenant
+/// does not exist yet (`None`: an unknown tenant is invalid).
+fn price(
+    catalog: &PricingCatalog,
+    event: &UsageEvent,
+    unknown: Option<&TenantPricing>,
+) -> Result<PricedUsage, FieldError> {
+    let tenant_id = &event.identity.tenant_id;
+    let tenant = catalog
+        .tenant(tenant_id)
+        .or(unknown)
+        .ok_or_else(|| FieldError::new("tenant_id", "unknown tenant"))?;
     catalog
-        .price(
-            &event.identity.tenant_id,
+        .price_for(
+            tenant_id,
+            tenant,
             &event.provider,
             &event.model,
             event.occurred_at,
             &event.tokens,
         )
-        .map_err(|error| match error {
-            PricingError::UnknownTenant(_) => FieldError::new("tenant_id", "unknown tenant"),
-            PricingError::Overflow => {
-                FieldError::new("tokens", "amount overflows exact decimal range")
-            }
-        })
+        .map_err(|_| FieldError::new("tokens", "amount overflows exact decimal range"))
+}
+
+/// A later delivery of an identity: DUPLICATE when its payload equals the one that won the
+/// identity, CONFLICT otherwise.
+fn judge(hash: &[u8; 32], winner: &[u8; 32]) -> Outcome {
+    if hash == winner {
+        Outcome::Duplicate
+    } else {
+        Outcome::Conflict
+    }
 }
 
 fn month_start(at: DateTime<Utc>) -> DateTime<Utc> {

@@ -180,16 +180,7 @@ fn occurred_at(
 ) -> Result<DateTime<Utc>, FieldError> {
     let field = "occurred_at";
     let ts = timestamp.ok_or_else(|| FieldError::new(field, "is required"))?;
-    if !(0..1_000_000_000).contains(&ts.nanos) {
-        return Err(FieldError::new(field, "nanos must be within 0..1e9"));
-    }
-    let micros = ts
-        .seconds
-        .checked_mul(1_000_000)
-        .and_then(|s| s.checked_add(i64::from(ts.nanos / 1_000)))
-        .ok_or_else(|| FieldError::new(field, "out of range"))?;
-    let at = DateTime::from_timestamp_micros(micros)
-        .ok_or_else(|| FieldError::new(field, "out of range"))?;
+    let at = crate::proto::instant(ts, field)?;
     if at > now + limits.max_future_skew {
         return Err(FieldError::new(
             field,

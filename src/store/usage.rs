@@ -86,7 +86,7 @@ pub async fn insert_keys(
 pub async fn stored_hashes(
     conn: &mut PgConnection,
     identities: &[&EventIdentity],
-) -> Result<HashMap<EventIdentity, Vec<u8>>, StoreError> {
+) -> Result<HashMap<EventIdentity, [u8; 32]>, StoreError> {
     if identities.is_empty() {
         return Ok(HashMap::new());
     }
@@ -106,13 +106,15 @@ pub async fn stored_hashes(
     Ok(rows
         .into_iter()
         .map(|(tenant_id, source, event_id, hash)| {
+            let identity = EventIdentity {
+                tenant_id,
+                source,
+                event_id,
+            };
+            // Always SHA-256 as written; a malformed value matches no payload (a conflict).
             (
-                EventIdentity {
-                    tenant_id,
-                    source,
-                    event_id,
-                },
-                hash,
+                identity,
+                <[u8; 32]>::try_from(hash.as_slice()).unwrap_or([0; 32]),
             )
         })
         .collect())

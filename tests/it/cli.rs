@@ -1,11 +1,11 @@
 //! The `tokenmeter` binary as an operator runs it.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
 
-use crate::helpers::{create_database, free_port, kafka_brokers, tokenmeter_command};
+use crate::helpers::{create_database, tokenmeter_command};
 
 fn tokenmeter() -> Command {
     tokenmeter_command()
@@ -97,36 +97,7 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
 #[tokio::test]
 async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
     let url = create_database().await;
-    let admin_port = free_port();
-    let mut child = tokenmeter()
-        .args(["serve", "--run-migrations"])
-        .env("TOKENMETER_DATABASE__URL", &url)
-        .env(
-            "TOKENMETER_GRPC__LISTEN_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env(
-            "TOKENMETER_ADMIN__LISTEN_ADDR",
-            format!("127.0.0.1:{admin_port}"),
-        )
-        .env("TOKENMETER_KAFKA__BROKERS", kafka_brokers())
-        .env("TOKENMETER_LOG__FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tokenmeter serve");
-
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
-    loop {
-        if let Ok(response) = reqwest::get(&ready_url).await
-            && response.status() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "serve never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut child = crate::helpers::spawn_serve(&url, &[]).await.child;
     assert!(table_names(&url).await.contains(&"tenants".to_owned()));
 
     let killed = Command::new("kill")
@@ -138,7 +109,7 @@ async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
-                return (status, started.elapsed(), child);
+                return (status, child);
             }
             if started.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
@@ -149,7 +120,7 @@ async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
     })
     .await
     .expect("waiter");
-    let (status, _, child) = output;
+    let (status, child) = output;
     let stderr = std::io::read_to_string(child.stderr.expect("stderr")).expect("read stderr");
 
     assert!(status.success(), "exit {status:?}: {stderr}");

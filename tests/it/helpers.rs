@@ -42,36 +42,22 @@ pub async fn create_database() -> String {
 /// The bootstrap admin key every test server accepts (every scope, every tenant).
 pub const ADMIN_KEY: &str = "test-bootstrap-admin-key-0123456789abcdef";
 
-/// Adds `authorization: Bearer <key>` to every call (nothing for `None`).
-#[derive(Clone)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl Bearer {
-    pub fn new(key: Option<&str>) -> Self {
-        Self(key.map(|k| format!("Bearer {k}").parse().expect("ascii key")))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
 /// A channel whose calls carry `key`.
+use tokenmeter::grpc::auth::Bearer;
+
 pub type Authed =
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
 pub fn authed(channel: tonic::transport::Channel, key: &str) -> Authed {
-    tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(Some(key)))
+    with_key(channel, Some(key))
+}
+
+/// A channel whose calls carry `key`, or no `authorization` metadata at all.
+pub fn with_key(channel: tonic::transport::Channel, key: Option<&str>) -> Authed {
+    tonic::service::interceptor::InterceptedService::new(
+        channel,
+        Bearer::new(key).expect("ascii key"),
+    )
 }
 
 /// Settings for a test: defaults, a fresh database, ephemeral ports, the test Kafka, the test

@@ -8,7 +8,7 @@ use tokenmeter::proto::v1::report_service_client::ReportServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic::transport::Channel;
 
-use crate::helpers::{ADMIN_KEY, Authed, Bearer};
+use crate::helpers::{ADMIN_KEY, Authed, with_key};
 
 pub fn ts(at: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -66,8 +66,7 @@ impl Clients {
 
     /// Clients calling with `key`, or with no `authorization` metadata at all.
     pub fn with_key(channel: Channel, key: Option<&str>) -> Self {
-        let channel: Authed =
-            tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(key));
+        let channel: Authed = with_key(channel, key);
         Self {
             usage: UsageServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
