@@ -1,6 +1,7 @@
 //! The one pipeline both gRPC and Kafka feed: validate → normalize → dedupe → price →
 //! roll up → write, with raw events, dedup keys and rollups committed in one transaction.
 
+pub mod codec;
 pub mod pricing_cache;
 pub mod validate;
 
