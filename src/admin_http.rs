@@ -1,5 +1,5 @@
 //! The admin HTTP port: `/metrics` for Prometheus, `/healthz` (the process is alive) and
-//! `/readyz` (Postgres and, when enabled, Kafka answer).
+//! `/readyz` (Postgres and, when enabled, Kafka answer and the usage consumer has not stopped).
 
 use axum::Router;
 use axum::extract::State;
@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::KafkaProbe;
+use crate::kafka::consumer::ConsumerStatus;
 use crate::store;
 use crate::telemetry::Metrics;
 
@@ -20,6 +21,7 @@ pub struct AdminState {
     pub metrics: Metrics,
     pub pool: PgPool,
     pub kafka: Option<KafkaProbe>,
+    pub consumer: Option<ConsumerStatus>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -65,7 +67,14 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             Err(e) => (false, e.to_string()),
         },
     };
-    let ready = postgres_ok && kafka_ok;
+    let (consumer_ok, consumer) = match &state.consumer {
+        None => (true, "disabled".to_owned()),
+        Some(status) => match status.stopped_reason() {
+            None => (true, "ok".to_owned()),
+            Some(reason) => (false, format!("stopped: {reason}")),
+        },
+    };
+    let ready = postgres_ok && kafka_ok && consumer_ok;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -73,6 +82,8 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     };
     (
         status,
-        axum::Json(json!({ "ready": ready, "postgres": postgres, "kafka": kafka })),
+        axum::Json(
+            json!({ "ready": ready, "postgres": postgres, "kafka": kafka, "kafka_consumer": consumer }),
+        ),
     )
 }

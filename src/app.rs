@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::grpc::{self, ApiState};
 use crate::ingest::{IngestMetrics, Ingestor};
+use crate::kafka::consumer::{ConsumerError, ConsumerMetrics, UsageConsumer};
 use crate::kafka::{KafkaProbe, ProbeError};
 use crate::store::{self, StoreError};
 use crate::telemetry::Metrics;
@@ -35,6 +36,8 @@ pub enum AppError {
     #[error(transparent)]
     Kafka(#[from] ProbeError),
     #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+    #[error(transparent)]
     Grpc(#[from] grpc::GrpcError),
     #[error("admin http server failed: {0}")]
     AdminHttp(std::io::Error),
@@ -48,6 +51,7 @@ pub struct Application {
     metrics: Metrics,
     ingestor: Arc<Ingestor>,
     kafka: Option<KafkaProbe>,
+    consumer: Option<UsageConsumer>,
     grpc_listener: Option<TcpListener>,
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     admin_listener: Option<TcpListener>,
@@ -77,6 +81,16 @@ impl Application {
         } else {
             None
         };
+        let consumer = if settings.kafka.enabled && settings.kafka.consumer.enabled {
+            Some(UsageConsumer::new(
+                &settings.kafka,
+                pool.clone(),
+                ingestor.clone(),
+                ConsumerMetrics::register(&metrics.registry)?,
+            )?)
+        } else {
+            None
+        };
         let grpc_tls = settings.grpc.tls.as_ref().map(grpc::load_tls).transpose()?;
         let grpc_listener = if settings.grpc.enabled {
             Some(bind("grpc.listen_addr", settings.grpc.listen_addr).await?)
@@ -94,6 +108,7 @@ impl Application {
             metrics,
             ingestor,
             kafka,
+            consumer,
             grpc_listener,
             grpc_tls,
             admin_listener,
@@ -148,12 +163,21 @@ impl Application {
                 metrics: self.metrics.clone(),
                 pool: self.pool.clone(),
                 kafka: self.kafka.clone(),
+                consumer: self.consumer.as_ref().map(UsageConsumer::status),
             };
             let token = shutdown.clone();
             tasks.spawn(async move {
                 admin_http::serve(listener, state, token)
                     .await
                     .map_err(AppError::AdminHttp)
+            });
+        }
+
+        if let Some(consumer) = self.consumer {
+            let token = shutdown.clone();
+            tasks.spawn(async move {
+                run_consumer(consumer, token).await;
+                Ok(())
             });
         }
 
@@ -199,6 +223,21 @@ impl Application {
             tracing::info!("shutdown complete");
         }
         outcome
+    }
+}
+
+/// Runs the usage consumer until shutdown. A consumer that stops on its own (the dead-letter
+/// limit) does not take the service down: gRPC keeps serving and `/readyz` says why.
+async fn run_consumer(consumer: UsageConsumer, shutdown: CancellationToken) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let run = consumer.run(stop.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        () = &mut run => shutdown.cancelled().await,
+        () = shutdown.cancelled() => {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            run.await;
+        }
     }
 }
 

@@ -93,6 +93,36 @@ pub struct KafkaSettings {
     pub probe_timeout: Duration,
     /// Extra librdkafka properties passed through verbatim (e.g. `security.protocol`).
     pub client: BTreeMap<String, String>,
+    pub consumer: ConsumerSettings,
+}
+
+/// The usage consumer: batches messages, writes each batch and its offsets in one
+/// transaction, dead-letters what cannot be ingested.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSettings {
+    pub enabled: bool,
+    pub group_id: String,
+    pub usage_topic: String,
+    pub dead_letter_topic: String,
+    /// Most messages in one batch (one transaction).
+    pub batch_max_messages: usize,
+    /// How long a partial batch waits for more messages before it is written anyway.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// Batches written concurrently; each owns a fixed share of the partitions, so a
+    /// partition's batches commit in order.
+    pub writers: usize,
+    /// Messages read but not yet committed above which partitions are paused.
+    pub max_buffered_messages: usize,
+    /// Larger messages are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// Consecutive dead-lettered messages that stop the consumer (0 = no limit).
+    pub dead_letter_max_consecutive: u64,
+    /// Share of the last `dead_letter_window` messages that may be dead-lettered before the
+    /// consumer stops (1 = no limit).
+    pub dead_letter_max_ratio: f64,
+    pub dead_letter_window: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -247,6 +277,7 @@ impl Settings {
                 "must name at least one broker when kafka.enabled is true",
             ));
         }
+        self.kafka.consumer.validate(self.kafka.enabled)?;
         if let Some(key) = self
             .kafka
             .client
@@ -267,6 +298,57 @@ impl Settings {
             return Err(invalid(
                 "log.filter",
                 "is not a valid tracing filter directive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ConsumerSettings {
+    fn validate(&self, kafka_enabled: bool) -> Result<(), ConfigError> {
+        let invalid = |setting: &str, reason: &str| ConfigError::Invalid {
+            setting: format!("kafka.consumer.{setting}"),
+            reason: reason.to_owned(),
+        };
+        // `kafka.enabled = false` turns every Kafka client off, the consumer included.
+        if !self.enabled || !kafka_enabled {
+            return Ok(());
+        }
+        for (setting, value) in [
+            ("group_id", &self.group_id),
+            ("usage_topic", &self.usage_topic),
+            ("dead_letter_topic", &self.dead_letter_topic),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(setting, "is required"));
+            }
+        }
+        if self.dead_letter_topic == self.usage_topic {
+            return Err(invalid(
+                "dead_letter_topic",
+                "must differ from kafka.consumer.usage_topic",
+            ));
+        }
+        for (setting, value) in [
+            ("batch_max_messages", self.batch_max_messages),
+            ("writers", self.writers),
+            ("max_message_bytes", self.max_message_bytes),
+            ("dead_letter_window", self.dead_letter_window as usize),
+        ] {
+            if value == 0 {
+                return Err(invalid(setting, "must be at least 1"));
+            }
+        }
+        if self.max_buffered_messages < self.batch_max_messages {
+            return Err(invalid(
+                "max_buffered_messages",
+                "must be at least kafka.consumer.batch_max_messages",
+            ));
+        }
+        if !(self.dead_letter_max_ratio > 0.0 && self.dead_letter_max_ratio <= 1.0) {
+            return Err(invalid(
+                "dead_letter_max_ratio",
+                "must be above 0 and at most 1",
             ));
         }
         Ok(())
@@ -425,6 +507,40 @@ mod tests {
 
         assert_eq!(settings.kafka.client["security.protocol"], "SASL_SSL");
         assert_eq!(settings.kafka.client["sasl.mechanisms"], "SCRAM-SHA-512");
+    }
+
+    #[test]
+    fn consumer_settings_are_checked_and_errors_name_them() {
+        let error = |pairs: &[(&str, &str)]| {
+            Settings::load_from(None, env(pairs))
+                .expect_err("invalid")
+                .to_string()
+        };
+        let same = error(&[(
+            "TOKENMETER_KAFKA__CONSUMER__DEAD_LETTER_TOPIC",
+            "tokenmeter.usage.v1",
+        )]);
+        assert!(
+            same.contains("kafka.consumer.dead_letter_topic")
+                && same.contains("TOKENMETER_KAFKA__CONSUMER__DEAD_LETTER_TOPIC"),
+            "{same}"
+        );
+        let ratio = error(&[("TOKENMETER_KAFKA__CONSUMER__DEAD_LETTER_MAX_RATIO", "0")]);
+        assert!(
+            ratio.contains("kafka.consumer.dead_letter_max_ratio"),
+            "{ratio}"
+        );
+        let kafka_off = Settings::load_from(
+            None,
+            env(&[
+                ("TOKENMETER_KAFKA__ENABLED", "false"),
+                ("TOKENMETER_KAFKA__CONSUMER__DEAD_LETTER_MAX_RATIO", "0"),
+            ]),
+        );
+        assert!(
+            kafka_off.is_ok(),
+            "no consumer runs, so its settings do not matter"
+        );
     }
 
     #[test]

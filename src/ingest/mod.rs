@@ -20,6 +20,7 @@ use crate::domain::rollup::RollupBatch;
 use crate::domain::tokens::TokenCounts;
 use crate::domain::usage::{EventIdentity, UsageEvent};
 use crate::proto::v1 as pb;
+use crate::store::offsets::PartitionOffset;
 use crate::store::usage::Candidate;
 use crate::store::{self, StoreError};
 use pricing_cache::PricingCache;
@@ -162,6 +163,25 @@ impl Ingestor {
         &self.pipeline.pricing
     }
 
+    /// Ingests one consumed Kafka batch in its own transaction, storing the consumer
+    /// positions it covers with its events. `dead_letter` gets every event found invalid
+    /// (its index and error) before anything is committed; if it fails, nothing is.
+    /// Bypasses the group-commit writers: a batch's positions must commit atomically with
+    /// all of its events, whichever tenants they belong to.
+    pub async fn ingest_consumed<H>(
+        &self,
+        events: &[pb::UsageEvent],
+        consumed: ConsumedBatch<'_>,
+        dead_letter: H,
+    ) -> Result<Vec<Outcome>, IngestError>
+    where
+        H: AsyncFnOnce(Vec<(usize, FieldError)>) -> Result<(), IngestError>,
+    {
+        self.pipeline
+            .process(events, Channel::Kafka, Some(consumed), dead_letter)
+            .await
+    }
+
     /// What [`Ingestor::ingest`] would do with `events`, without writing anything.
     pub async fn dry_run(&self, events: &[pb::UsageEvent]) -> Result<Vec<DryRun>, IngestError> {
         self.pipeline.dry_run(events).await
@@ -255,7 +275,10 @@ async fn write_groups(pipeline: Arc<Pipeline>, mut jobs: mpsc::Receiver<Job>, ma
                 events.extend(job.events);
                 replies.push(job.reply);
             }
-            match pipeline.process(&events, channel).await {
+            match pipeline
+                .process(&events, channel, None, async |_| Ok(()))
+                .await
+            {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
                     for (reply, length) in replies.into_iter().zip(lengths) {
@@ -281,6 +304,13 @@ pub struct DryRun {
     pub outcome: Outcome,
     pub tokens: Option<TokenCounts>,
     pub priced: Option<PricedUsage>,
+}
+
+/// The Kafka positions a consumed batch covers, stored in its transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumedBatch<'a> {
+    pub group: &'a str,
+    pub offsets: &'a [PartitionOffset],
 }
 
 /// Validates, dedupes, prices and writes one group of events in one transaction.
@@ -311,12 +341,18 @@ impl Pipeline {
     }
 
     /// One outcome per event, in input order, after every accepted event is committed; an
-    /// error means nothing of the group was committed.
-    async fn process(
+    /// error means nothing of the group was committed. `before_commit` sees the invalid
+    /// events before the transaction starts (the Kafka path dead-letters them there).
+    async fn process<H>(
         &self,
         events: &[pb::UsageEvent],
         channel: Channel,
-    ) -> Result<Vec<Outcome>, IngestError> {
+        consumed: Option<ConsumedBatch<'_>>,
+        before_commit: H,
+    ) -> Result<Vec<Outcome>, IngestError>
+    where
+        H: AsyncFnOnce(Vec<(usize, FieldError)>) -> Result<(), IngestError>,
+    {
         let now = Utc::now();
         let validated: Vec<Result<UsageEvent, FieldError>> = events
             .iter()
@@ -367,6 +403,16 @@ impl Pipeline {
                 priced,
             });
         }
+
+        let invalid: Vec<(usize, FieldError)> = outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, outcome)| match outcome {
+                Some(Outcome::Invalid(error)) => Some((index, error.clone())),
+                _ => None,
+            })
+            .collect();
+        before_commit(invalid).await?;
 
         self.ensure_partitions(&candidates).await?;
 
@@ -434,6 +480,9 @@ impl Pipeline {
             rollups.add(candidate.event, &candidate.priced);
         }
         store::usage::upsert_rollups(&mut tx, &rollups).await?;
+        if let Some(consumed) = consumed {
+            store::offsets::store(&mut tx, consumed.group, consumed.offsets).await?;
+        }
         tx.commit().await?;
 
         let outcomes: Vec<Outcome> = outcomes

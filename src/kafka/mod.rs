@@ -1,5 +1,8 @@
-//! Kafka clients: shared client configuration and the readiness probe. Consumers and the
-//! dead-letter producer build on the same configuration.
+//! Kafka clients: shared client configuration, the readiness probe, and the usage consumer
+//! with its dead-letter producer, all built on the same configuration.
+
+pub mod consumer;
+pub mod dead_letter;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -78,6 +78,8 @@ pub async fn test_settings() -> Settings {
     settings.grpc.listen_addr = "127.0.0.1:0".parse().expect("addr");
     settings.admin.listen_addr = "127.0.0.1:0".parse().expect("addr");
     settings.kafka.brokers = kafka_brokers();
+    // Tests that consume enable it with a topic and group of their own.
+    settings.kafka.consumer.enabled = false;
     settings.shutdown_grace = Duration::from_secs(5);
     settings
 }
@@ -166,6 +168,7 @@ pub async fn create_topic(partitions: i32) -> String {
 pub struct ServeProcess {
     pub child: std::process::Child,
     pub grpc_port: u16,
+    pub admin_port: u16,
 }
 
 pub fn free_port() -> u16 {
@@ -202,6 +205,8 @@ pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> Serv
             format!("127.0.0.1:{admin_port}"),
         )
         .env("TOKENMETER_KAFKA__BROKERS", kafka_brokers())
+        // Consuming tests turn it on with a topic and group of their own.
+        .env("TOKENMETER_KAFKA__CONSUMER__ENABLED", "false")
         .env("TOKENMETER_LOG__FORMAT", "json")
         .env("TOKENMETER_AUTH__BOOTSTRAP_ADMIN_KEY", ADMIN_KEY)
         .stdout(std::process::Stdio::null())
@@ -224,5 +229,9 @@ pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> Serv
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    ServeProcess { child, grpc_port }
+    ServeProcess {
+        child,
+        grpc_port,
+        admin_port,
+    }
 }

@@ -10,5 +10,6 @@ mod helpers;
 mod http;
 mod ingest;
 mod kafka;
+mod kafka_ingest;
 mod tls;
 mod usage_support;
