@@ -197,6 +197,7 @@ pub async fn serve(
     // Metrics outside authentication, so refused calls are counted with their code.
     let layers = tower::ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(metrics, known_methods()))
+        .map_response(status::name_the_size_limit(limit))
         .layer(auth::AuthLayer::new(state.authenticator.clone()))
         .into_inner();
     let mut builder = tonic::transport::Server::builder();

@@ -40,3 +40,31 @@ pub fn from_ingest(error: IngestError) -> Status {
         IngestError::Stopped => Status::unavailable("shutting down, retry on another instance"),
     }
 }
+
+/// Turns tonic's OUT_OF_RANGE for a request above `grpc.max_message_bytes` into the
+/// INVALID_ARGUMENT the API promises, naming the setting. tonic refuses such a request while
+/// decoding it, before any service runs, and answers trailers-only, so the status is in the
+/// response headers. Its own size errors start with "Error, decoded message length too large".
+pub fn name_the_size_limit<B>(
+    limit: usize,
+) -> impl Fn(http::Response<B>) -> http::Response<B> + Clone {
+    move |mut response| {
+        let oversized = Status::from_header_map(response.headers()).is_some_and(|status| {
+            status.code() == tonic::Code::OutOfRange
+                && status
+                    .message()
+                    .starts_with("Error, decoded message length too large")
+        });
+        if oversized {
+            let status = Status::invalid_argument(format!(
+                "request message: larger than the limit of {limit} bytes (setting grpc.max_message_bytes)"
+            ));
+            let headers = response.headers_mut();
+            headers.remove("grpc-status-details-bin");
+            if let Err(e) = status.add_header(headers) {
+                tracing::warn!(error = %e, "cannot rewrite an oversized-request status");
+            }
+        }
+        response
+    }
+}

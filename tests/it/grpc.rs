@@ -110,7 +110,7 @@ async fn rpcs_that_have_not_landed_answer_unimplemented() {
 }
 
 #[tokio::test]
-async fn oversized_requests_are_rejected_before_reaching_a_service() {
+async fn oversized_requests_are_invalid_arguments_naming_the_limit() {
     let app = crate::helpers::spawn_app_with(|s| s.grpc.max_message_bytes = 2048).await;
     let mut usage = UsageServiceClient::new(crate::helpers::authed(
         app.channel().await,
@@ -124,8 +124,33 @@ async fn oversized_requests_are_rejected_before_reaching_a_service() {
         ..Default::default()
     };
 
-    let status = usage.ingest_usage(big).await.expect_err("too large");
+    let status = usage
+        .ingest_usage(big.clone())
+        .await
+        .expect_err("too large");
 
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("grpc.max_message_bytes") && status.message().contains("2048"),
+        "the status names the limit: {status:?}"
+    );
+    // The same limit on one message of a client stream.
+    let stream = tokio_stream::iter(vec![tokenmeter::proto::v1::StreamUsageRequest {
+        events: big.events,
+        omit_accepted_results: false,
+    }]);
+    let status = usage.stream_usage(stream).await.expect_err("too large");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("grpc.max_message_bytes"),
+        "{status:?}"
+    );
+    // And the server keeps serving.
+    let small = tokenmeter::proto::v1::IngestUsageRequest {
+        events: vec![crate::usage_support::event("t-small", "e-1", 10, 1)],
+        ..Default::default()
+    };
+    let answer = usage.ingest_usage(small).await.expect("served");
+    assert_eq!(answer.into_inner().summary.expect("summary").accepted, 1);
     app.stop().await.expect("clean shutdown");
 }
