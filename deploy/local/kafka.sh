@@ -6,7 +6,9 @@
 #
 #   deploy/local/kafka.sh [start|stop|status|bootstrap]
 #
-# Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), TOKENMETER_LOCAL_DIR,
+# Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_SASL_PORT (9094: a
+# SASL_PLAINTEXT listener, mechanism PLAIN, user `tokenmeter`, password `tokenmeter-dev-secret`,
+# so the SASL passthrough is tested against a real broker), TOKENMETER_LOCAL_DIR,
 # KAFKA_HEAP_OPTS (-Xms256m -Xmx1g), KAFKA_START_TIMEOUT (seconds, 60).
 # Clients use KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT (`kafka.sh bootstrap` prints it).
 set -euo pipefail
@@ -20,6 +22,7 @@ LOCAL_DIR="$(cd "$LOCAL_DIR" && pwd)"
 KAFKA_HOST=127.0.0.1
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-9094}"
 KAFKA_BOOTSTRAP="$KAFKA_HOST:$KAFKA_PORT"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
 STOP_TIMEOUT=30
@@ -125,11 +128,15 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,SASL_PLAINTEXT://$KAFKA_HOST:$KAFKA_SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+
+# A SASL/PLAIN listener with one dev user, for testing the client's SASL settings.
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_tokenmeter="tokenmeter-dev-secret";
 log.dirs=$DATA_DIR
 
 # Single node: every internal topic has one replica.
@@ -319,6 +326,7 @@ start() {
     die "port $KAFKA_PORT is in use by something that is not a Kafka broker"
   else
     port_open "$KAFKA_CONTROLLER_PORT" && die "controller port $KAFKA_CONTROLLER_PORT is already in use"
+    port_open "$KAFKA_SASL_PORT" && die "SASL port $KAFKA_SASL_PORT is already in use"
     rm -f "$PID_FILE"
     write_config
     format_storage

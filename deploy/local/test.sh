@@ -13,6 +13,7 @@ deploy/local/kafka.sh start
 database_url="$(deploy/local/postgres.sh url)"
 export TOKENMETER_TEST_DATABASE_URL="${TOKENMETER_TEST_DATABASE_URL:-$database_url}"
 export TOKENMETER_TEST_KAFKA_BROKERS="${TOKENMETER_TEST_KAFKA_BROKERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
+export TOKENMETER_TEST_KAFKA_SASL_BROKERS="${TOKENMETER_TEST_KAFKA_SASL_BROKERS:-127.0.0.1:${KAFKA_SASL_PORT:-9094}}"
 
 # Each integration test creates its own database; drop the ones earlier runs left behind.
 psql "$TOKENMETER_TEST_DATABASE_URL" -qtA -c \

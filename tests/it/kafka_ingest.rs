@@ -17,6 +17,15 @@ use tokenmeter::proto::v1 as pb;
 use crate::helpers::{create_database, create_topic, kafka_brokers, spawn_app_with, spawn_serve};
 use crate::usage_support::{Clients, event, statuses, unique};
 
+/// A usage topic with `partitions`, a dead-letter topic and a group, all new.
+async fn topics(partitions: i32) -> (String, String, String) {
+    (
+        create_topic(partitions).await,
+        create_topic(1).await,
+        unique("group"),
+    )
+}
+
 /// A consumer on topics and a group only this test uses, writing small batches quickly.
 pub fn consume(settings: &mut Settings, topic: &str, dead_letters: &str, group: &str) {
     let consumer = &mut settings.kafka.consumer;
@@ -202,11 +211,7 @@ async fn tokens_by_tenant(pool: &PgPool) -> BTreeMap<String, (i64, i64, i64)> {
 
 #[tokio::test]
 async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_letter_topic() {
-    let (topic, dlq, group) = (
-        create_topic(4).await,
-        create_topic(1).await,
-        unique("group"),
-    );
+    let (topic, dlq, group) = topics(4).await;
     let app = spawn_app_with(|s| consume(s, &topic, &dlq, &group)).await;
     let tenants = [unique("ta"), unique("tb"), unique("tc")];
     let producer = producer();
@@ -399,11 +404,7 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
 
 #[tokio::test]
 async fn a_stream_of_poison_stops_the_consumer_loudly_without_storing_its_positions() {
-    let (topic, dlq, group) = (
-        create_topic(1).await,
-        create_topic(1).await,
-        unique("group"),
-    );
+    let (topic, dlq, group) = topics(1).await;
     let app = spawn_app_with(|s| {
         consume(s, &topic, &dlq, &group);
         s.kafka.consumer.dead_letter_max_consecutive = 5;
@@ -549,11 +550,7 @@ fn consumer_env<'a>(topic: &'a str, dlq: &'a str, group: &'a str) -> Vec<(&'a st
 
 #[tokio::test]
 async fn a_consumer_killed_mid_stream_resumes_from_postgres_and_counts_every_event_once() {
-    let (topic, dlq, group) = (
-        create_topic(4).await,
-        create_topic(1).await,
-        unique("group"),
-    );
+    let (topic, dlq, group) = topics(4).await;
     let run = unique("crash");
     let (end, expected) = produce_events(&topic, &run, 20_000, 7).await;
     let total: i64 = end.values().sum();
@@ -594,11 +591,7 @@ async fn a_consumer_killed_mid_stream_resumes_from_postgres_and_counts_every_eve
 
 #[tokio::test]
 async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_exact() {
-    let (topic, dlq, group) = (
-        create_topic(4).await,
-        create_topic(1).await,
-        unique("group"),
-    );
+    let (topic, dlq, group) = topics(4).await;
     let run = unique("rebalance");
     let (end, expected) = produce_events(&topic, &run, 30_000, 5).await;
     let total: i64 = end.values().sum();
@@ -637,4 +630,128 @@ async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_e
         server.child.wait().expect("reap");
     }
     pool.close().await;
+}
+
+/// The broker's SASL/PLAIN listener (see `deploy/local/kafka.sh`); override with
+/// `TOKENMETER_TEST_KAFKA_SASL_BROKERS`.
+fn sasl_brokers() -> String {
+    std::env::var("TOKENMETER_TEST_KAFKA_SASL_BROKERS").unwrap_or_else(|_| "127.0.0.1:9094".into())
+}
+
+fn sasl(settings: &mut Settings, password: &str) {
+    settings.kafka.brokers = sasl_brokers();
+    for (key, value) in [
+        ("security.protocol", "SASL_PLAINTEXT"),
+        ("sasl.mechanisms", "PLAIN"),
+        ("sasl.username", "tokenmeter"),
+        ("sasl.password", password),
+    ] {
+        settings
+            .kafka
+            .client
+            .insert(key.to_owned(), value.to_owned());
+    }
+}
+
+#[tokio::test]
+async fn sasl_client_settings_pass_through_to_the_broker() {
+    let (topic, dlq, group) = topics(1).await;
+    let app = spawn_app_with(|s| {
+        consume(s, &topic, &dlq, &group);
+        sasl(s, "tokenmeter-dev-secret");
+    })
+    .await;
+    let tenant = unique("t");
+    let e = event(&tenant, "over-sasl", 42, 1);
+    let end = BTreeMap::from([produce_encoded(&producer(), &topic, &e, 0).await])
+        .into_iter()
+        .map(|(p, o)| (p, o + 1))
+        .collect();
+    wait_for_positions(&app.pool, &group, &end).await;
+    assert_eq!(
+        events_and_input_by_tenant(&app.pool).await,
+        BTreeMap::from([(tenant, (1, 42))])
+    );
+    let ready = reqwest::get(app.admin_url("/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    app.stop().await.expect("clean stop");
+
+    // The same settings with a wrong password: the broker refuses, and /readyz says Kafka is
+    // not usable instead of pretending.
+    let refused = spawn_app_with(|s| sasl(s, "wrong-password")).await;
+    let response = reqwest::get(refused.admin_url("/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value =
+        serde_json::from_str(&response.text().await.expect("body")).expect("json");
+    assert_ne!(body["kafka"], "ok", "{body}");
+    assert_eq!(body["postgres"], "ok", "{body}");
+    refused.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn ssl_client_settings_reach_librdkafka_and_a_bad_one_fails_the_start_naming_it() {
+    let mut settings = crate::helpers::test_settings().await;
+    settings.kafka.consumer.enabled = true;
+    settings
+        .kafka
+        .client
+        .insert("security.protocol".to_owned(), "SSL".to_owned());
+    settings.kafka.client.insert(
+        "ssl.ca.location".to_owned(),
+        "/nonexistent/tokenmeter-ca.pem".to_owned(),
+    );
+    let error = match tokenmeter::app::Application::build(settings).await {
+        Ok(_) => panic!("an unreadable CA must fail the start"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("ssl.ca.location"), "{error}");
+}
+
+#[tokio::test]
+async fn events_of_unknown_tenants_are_dead_lettered_when_tenants_are_not_auto_created() {
+    let (topic, dlq, group) = topics(1).await;
+    let app = spawn_app_with(|s| {
+        consume(s, &topic, &dlq, &group);
+        s.ingest.auto_create_tenants = false;
+    })
+    .await;
+    let mut clients = Clients::new(app.channel().await);
+    let known = clients.tenant("USD", "UTC", None).await;
+    let producer = producer();
+    let stranger = unique("stranger");
+    produce_encoded(&producer, &topic, &event(&stranger, "e-1", 5, 5), 0).await;
+    let (partition, offset) =
+        produce_encoded(&producer, &topic, &event(&known, "e-2", 7, 1), 1).await;
+    wait_for_positions(
+        &app.pool,
+        &group,
+        &BTreeMap::from([(partition, offset + 1)]),
+    )
+    .await;
+
+    assert_eq!(
+        events_and_input_by_tenant(&app.pool).await,
+        BTreeMap::from([(known, (1, 7))])
+    );
+    let tenants: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE tenant_id = $1")
+        .bind(&stranger)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(tenants, 0, "the unknown tenant was not created");
+    let letters = read_all(&dlq, 1).await;
+    assert_eq!(letters[0].key(), Some(stranger.as_bytes()));
+    assert_eq!(
+        header(&letters[0], "tokenmeter.dlq.field").as_deref(),
+        Some("tenant_id")
+    );
+    assert_eq!(
+        header(&letters[0], "tokenmeter.dlq.reason").as_deref(),
+        Some("unknown tenant")
+    );
+    app.stop().await.expect("clean stop");
 }
