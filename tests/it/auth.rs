@@ -281,3 +281,66 @@ async fn keys_are_stored_only_as_hashes() {
     );
     app.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn keys_never_reach_the_logs_even_at_debug_level() {
+    use std::io::Read as _;
+
+    let url = crate::helpers::create_database().await;
+    let mut server =
+        crate::helpers::spawn_serve(&url, &[("TOKENMETER_LOG__FILTER", "debug")]).await;
+    // Drain stderr while the server runs, so a full pipe never blocks its logging.
+    let mut stderr = server.child.stderr.take().expect("piped stderr");
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.grpc_port))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+    let mut admin = Clients::new(channel.clone());
+    let tenant = admin.tenant("USD", "UTC", None).await;
+    let (key_id, secret) = key(&mut admin, &[pb::ApiKeyScope::Ingest], &[&tenant]).await;
+    let mut user = Clients::with_key(channel.clone(), Some(&secret));
+    let accepted = user.ingest(vec![event(&tenant, "logged-call", 3, 1)]).await;
+    assert_eq!(accepted.summary.expect("summary").accepted, 1);
+    let forged = format!("{}_{}", &secret[..secret.len() - 4], "0000");
+    let mut intruder = Clients::with_key(channel, Some(&forged));
+    let refused = intruder
+        .usage
+        .ingest_usage(pb::IngestUsageRequest {
+            events: vec![event(&tenant, "forged-call", 1, 1)],
+            omit_accepted_results: false,
+        })
+        .await
+        .expect_err("forged key");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    admin
+        .admin
+        .revoke_api_key(pb::RevokeApiKeyRequest {
+            key_id: key_id.clone(),
+        })
+        .await
+        .expect("revoke");
+
+    server.child.kill().expect("stop");
+    server.child.wait().expect("reap");
+    let logs = logs.join().expect("log reader");
+    assert!(
+        logs.contains("grpc listening") && logs.lines().count() > 5,
+        "debug logs were captured"
+    );
+    let secret_part = secret.rsplit('_').next().expect("secret part");
+    for (what, needle) in [
+        ("bootstrap admin key", crate::helpers::ADMIN_KEY),
+        ("issued key", secret.as_str()),
+        ("issued key's secret part", secret_part),
+        ("forged key", forged.as_str()),
+    ] {
+        assert!(!logs.contains(needle), "the {what} appears in the logs");
+    }
+}
