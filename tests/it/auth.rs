@@ -296,12 +296,7 @@ async fn keys_never_reach_the_logs_even_at_debug_level() {
         let _ = stderr.read_to_string(&mut text);
         text
     });
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.grpc_port))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
+    let channel = server.channel().await;
     let mut admin = Clients::new(channel.clone());
     let tenant = admin.tenant("USD", "UTC", None).await;
     let (key_id, secret) = key(&mut admin, &[pb::ApiKeyScope::Ingest], &[&tenant]).await;

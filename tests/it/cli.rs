@@ -279,12 +279,7 @@ async fn keys_created_on_the_command_line_work_until_revoked() {
     let secret = String::from_utf8_lossy(&created.stdout).trim().to_owned();
     let listed = String::from_utf8_lossy(&run(&["keys", "list"]).stdout).into_owned();
     let key_id = listed.split('\t').next().expect("key id").to_owned();
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.grpc_port))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect");
+    let channel = server.channel().await;
     let query = || tokenmeter::proto::v1::QueryUsageRequest {
         time_range: Some(tokenmeter::proto::v1::TimeRange {
             start: Some(prost_types::Timestamp {

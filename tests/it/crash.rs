@@ -100,14 +100,7 @@ async fn a_killed_server_loses_nothing_it_acknowledged_and_counts_nothing_twice(
 
     // Restart and resend every batch that was attempted, acknowledged or not.
     let restarted = spawn_serve(&url, &[]).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!(
-        "http://127.0.0.1:{}",
-        restarted.grpc_port
-    ))
-    .expect("endpoint")
-    .connect()
-    .await
-    .expect("connect");
+    let channel = restarted.channel().await;
     let mut api = Clients::new(channel);
     let mut accepted = 0;
     let mut duplicate = 0;

@@ -171,6 +171,17 @@ pub struct ServeProcess {
     pub admin_port: u16,
 }
 
+impl ServeProcess {
+    /// A connected channel to this server's gRPC port.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the serve process")
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
