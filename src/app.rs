@@ -14,6 +14,7 @@ use crate::config::Settings;
 use std::sync::Arc;
 
 use crate::grpc::{self, ApiState};
+use crate::ingest::transactions::TransactionRecorder;
 use crate::ingest::{IngestMetrics, Ingestor};
 use crate::kafka::consumer::{ConsumerError, ConsumerMetrics, UsageConsumer};
 use crate::kafka::{KafkaProbe, ProbeError};
@@ -50,6 +51,7 @@ pub struct Application {
     pool: PgPool,
     metrics: Metrics,
     ingestor: Arc<Ingestor>,
+    transactions: Arc<TransactionRecorder>,
     kafka: Option<KafkaProbe>,
     consumer: Option<UsageConsumer>,
     grpc_listener: Option<TcpListener>,
@@ -71,6 +73,12 @@ impl Application {
             &settings.ingest,
             IngestMetrics::register(&metrics.registry)?,
         ));
+        let transactions = Arc::new(TransactionRecorder::new(
+            pool.clone(),
+            ingestor.clone(),
+            &settings.ingest,
+            &metrics.registry,
+        )?);
         let kafka = if settings.kafka.enabled {
             let probe = KafkaProbe::new(&settings.kafka)?;
             // Kafka being down is not fatal at start: /readyz reports it until it answers.
@@ -107,6 +115,7 @@ impl Application {
             pool,
             metrics,
             ingestor,
+            transactions,
             kafka,
             consumer,
             grpc_listener,
@@ -140,6 +149,7 @@ impl Application {
             let state = ApiState {
                 pool: self.pool.clone(),
                 ingestor: self.ingestor.clone(),
+                transactions: self.transactions.clone(),
                 ingest: self.settings.ingest.clone(),
                 authenticator: Arc::new(grpc::auth::Authenticator::new(
                     self.pool.clone(),

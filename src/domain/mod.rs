@@ -7,6 +7,7 @@ pub mod pricing;
 pub mod rollup;
 pub mod tenant;
 pub mod tokens;
+pub mod transaction;
 pub mod usage;
 
 /// A validation failure pinned to one field of the input, e.g. `tokens.cache_read` /

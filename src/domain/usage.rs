@@ -31,6 +31,17 @@ pub struct EventIdentity {
     pub event_id: String,
 }
 
+impl From<(String, String, String)> for EventIdentity {
+    /// From a `(tenant_id, source, event_id)` row.
+    fn from((tenant_id, source, event_id): (String, String, String)) -> Self {
+        Self {
+            tenant_id,
+            source,
+            event_id,
+        }
+    }
+}
+
 /// A usage event after validation and normalization: every field is in its canonical form,
 /// so two deliveries of the same call compare equal field by field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,36 +67,53 @@ impl UsageEvent {
     /// SHA-256 over a length-prefixed encoding of every payload field, in a fixed order.
     /// Equal hashes mean a duplicate delivery; different ones a conflict.
     pub fn payload_hash(&self) -> [u8; 32] {
-        let mut hasher = Sha256::new();
-        let mut field = |bytes: &[u8]| {
-            hasher.update((bytes.len() as u64).to_le_bytes());
-            hasher.update(bytes);
-        };
-        let optional = |value: &Option<String>| -> Vec<u8> {
-            match value {
-                None => vec![0],
-                Some(s) => [&[1u8][..], s.as_bytes()].concat(),
-            }
-        };
-        field(self.agent_id.as_bytes());
-        field(&optional(&self.transaction_id));
-        field(&optional(&self.service));
-        field(&optional(&self.session_id));
-        field(&optional(&self.request_id));
-        field(&optional(&self.reservation_id));
-        field(self.provider.as_bytes());
-        field(self.model.as_bytes());
-        field(&self.occurred_at.timestamp_micros().to_le_bytes());
+        let mut hash = PayloadHasher::default();
+        hash.field(self.agent_id.as_bytes());
+        hash.optional(&self.transaction_id);
+        hash.optional(&self.service);
+        hash.optional(&self.session_id);
+        hash.optional(&self.request_id);
+        hash.optional(&self.reservation_id);
+        hash.field(self.provider.as_bytes());
+        hash.field(self.model.as_bytes());
+        hash.field(&self.occurred_at.timestamp_micros().to_le_bytes());
         for count in self.tokens.buckets() {
-            field(&count.to_le_bytes());
+            hash.field(&count.to_le_bytes());
         }
-        field(&[self.usage_source as u8, self.status as u8]);
-        field(&(self.attributes.len() as u64).to_le_bytes());
-        for (key, value) in &self.attributes {
-            field(key.as_bytes());
-            field(value.as_bytes());
+        hash.field(&[self.usage_source as u8, self.status as u8]);
+        hash.attributes(&self.attributes);
+        hash.finish()
+    }
+}
+
+/// SHA-256 over length-prefixed fields, so no two different payloads can encode alike.
+#[derive(Default)]
+pub struct PayloadHasher(Sha256);
+
+impl PayloadHasher {
+    pub fn field(&mut self, bytes: &[u8]) {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    /// Absent and present-but-empty differ.
+    pub fn optional(&mut self, value: &Option<String>) {
+        match value {
+            None => self.field(&[0]),
+            Some(s) => self.field(&[&[1u8][..], s.as_bytes()].concat()),
         }
-        hasher.finalize().into()
+    }
+
+    pub fn attributes(&mut self, attributes: &BTreeMap<String, String>) {
+        self.field(&(attributes.len() as u64).to_le_bytes());
+        for (key, value) in attributes {
+            self.field(key.as_bytes());
+            self.field(value.as_bytes());
+        }
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
     }
 }
 

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod pricebook;
 pub mod reports;
 pub mod status;
+pub mod transactions;
 pub mod usage;
 
 use std::collections::HashSet;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::IngestSettings;
 use crate::ingest::Ingestor;
+use crate::ingest::transactions::TransactionRecorder;
 use crate::proto::v1::{
     admin_service_server::AdminServiceServer,
     export_service_server::{ExportService, ExportServiceServer},
@@ -30,7 +32,7 @@ use crate::proto::v1::{
     price_book_service_server::PriceBookServiceServer,
     quota_service_server::{QuotaService, QuotaServiceServer},
     report_service_server::ReportServiceServer,
-    transaction_service_server::{TransactionService, TransactionServiceServer},
+    transaction_service_server::TransactionServiceServer,
     usage_service_server::UsageServiceServer,
 };
 use crate::telemetry::Metrics;
@@ -38,6 +40,7 @@ use admin::AdminApi;
 use metrics::GrpcMetricsLayer;
 use pricebook::PriceBookApi;
 use reports::ReportApi;
+use transactions::TransactionApi;
 use usage::UsageApi;
 
 /// What the services share.
@@ -45,15 +48,13 @@ use usage::UsageApi;
 pub struct ApiState {
     pub pool: sqlx::PgPool,
     pub ingestor: Arc<Ingestor>,
+    pub transactions: Arc<TransactionRecorder>,
     pub ingest: IngestSettings,
     pub authenticator: Arc<auth::Authenticator>,
 }
 
 pub struct QuotaApi;
 impl QuotaService for QuotaApi {}
-
-pub struct TransactionApi;
-impl TransactionService for TransactionApi {}
 
 pub struct InvoiceApi;
 impl InvoiceService for InvoiceApi {}
@@ -218,7 +219,14 @@ pub async fn serve(
             .max_decoding_message_size(limit),
         )
         .add_service(QuotaServiceServer::new(QuotaApi).max_decoding_message_size(limit))
-        .add_service(TransactionServiceServer::new(TransactionApi).max_decoding_message_size(limit))
+        .add_service(
+            TransactionServiceServer::new(TransactionApi::new(
+                state.pool.clone(),
+                state.transactions.clone(),
+                state.ingest.max_batch_events,
+            ))
+            .max_decoding_message_size(limit),
+        )
         .add_service(
             PriceBookServiceServer::new(PriceBookApi::new(
                 state.pool.clone(),

@@ -86,6 +86,24 @@ fn results(
     }
 }
 
+/// The per-event results and summary of a whole call.
+pub(super) fn answer(
+    event_ids: &[String],
+    outcomes: &[Outcome],
+    omit_accepted: bool,
+) -> (Vec<pb::EventResult>, pb::IngestSummary) {
+    let (mut list, mut summary) = (Vec::new(), pb::IngestSummary::default());
+    results(
+        event_ids,
+        outcomes,
+        0,
+        omit_accepted,
+        &mut list,
+        &mut summary,
+    );
+    (list, summary)
+}
+
 /// INGEST on the tenant of every event; one event for another tenant refuses the whole call,
 /// so nothing is written. Events without a tenant are left to validation (INVALID).
 fn authorize_events(
@@ -122,20 +140,11 @@ impl UsageService for UsageApi {
             .ingest(request.events, Channel::Grpc)
             .await
             .map_err(from_ingest)?;
-        let mut response = pb::IngestUsageResponse {
-            summary: Some(pb::IngestSummary::default()),
-            ..Default::default()
-        };
-        let summary = response.summary.get_or_insert_default();
-        results(
-            &event_ids,
-            &outcomes,
-            0,
-            request.omit_accepted_results,
-            &mut response.results,
-            summary,
-        );
-        Ok(Response::new(response))
+        let (results, summary) = answer(&event_ids, &outcomes, request.omit_accepted_results);
+        Ok(Response::new(pb::IngestUsageResponse {
+            results,
+            summary: Some(summary),
+        }))
     }
 
     async fn validate_usage(

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod pricing_cache;
+pub mod transactions;
 pub mod validate;
 
 use std::collections::{HashMap, HashSet};
@@ -161,6 +162,20 @@ impl Ingestor {
 
     pub fn pricing(&self) -> &PricingCache {
         &self.pipeline.pricing
+    }
+
+    /// The tenant rule of ingest, for other event kinds: unknown tenants are created when
+    /// `ingest.auto_create_tenants` is on, else their events (one entry per event in
+    /// `tenants`, `None` for events already invalid) get INVALID `tenant_id`.
+    pub async fn resolve_tenants(
+        &self,
+        tenants: &[Option<&str>],
+        outcomes: &mut [Option<Outcome>],
+    ) -> Result<(), IngestError> {
+        self.pipeline
+            .resolve_tenant_ids(tenants, outcomes)
+            .await
+            .map(|_| ())
     }
 
     /// Ingests one consumed Kafka batch in its own transaction, storing the consumer
@@ -404,15 +419,7 @@ impl Pipeline {
             });
         }
 
-        let invalid: Vec<(usize, FieldError)> = outcomes
-            .iter()
-            .enumerate()
-            .filter_map(|(index, outcome)| match outcome {
-                Some(Outcome::Invalid(error)) => Some((index, error.clone())),
-                _ => None,
-            })
-            .collect();
-        before_commit(invalid).await?;
+        before_commit(invalid_so_far(&outcomes)).await?;
 
         self.ensure_partitions(&candidates).await?;
 
@@ -571,26 +578,37 @@ impl Pipeline {
         validated: &[Result<UsageEvent, FieldError>],
         outcomes: &mut [Option<Outcome>],
     ) -> Result<Arc<PricingCatalog>, IngestError> {
-        let catalog = self.pricing.catalog().await?;
-        let unknown: Vec<&str> = validated
+        let tenants: Vec<Option<&str>> = validated
             .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .map(|e| e.identity.tenant_id.as_str())
+            .map(|r| r.as_ref().ok().map(|e| e.identity.tenant_id.as_str()))
+            .collect();
+        self.resolve_tenant_ids(&tenants, outcomes).await
+    }
+
+    /// Creates tenants seen for the first time (when configured to), or marks the events
+    /// naming them INVALID; `tenants` has one entry per event (`None`: already invalid).
+    async fn resolve_tenant_ids(
+        &self,
+        tenants: &[Option<&str>],
+        outcomes: &mut [Option<Outcome>],
+    ) -> Result<Arc<PricingCatalog>, IngestError> {
+        let catalog = self.pricing.catalog().await?;
+        let unknown: HashSet<&str> = tenants
+            .iter()
+            .flatten()
+            .copied()
             .filter(|t| catalog.tenant(t).is_none())
-            .collect::<HashSet<_>>()
-            .into_iter()
             .collect();
         if unknown.is_empty() {
             return Ok(catalog);
         }
         if self.auto_create_tenants {
+            let unknown: Vec<&str> = unknown.into_iter().collect();
             store::tenants::insert_missing(&self.pool, &unknown, &self.default_currency).await?;
             return Ok(self.pricing.catalog().await?);
         }
-        for (index, result) in validated.iter().enumerate() {
-            if let Ok(event) = result
-                && unknown.contains(&event.identity.tenant_id.as_str())
-            {
+        for (index, tenant) in tenants.iter().enumerate() {
+            if tenant.is_some_and(|t| unknown.contains(t)) {
                 outcomes[index] = Some(Outcome::Invalid(FieldError::new(
                     "tenant_id",
                     "unknown tenant",
@@ -620,6 +638,18 @@ impl Pipeline {
             .extend(missing);
         Ok(())
     }
+}
+
+/// The events already judged INVALID, with their index: what the Kafka path dead-letters.
+pub(crate) fn invalid_so_far(outcomes: &[Option<Outcome>]) -> Vec<(usize, FieldError)> {
+    outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, outcome)| match outcome {
+            Some(Outcome::Invalid(error)) => Some((index, error.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Prices a valid event for its tenant, or as the tenant `unknown` describes when its tenant

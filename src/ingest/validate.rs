@@ -8,9 +8,11 @@ use chrono::{DateTime, Utc};
 use crate::config::IngestSettings;
 use crate::domain::FieldError;
 use crate::domain::normalize::normalize;
-use crate::domain::pricing::MAX_TOKENS_PER_CLASS;
+use crate::domain::pricing::{MAX_TOKENS_PER_CLASS, parse_plain_decimal};
+use crate::domain::transaction::{Lifecycle, TransactionEvent};
 use crate::domain::usage::{CallStatus, EventIdentity, UsageEvent, UsageSource};
 use crate::proto::v1 as pb;
+use rust_decimal::Decimal;
 
 /// The limits validation enforces, from settings.
 #[derive(Debug, Clone)]
@@ -44,28 +46,10 @@ pub fn validate(
     limits: &Limits,
     now: DateTime<Utc>,
 ) -> Result<UsageEvent, FieldError> {
-    let id = |field: &str, value: &str| -> Result<String, FieldError> {
-        if value.is_empty() {
-            return Err(FieldError::new(field, "is required"));
-        }
-        bounded_id(field, value, limits.max_id_bytes)
-    };
-    let optional_id = |field: &str, value: &Option<String>| -> Result<Option<String>, FieldError> {
-        match value.as_deref() {
-            None | Some("") => Ok(None),
-            Some(v) => bounded_id(field, v, limits.max_id_bytes).map(Some),
-        }
-    };
+    let id = |field: &str, value: &str| required_id(field, value, limits);
+    let optional_id = |field: &str, value: &Option<String>| optional_id(field, value, limits);
 
-    let event_id = id("event_id", &event.event_id)?;
-    let source = id("source", &event.source)?;
-    let tenant_id = id("tenant_id", &event.tenant_id)?;
-    if !is_valid_tenant_id(&tenant_id) {
-        return Err(FieldError::new(
-            "tenant_id",
-            "must be 1-64 characters of [A-Za-z0-9._-]",
-        ));
-    }
+    let identity = identity(&event.event_id, &event.source, &event.tenant_id, limits)?;
     let agent_id = id("agent_id", &event.agent_id)?;
     let provider = id("provider", &event.provider)?;
     if provider.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -105,14 +89,183 @@ pub fn validate(
         Err(_) => return Err(FieldError::new("status", "unknown value")),
     };
 
-    if event.attributes.len() > limits.max_attributes {
+    let attributes = attributes(&event.attributes, limits)?;
+
+    Ok(UsageEvent {
+        identity,
+        agent_id,
+        transaction_id: optional_id("transaction_id", &event.transaction_id)?,
+        service: optional_id("service", &event.service)?,
+        session_id: optional_id("session_id", &event.session_id)?,
+        request_id: optional_id("request_id", &event.request_id)?,
+        reservation_id: optional_id("reservation_id", &event.reservation_id)?,
+        provider,
+        model,
+        occurred_at,
+        tokens,
+        usage_source,
+        status,
+        attributes,
+    })
+}
+
+/// Validates a service-transaction lifecycle event as of `now`, with the same identity, id,
+/// time and attribute rules as usage.
+pub fn validate_transaction(
+    event: &pb::TransactionEvent,
+    limits: &Limits,
+    now: DateTime<Utc>,
+) -> Result<TransactionEvent, FieldError> {
+    use pb::transaction_event::Kind;
+
+    let identity = identity(&event.event_id, &event.source, &event.tenant_id, limits)?;
+    let transaction_id = required_id("transaction_id", &event.transaction_id, limits)?;
+    let agent_id = optional_id("agent_id", &Some(event.agent_id.clone()), limits)?;
+    let service = optional_id("service", &Some(event.service.clone()), limits)?;
+    let occurred_at = occurred_at(event.occurred_at.as_ref(), limits, now)?;
+    let reason = |field: &str, text: &str| -> Result<String, FieldError> {
+        if text.len() > limits.max_attribute_value_bytes {
+            return Err(FieldError::new(
+                field,
+                format!("longer than {} bytes", limits.max_attribute_value_bytes),
+            ));
+        }
+        Ok(text.to_owned())
+    };
+    let lifecycle = match event.kind.as_ref() {
+        None => {
+            return Err(FieldError::new(
+                "kind",
+                "is required: one of started, completed, failed, refunded, reversed",
+            ));
+        }
+        Some(Kind::Started(_)) => {
+            if agent_id.is_none() {
+                return Err(FieldError::new("agent_id", "is required on started"));
+            }
+            Lifecycle::Started
+        }
+        Some(Kind::Completed(completed)) => {
+            let (revenue, currency) =
+                money(completed.revenue.as_ref(), "completed.revenue", false)?;
+            Lifecycle::Completed { revenue, currency }
+        }
+        Some(Kind::Failed(failed)) => Lifecycle::Failed {
+            reason: reason("failed.reason", &failed.reason)?,
+        },
+        Some(Kind::Refunded(refunded)) => {
+            let (amount, currency) = money(refunded.amount.as_ref(), "refunded.amount", true)?;
+            Lifecycle::Refunded {
+                amount,
+                currency,
+                reason: reason("refunded.reason", &refunded.reason)?,
+            }
+        }
+        Some(Kind::Reversed(reversed)) => Lifecycle::Reversed {
+            reason: reason("reversed.reason", &reversed.reason)?,
+        },
+    };
+    Ok(TransactionEvent {
+        identity,
+        transaction_id,
+        agent_id,
+        service,
+        occurred_at,
+        lifecycle,
+        attributes: attributes(&event.attributes, limits)?,
+    })
+}
+
+/// Largest amount a lifecycle event may carry, and its finest fraction: a bound so sums over
+/// millions of events stay far inside the exact decimal range.
+const MAX_AMOUNT: Decimal = rust_decimal::dec!(1_000_000_000_000);
+const MAX_AMOUNT_SCALE: u32 = 6;
+
+/// A required, non-negative (or positive) amount with its ISO 4217 currency.
+fn money(
+    money: Option<&pb::Money>,
+    field: &str,
+    positive: bool,
+) -> Result<(Decimal, String), FieldError> {
+    let money = money.ok_or_else(|| FieldError::new(field, "is required"))?;
+    let amount_field = format!("{field}.amount");
+    let amount = parse_plain_decimal(&money.amount, &amount_field)?;
+    if amount.is_sign_negative() && !amount.is_zero() {
+        return Err(FieldError::new(amount_field, "must not be negative"));
+    }
+    if positive && amount.is_zero() {
+        return Err(FieldError::new(amount_field, "must be positive"));
+    }
+    if amount.scale() > MAX_AMOUNT_SCALE || amount >= MAX_AMOUNT {
+        return Err(FieldError::new(
+            amount_field,
+            format!("must be below {MAX_AMOUNT} with at most {MAX_AMOUNT_SCALE} decimals"),
+        ));
+    }
+    let currency = &money.currency;
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(FieldError::new(
+            format!("{field}.currency"),
+            "must be an ISO 4217 code like \"USD\"",
+        ));
+    }
+    Ok((amount.normalize(), currency.clone()))
+}
+
+fn identity(
+    event_id: &str,
+    source: &str,
+    tenant_id: &str,
+    limits: &Limits,
+) -> Result<EventIdentity, FieldError> {
+    let event_id = required_id("event_id", event_id, limits)?;
+    let source = required_id("source", source, limits)?;
+    let tenant_id = required_id("tenant_id", tenant_id, limits)?;
+    if !is_valid_tenant_id(&tenant_id) {
+        return Err(FieldError::new(
+            "tenant_id",
+            "must be 1-64 characters of [A-Za-z0-9._-]",
+        ));
+    }
+    Ok(EventIdentity {
+        tenant_id,
+        source,
+        event_id,
+    })
+}
+
+fn required_id(field: &str, value: &str, limits: &Limits) -> Result<String, FieldError> {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "is required"));
+    }
+    bounded_id(field, value, limits.max_id_bytes)
+}
+
+/// Absent and empty are the same: no value.
+fn optional_id(
+    field: &str,
+    value: &Option<String>,
+    limits: &Limits,
+) -> Result<Option<String>, FieldError> {
+    match value.as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) => bounded_id(field, v, limits.max_id_bytes).map(Some),
+    }
+}
+
+/// Attribute count, key and value lengths within the limits.
+fn attributes(
+    given: &std::collections::HashMap<String, String>,
+    limits: &Limits,
+) -> Result<BTreeMap<String, String>, FieldError> {
+    if given.len() > limits.max_attributes {
         return Err(FieldError::new(
             "attributes",
             format!("more than {} attributes", limits.max_attributes),
         ));
     }
     let mut attributes = BTreeMap::new();
-    for (key, value) in &event.attributes {
+    for (key, value) in given {
         if key.is_empty() || key.len() > limits.max_attribute_key_bytes {
             return Err(FieldError::new(
                 "attributes",
@@ -131,26 +284,7 @@ pub fn validate(
         attributes.insert(key.clone(), value.clone());
     }
 
-    Ok(UsageEvent {
-        identity: EventIdentity {
-            tenant_id,
-            source,
-            event_id,
-        },
-        agent_id,
-        transaction_id: optional_id("transaction_id", &event.transaction_id)?,
-        service: optional_id("service", &event.service)?,
-        session_id: optional_id("session_id", &event.session_id)?,
-        request_id: optional_id("request_id", &event.request_id)?,
-        reservation_id: optional_id("reservation_id", &event.reservation_id)?,
-        provider,
-        model,
-        occurred_at,
-        tokens,
-        usage_source,
-        status,
-        attributes,
-    })
+    Ok(attributes)
 }
 
 /// Tenant ids: 1-64 characters of `[A-Za-z0-9._-]` (matches the `tenants` table check).
@@ -212,6 +346,123 @@ fn humanize(duration: chrono::Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lifecycle_event(kind: pb::transaction_event::Kind) -> pb::TransactionEvent {
+        pb::TransactionEvent {
+            event_id: "e1".into(),
+            source: "shop".into(),
+            tenant_id: "acme".into(),
+            transaction_id: "order-1".into(),
+            agent_id: "agent-a".into(),
+            service: String::new(),
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: 1_780_000_000,
+                nanos: 1_500,
+            }),
+            kind: Some(kind),
+            attributes: Default::default(),
+        }
+    }
+
+    fn usd(amount: &str) -> Option<pb::Money> {
+        Some(pb::Money {
+            amount: amount.into(),
+            currency: "USD".into(),
+        })
+    }
+
+    fn transaction_error(event: &pb::TransactionEvent) -> FieldError {
+        let now = DateTime::from_timestamp(1_780_000_100, 0).expect("now");
+        validate_transaction(event, &limits(), now).expect_err("invalid")
+    }
+
+    #[test]
+    fn lifecycle_events_validate_to_exact_amounts_and_absent_empty_ids() {
+        use pb::transaction_event::Kind;
+        let now = DateTime::from_timestamp(1_780_000_100, 0).expect("now");
+        let event = lifecycle_event(Kind::Completed(pb::TransactionCompleted {
+            revenue: usd("19.9900"),
+        }));
+        let valid = validate_transaction(&event, &limits(), now).expect("valid");
+        assert_eq!(
+            valid.lifecycle,
+            Lifecycle::Completed {
+                revenue: rust_decimal::dec!(19.99),
+                currency: "USD".into()
+            }
+        );
+        assert_eq!(valid.service, None);
+        assert_eq!(valid.occurred_at.timestamp_subsec_micros(), 1);
+    }
+
+    #[test]
+    fn lifecycle_errors_name_their_field() {
+        use pb::transaction_event::Kind;
+        let cases: Vec<(pb::TransactionEvent, &str)> = vec![
+            (
+                pb::TransactionEvent {
+                    kind: None,
+                    ..lifecycle_event(Kind::Started(pb::TransactionStarted {}))
+                },
+                "kind",
+            ),
+            (
+                pb::TransactionEvent {
+                    agent_id: String::new(),
+                    ..lifecycle_event(Kind::Started(pb::TransactionStarted {}))
+                },
+                "agent_id",
+            ),
+            (
+                pb::TransactionEvent {
+                    transaction_id: String::new(),
+                    ..lifecycle_event(Kind::Started(pb::TransactionStarted {}))
+                },
+                "transaction_id",
+            ),
+            (
+                lifecycle_event(Kind::Completed(pb::TransactionCompleted { revenue: None })),
+                "completed.revenue",
+            ),
+            (
+                lifecycle_event(Kind::Completed(pb::TransactionCompleted {
+                    revenue: usd("-1"),
+                })),
+                "completed.revenue.amount",
+            ),
+            (
+                lifecycle_event(Kind::Completed(pb::TransactionCompleted {
+                    revenue: usd("1e3"),
+                })),
+                "completed.revenue.amount",
+            ),
+            (
+                lifecycle_event(Kind::Completed(pb::TransactionCompleted {
+                    revenue: usd("0.0000001"),
+                })),
+                "completed.revenue.amount",
+            ),
+            (
+                lifecycle_event(Kind::Completed(pb::TransactionCompleted {
+                    revenue: Some(pb::Money {
+                        amount: "1".into(),
+                        currency: "usd".into(),
+                    }),
+                })),
+                "completed.revenue.currency",
+            ),
+            (
+                lifecycle_event(Kind::Refunded(pb::TransactionRefunded {
+                    amount: usd("0"),
+                    reason: String::new(),
+                })),
+                "refunded.amount.amount",
+            ),
+        ];
+        for (event, field) in cases {
+            assert_eq!(transaction_error(&event).field, field, "{event:?}");
+        }
+    }
     use proptest::prelude::*;
     use prost::Message;
 

@@ -7,6 +7,7 @@ pub mod pricing;
 pub mod reports;
 pub mod retention;
 pub mod tenants;
+pub mod transactions;
 pub mod usage;
 
 use sqlx::PgPool;

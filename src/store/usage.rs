@@ -72,14 +72,7 @@ pub async fn insert_keys(
     .bind(hashes)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(tenant_id, source, event_id)| EventIdentity {
-            tenant_id,
-            source,
-            event_id,
-        })
-        .collect())
+    Ok(rows.into_iter().map(EventIdentity::from).collect())
 }
 
 /// The stored payload hash of each identity that already exists.
@@ -87,22 +80,44 @@ pub async fn stored_hashes(
     conn: &mut PgConnection,
     identities: &[&EventIdentity],
 ) -> Result<HashMap<EventIdentity, [u8; 32]>, StoreError> {
+    stored_hashes_in(conn, KeyTable::UsageEventKeys, identities).await
+}
+
+/// A table keyed by event identity with a `payload_hash` column.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyTable {
+    UsageEventKeys,
+    TransactionEvents,
+}
+
+/// The stored payload hash of each identity found in `table`.
+pub async fn stored_hashes_in(
+    conn: &mut PgConnection,
+    table: KeyTable,
+    identities: &[&EventIdentity],
+) -> Result<HashMap<EventIdentity, [u8; 32]>, StoreError> {
     if identities.is_empty() {
         return Ok(HashMap::new());
     }
+    let table = match table {
+        KeyTable::UsageEventKeys => "usage_event_keys",
+        KeyTable::TransactionEvents => "transaction_events",
+    };
     let tenants: Vec<&str> = identities.iter().map(|i| i.tenant_id.as_str()).collect();
     let sources: Vec<&str> = identities.iter().map(|i| i.source.as_str()).collect();
     let ids: Vec<&str> = identities.iter().map(|i| i.event_id.as_str()).collect();
-    let rows: Vec<(String, String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT k.tenant_id, k.source, k.event_id, k.payload_hash
+    // `table` is one of two constants above, never input.
+    let rows: Vec<(String, String, String, Vec<u8>)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT k.tenant_id, k.source, k.event_id, k.payload_hash
          FROM unnest($1::text[], $2::text[], $3::text[]) AS q (tenant_id, source, event_id)
-         JOIN usage_event_keys k USING (tenant_id, source, event_id)",
-    )
-    .bind(tenants)
-    .bind(sources)
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?;
+         JOIN {table} k USING (tenant_id, source, event_id)"
+        )))
+        .bind(tenants)
+        .bind(sources)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|(tenant_id, source, event_id, hash)| {

@@ -96,6 +96,35 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str) -> Code {
             })
             .await
             .map(|_| ()),
+        "RecordTransactionEvents" => api
+            .transactions
+            .record_transaction_events(pb::RecordTransactionEventsRequest {
+                events: vec![crate::transactions::started(
+                    tenant,
+                    "auth-order",
+                    &unique("te"),
+                )],
+                omit_accepted_results: false,
+            })
+            .await
+            .map(|_| ()),
+        "GetTransaction" => api
+            .transactions
+            .get_transaction(pb::GetTransactionRequest {
+                tenant_id: tenant.to_owned(),
+                transaction_id: "auth-order".to_owned(),
+                include_events: true,
+            })
+            .await
+            .map(|_| ()),
+        "ListTransactions" => api
+            .transactions
+            .list_transactions(pb::ListTransactionsRequest {
+                tenant_id: tenant.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
         other => panic!("unknown rpc {other}"),
     };
     match result {
@@ -112,6 +141,10 @@ const RPCS: &[(&str, pb::ApiKeyScope)] = &[
     ("CreateTenantPriceOverride", pb::ApiKeyScope::Admin),
     ("ListTenantPriceOverrides", pb::ApiKeyScope::Read),
     ("GetTenant", pb::ApiKeyScope::Admin),
+    // Recorded before it is read.
+    ("RecordTransactionEvents", pb::ApiKeyScope::Ingest),
+    ("GetTransaction", pb::ApiKeyScope::Read),
+    ("ListTransactions", pb::ApiKeyScope::Read),
 ];
 
 #[tokio::test]
@@ -176,7 +209,8 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
         );
     }
 
-    // Refused calls left nothing behind: only the allowed ingest and override exist.
+    // Refused calls left nothing behind: only the allowed ingest, override and lifecycle
+    // event exist.
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
         .bind(&a)
         .fetch_one(&app.pool)
@@ -188,7 +222,13 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
             .fetch_one(&app.pool)
             .await
             .expect("count");
-    assert_eq!((events, overrides), (1, 1));
+    let lifecycle: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transaction_events WHERE tenant_id = $1")
+            .bind(&a)
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    assert_eq!((events, overrides, lifecycle), (1, 1, 1));
     app.stop().await.expect("clean shutdown");
 }
 

@@ -12,4 +12,5 @@ mod ingest;
 mod kafka;
 mod kafka_ingest;
 mod tls;
+mod transactions;
 mod usage_support;
