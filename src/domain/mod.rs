@@ -1,6 +1,7 @@
 //! Pure domain types and rules: no I/O, no clocks, no database. Adapters (gRPC, Kafka, store)
 //! convert to and from these.
 
+pub mod attribution;
 pub mod auth;
 pub mod normalize;
 pub mod pricing;

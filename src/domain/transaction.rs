@@ -111,6 +111,18 @@ pub enum State {
 }
 
 impl State {
+    /// From the proto / SQL number; anything unknown is NOT_STARTED.
+    pub fn from_number(number: i16) -> State {
+        match number {
+            2 => State::Started,
+            3 => State::Completed,
+            4 => State::Failed,
+            5 => State::Refunded,
+            6 => State::Reversed,
+            _ => State::NotStarted,
+        }
+    }
+
     /// The precedence rule, also written in SQL (`transaction_state()` in the migration) so
     /// lists and reports agree with this fold: reversed > refunded > completed > failed >
     /// started. A completion beats a failure because it carries revenue; both are flagged.

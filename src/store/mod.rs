@@ -1,6 +1,7 @@
 //! Postgres access: the connection pool and migrations. All SQL of the service lives under
 //! this module, grouped by table family.
 
+pub mod attribution;
 pub mod keys;
 pub mod offsets;
 pub mod pricing;

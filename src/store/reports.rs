@@ -222,34 +222,56 @@ pub async fn query_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageR
 /// The bucket start (or end) expression. Day and month buckets are cut at local midnight of
 /// `time_zone`, which Postgres computes DST-correctly.
 fn push_bucket(sql: &mut QueryBuilder<Postgres>, query: &UsageQuery, end: bool) {
-    let unit = match query.window {
-        Window::Whole => {
-            sql.push_bind(if end { query.end } else { query.start });
-            sql.push("::timestamptz");
-            return;
-        }
-        Window::Hour => {
-            sql.push(if end {
-                "(hour + interval '1 hour')"
-            } else {
-                "hour"
-            });
-            return;
-        }
-        Window::Day => "day",
-        Window::Month => "month",
+    let bucket = Bucket {
+        window: query.window,
+        start: query.start,
+        end: query.end,
+        time_zone: &query.time_zone,
     };
-    if end {
-        sql.push(format_args!("((date_trunc('{unit}', hour, "));
-        sql.push_bind(query.time_zone.clone());
-        sql.push(") AT TIME ZONE ");
-        sql.push_bind(query.time_zone.clone());
-        sql.push(format_args!(" + interval '1 {unit}') AT TIME ZONE "));
-        sql.push_bind(query.time_zone.clone());
-        sql.push(")");
-    } else {
-        sql.push(format_args!("date_trunc('{unit}', hour, "));
-        sql.push_bind(query.time_zone.clone());
-        sql.push(")");
+    bucket.push(sql, "hour", end);
+}
+
+/// How rows are cut into time buckets, in a time zone.
+pub(super) struct Bucket<'a> {
+    pub window: Window,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub time_zone: &'a str,
+}
+
+impl Bucket<'_> {
+    /// Pushes the start (or, with `end`, the end) of the bucket holding `column`. Local days
+    /// and months are cut in the zone, so DST days are 23 or 25 hours long.
+    pub(super) fn push(&self, sql: &mut QueryBuilder<Postgres>, column: &str, end: bool) {
+        let unit = match self.window {
+            Window::Whole => {
+                sql.push_bind(if end { self.end } else { self.start });
+                sql.push("::timestamptz");
+                return;
+            }
+            Window::Hour => {
+                sql.push(if end {
+                    format!("({column} + interval '1 hour')")
+                } else {
+                    column.to_owned()
+                });
+                return;
+            }
+            Window::Day => "day",
+            Window::Month => "month",
+        };
+        if end {
+            sql.push(format_args!("((date_trunc('{unit}', {column}, "));
+            sql.push_bind(self.time_zone.to_owned());
+            sql.push(") AT TIME ZONE ");
+            sql.push_bind(self.time_zone.to_owned());
+            sql.push(format_args!(" + interval '1 {unit}') AT TIME ZONE "));
+            sql.push_bind(self.time_zone.to_owned());
+            sql.push(")");
+        } else {
+            sql.push(format_args!("date_trunc('{unit}', {column}, "));
+            sql.push_bind(self.time_zone.to_owned());
+            sql.push(")");
+        }
     }
 }

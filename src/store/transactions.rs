@@ -311,19 +311,8 @@ pub async fn list(
         .into_iter()
         .map(|(transaction_id, state, first_seen_at)| Listed {
             transaction_id,
-            state: state_from_number(state),
+            state: State::from_number(state),
             first_seen_at,
         })
         .collect())
-}
-
-fn state_from_number(n: i16) -> State {
-    match n {
-        2 => State::Started,
-        3 => State::Completed,
-        4 => State::Failed,
-        5 => State::Refunded,
-        6 => State::Reversed,
-        _ => State::NotStarted,
-    }
 }

@@ -96,6 +96,18 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str) -> Code {
             })
             .await
             .map(|_| ()),
+        "GetAttribution" => api
+            .reports
+            .get_attribution(pb::GetAttributionRequest {
+                tenant_ids: vec![tenant.to_owned()],
+                time_range: Some(pb::TimeRange {
+                    start: Some(ts(hour(24))),
+                    end: Some(ts(hour(0))),
+                }),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
         "RecordTransactionEvents" => api
             .transactions
             .record_transaction_events(pb::RecordTransactionEventsRequest {
@@ -138,6 +150,7 @@ const RPCS: &[(&str, pb::ApiKeyScope)] = &[
     ("IngestUsage", pb::ApiKeyScope::Ingest),
     ("ValidateUsage", pb::ApiKeyScope::Ingest),
     ("QueryUsage", pb::ApiKeyScope::Read),
+    ("GetAttribution", pb::ApiKeyScope::Read),
     ("CreateTenantPriceOverride", pb::ApiKeyScope::Admin),
     ("ListTenantPriceOverrides", pb::ApiKeyScope::Read),
     ("GetTenant", pb::ApiKeyScope::Admin),

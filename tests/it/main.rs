@@ -1,6 +1,7 @@
 //! One integration-test binary against the real Postgres and Kafka (see `deploy/local/`).
 //! Each test gets its own database and, where it needs one, its own topic.
 
+mod attribution;
 mod auth;
 mod cli;
 mod crash;

@@ -9,7 +9,7 @@ use tonic::Code;
 use crate::helpers::spawn_app;
 use crate::usage_support::{Clients, event, hour, statuses, ts, unique};
 
-fn lifecycle(
+pub fn lifecycle_of(
     tenant: &str,
     transaction: &str,
     event_id: &str,
@@ -30,7 +30,7 @@ fn lifecycle(
 }
 
 pub fn started(tenant: &str, transaction: &str, event_id: &str) -> pb::TransactionEvent {
-    lifecycle(
+    lifecycle_of(
         tenant,
         transaction,
         event_id,
@@ -47,19 +47,32 @@ fn usd(amount: &str) -> Option<pb::Money> {
 }
 
 fn completed(tenant: &str, transaction: &str, id: &str, revenue: &str) -> pb::TransactionEvent {
-    lifecycle(
+    completed_in(tenant, transaction, id, revenue, "USD")
+}
+
+pub fn completed_in(
+    tenant: &str,
+    transaction: &str,
+    id: &str,
+    revenue: &str,
+    currency: &str,
+) -> pb::TransactionEvent {
+    lifecycle_of(
         tenant,
         transaction,
         id,
         20,
         pb::transaction_event::Kind::Completed(pb::TransactionCompleted {
-            revenue: usd(revenue),
+            revenue: Some(pb::Money {
+                amount: revenue.to_owned(),
+                currency: currency.to_owned(),
+            }),
         }),
     )
 }
 
 fn refunded(tenant: &str, transaction: &str, id: &str, amount: &str) -> pb::TransactionEvent {
-    lifecycle(
+    lifecycle_of(
         tenant,
         transaction,
         id,
@@ -146,7 +159,7 @@ async fn lifecycle_events_count_once_and_the_transaction_nets_revenue_against_it
             refunded(&tenant, &order, "t-refund", "5.50"),
             refunded(&tenant, &order, "t-refund", "5.50"),
             completed(&tenant, &order, "t-complete", "99.00"),
-            lifecycle(
+            lifecycle_of(
                 &tenant,
                 &order,
                 "t-bad",
@@ -216,7 +229,7 @@ async fn transactions_list_newest_first_filtered_by_state_including_usage_only_o
     let app = spawn_app().await;
     let mut api = Clients::new(app.channel().await);
     let tenant = api.tenant("USD", "UTC", None).await;
-    let failed = lifecycle(
+    let failed = lifecycle_of(
         &tenant,
         "order-failed",
         "f1",

@@ -1,0 +1,277 @@
+//! The facts an attribution report is built from: usage from the rollups (with each
+//! transaction's current state), lifecycle events in the range, and each transaction's spend
+//! per model. `domain::attribution` turns them into rows.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+
+use super::StoreError;
+use super::reports::{Bucket, Window};
+use crate::domain::attribution::{LifecycleFact, LifecycleKind, ModelSpend, UsageFact};
+use crate::domain::transaction::State;
+
+#[derive(Debug, Clone)]
+pub struct AttributionQuery {
+    /// Empty means every tenant.
+    pub tenant_ids: Vec<String>,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub window: Window,
+    pub time_zone: String,
+    pub agent_ids: Vec<String>,
+    pub services: Vec<String>,
+    pub providers: Vec<String>,
+    pub models: Vec<String>,
+}
+
+/// The facts, and where each bucket ends.
+#[derive(Debug, Default)]
+pub struct Facts {
+    pub usage: Vec<UsageFact>,
+    pub lifecycle: Vec<LifecycleFact>,
+    pub shares: Vec<ModelSpend>,
+    pub bucket_ends: BTreeMap<DateTime<Utc>, DateTime<Utc>>,
+}
+
+pub async fn facts(
+    pool: &PgPool,
+    query: &AttributionQuery,
+    with_shares: bool,
+) -> Result<Facts, StoreError> {
+    let mut facts = Facts::default();
+    usage(pool, query, &mut facts).await?;
+    lifecycle(pool, query, &mut facts).await?;
+    if with_shares {
+        shares(pool, query, &mut facts).await?;
+    }
+    Ok(facts)
+}
+
+fn bucket(query: &AttributionQuery) -> Bucket<'_> {
+    Bucket {
+        window: query.window,
+        start: query.start,
+        end: query.end,
+        time_zone: &query.time_zone,
+    }
+}
+
+/// ` AND <column> = ANY(values)` when `values` is not empty.
+fn any_of(sql: &mut QueryBuilder<Postgres>, column: &str, values: &[String]) {
+    if !values.is_empty() {
+        sql.push(format_args!(" AND {column} = ANY("));
+        sql.push_bind(values.to_vec());
+        sql.push(")");
+    }
+}
+
+fn tenants(sql: &mut QueryBuilder<Postgres>, column: &str, query: &AttributionQuery) {
+    any_of(sql, column, &query.tenant_ids);
+}
+
+async fn usage(
+    pool: &PgPool,
+    query: &AttributionQuery,
+    facts: &mut Facts,
+) -> Result<(), StoreError> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
+        "WITH states AS (
+             SELECT tenant_id, transaction_id, transaction_state(array_agg(kind)) AS state
+             FROM transaction_events WHERE true",
+    );
+    tenants(&mut sql, "tenant_id", query);
+    sql.push(" GROUP BY tenant_id, transaction_id) SELECT ");
+    bucket(query).push(&mut sql, "r.hour", false);
+    sql.push(" AS bucket_start, ");
+    bucket(query).push(&mut sql, "r.hour", true);
+    sql.push(
+        " AS bucket_end, r.tenant_id::text AS tenant_id, r.agent_id::text AS agent_id,
+          r.service::text AS service, r.provider::text AS provider, r.model::text AS model,
+          r.currency::text AS currency, r.transaction_id::text AS transaction_id, s.state",
+    );
+    for class in 1..=10 {
+        sql.push(format_args!(
+            ", coalesce(sum(r.tokens) FILTER (WHERE r.token_class = {class}), 0)::int8 AS t{class}"
+        ));
+    }
+    sql.push(
+        ", sum(r.billed_amount) AS spend, sum(r.cost_amount) AS cost,
+           sum(r.events)::int8 AS events, sum(r.unpriced_events)::int8 AS unpriced_events
+         FROM usage_rollups r
+         LEFT JOIN states s ON s.tenant_id = r.tenant_id AND s.transaction_id = r.transaction_id
+         WHERE r.hour >= ",
+    );
+    sql.push_bind(query.start)
+        .push(" AND r.hour < ")
+        .push_bind(query.end);
+    tenants(&mut sql, "r.tenant_id", query);
+    any_of(&mut sql, "r.agent_id", &query.agent_ids);
+    any_of(&mut sql, "r.service", &query.services);
+    any_of(&mut sql, "r.provider", &query.providers);
+    any_of(&mut sql, "r.model", &query.models);
+    sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10");
+    for row in sql.build().fetch_all(pool).await? {
+        let start: DateTime<Utc> = row.try_get("bucket_start")?;
+        facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
+        let transaction: String = row.try_get("transaction_id")?;
+        let state: Option<i16> = row.try_get("state")?;
+        let mut tokens = [0i64; 10];
+        for (i, slot) in tokens.iter_mut().enumerate() {
+            *slot = row.try_get(format!("t{}", i + 1).as_str())?;
+        }
+        facts.usage.push(UsageFact {
+            bucket: start,
+            tenant_id: row.try_get("tenant_id")?,
+            agent_id: row.try_get("agent_id")?,
+            service: row.try_get("service")?,
+            provider: row.try_get("provider")?,
+            model: row.try_get("model")?,
+            currency: row.try_get("currency")?,
+            state: (!transaction.is_empty()).then(|| State::from_number(state.unwrap_or(1))),
+            transaction_id: Some(transaction).filter(|t| !t.is_empty()),
+            tokens,
+            spend: row.try_get("spend")?,
+            cost: row.try_get("cost")?,
+            events: row.try_get("events")?,
+            unpriced_events: row.try_get("unpriced_events")?,
+        });
+    }
+    Ok(())
+}
+
+/// Lifecycle events in the range. A reversal takes back the revenue net of the refunds before
+/// it; only a transaction's first completion counts (later ones are anomalies). Money-less
+/// events are in the tenant's billing currency.
+async fn lifecycle(
+    pool: &PgPool,
+    query: &AttributionQuery,
+    facts: &mut Facts,
+) -> Result<(), StoreError> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
+        "WITH tx AS (
+             SELECT tenant_id, transaction_id,
+                    (array_agg(agent_id ORDER BY occurred_at, event_id)
+                        FILTER (WHERE agent_id IS NOT NULL))[1] AS agent_id,
+                    (array_agg(service ORDER BY occurred_at, event_id)
+                        FILTER (WHERE service IS NOT NULL))[1] AS service
+             FROM transaction_events WHERE true",
+    );
+    tenants(&mut sql, "tenant_id", query);
+    sql.push(
+        " GROUP BY tenant_id, transaction_id),
+         first_completion AS (
+             SELECT DISTINCT ON (tenant_id, transaction_id) tenant_id, transaction_id, event_id,
+                    amount, currency
+             FROM transaction_events WHERE kind = 2",
+    );
+    tenants(&mut sql, "tenant_id", query);
+    sql.push(
+        " ORDER BY tenant_id, transaction_id, occurred_at, event_id),
+         facts AS (
+             SELECT ",
+    );
+    bucket(query).push(&mut sql, "e.occurred_at", false);
+    sql.push(" AS bucket_start, ");
+    bucket(query).push(&mut sql, "e.occurred_at", true);
+    sql.push(
+        " AS bucket_end, e.tenant_id::text AS tenant_id,
+                coalesce(e.agent_id, tx.agent_id, '')::text AS agent_id,
+                coalesce(e.service, tx.service, '')::text AS service,
+                e.transaction_id::text AS transaction_id, e.kind,
+                CASE WHEN e.kind = 4 THEN e.amount
+                     WHEN e.kind = 2 THEN e.amount
+                     WHEN e.kind = 5 THEN coalesce(c.amount - coalesce((
+                         SELECT sum(f.amount) FROM transaction_events f
+                         WHERE f.tenant_id = e.tenant_id AND f.transaction_id = e.transaction_id
+                           AND f.kind = 4 AND f.currency = c.currency
+                           AND (f.occurred_at, f.event_id) < (e.occurred_at, e.event_id)), 0), 0)
+                     ELSE 0 END AS amount,
+                CASE WHEN e.kind IN (2, 4) THEN e.currency
+                     WHEN e.kind = 5 THEN coalesce(c.currency, t.currency)
+                     ELSE t.currency END::text AS currency
+             FROM transaction_events e
+             JOIN tx ON tx.tenant_id = e.tenant_id AND tx.transaction_id = e.transaction_id
+             JOIN tenants t ON t.tenant_id = e.tenant_id
+             LEFT JOIN first_completion c
+               ON c.tenant_id = e.tenant_id AND c.transaction_id = e.transaction_id
+             WHERE e.occurred_at >= ",
+    );
+    sql.push_bind(query.start)
+        .push(" AND e.occurred_at < ")
+        .push_bind(query.end);
+    tenants(&mut sql, "e.tenant_id", query);
+    sql.push(" AND (e.kind <> 2 OR e.event_id = c.event_id)");
+    if !query.providers.is_empty() || !query.models.is_empty() {
+        sql.push(
+            " AND EXISTS (SELECT 1 FROM usage_rollups r
+                          WHERE r.tenant_id = e.tenant_id AND r.transaction_id = e.transaction_id",
+        );
+        any_of(&mut sql, "r.provider", &query.providers);
+        any_of(&mut sql, "r.model", &query.models);
+        sql.push(")");
+    }
+    sql.push(") SELECT * FROM facts WHERE true");
+    any_of(&mut sql, "agent_id", &query.agent_ids);
+    any_of(&mut sql, "service", &query.services);
+    for row in sql.build().fetch_all(pool).await? {
+        let start: DateTime<Utc> = row.try_get("bucket_start")?;
+        facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
+        let kind = match row.try_get::<i16, _>("kind")? {
+            1 => LifecycleKind::Started,
+            2 => LifecycleKind::Completed,
+            3 => LifecycleKind::Failed,
+            4 => LifecycleKind::Refunded,
+            _ => LifecycleKind::Reversed,
+        };
+        let amount: Option<Decimal> = row.try_get("amount")?;
+        facts.lifecycle.push(LifecycleFact {
+            bucket: start,
+            tenant_id: row.try_get("tenant_id")?,
+            agent_id: row.try_get("agent_id")?,
+            service: row.try_get("service")?,
+            transaction_id: row.try_get("transaction_id")?,
+            kind,
+            amount: amount.unwrap_or_default(),
+            currency: row.try_get("currency")?,
+        });
+    }
+    Ok(())
+}
+
+/// All-time spend per model of every transaction with a lifecycle event in the range.
+async fn shares(
+    pool: &PgPool,
+    query: &AttributionQuery,
+    facts: &mut Facts,
+) -> Result<(), StoreError> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
+        "SELECT r.tenant_id::text, r.transaction_id::text, r.provider::text, r.model::text,
+                sum(r.billed_amount)
+         FROM usage_rollups r
+         WHERE (r.tenant_id, r.transaction_id) IN (
+             SELECT tenant_id, transaction_id FROM transaction_events WHERE occurred_at >= ",
+    );
+    sql.push_bind(query.start)
+        .push(" AND occurred_at < ")
+        .push_bind(query.end);
+    tenants(&mut sql, "tenant_id", query);
+    sql.push(") GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4");
+    let rows: Vec<(String, String, String, String, Decimal)> =
+        sql.build_query_as().fetch_all(pool).await?;
+    facts.shares = rows
+        .into_iter()
+        .map(
+            |(tenant_id, transaction_id, provider, model, spend)| ModelSpend {
+                tenant_id,
+                transaction_id,
+                provider,
+                model,
+                spend,
+            },
+        )
+        .collect();
+    Ok(())
+}
