@@ -354,5 +354,7 @@ impl Attributes<'_> {
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;
