@@ -24,21 +24,19 @@ use crate::proto::v1::{self as pb, usage_event::Usage};
 /// Decodes the JSON form of a `UsageEvent`. `path` prefixes the field paths of errors (`data`
 /// inside a CloudEvents envelope, empty for a bare document).
 pub(super) fn usage_event(json: &str, path: &str) -> Result<pb::UsageEvent, String> {
+    let at = |field: &str| match (path.is_empty(), field.is_empty() || field == ".") {
+        (true, true) => String::new(),
+        (true, false) => format!("{field}: "),
+        (false, true) => format!("{path}: "),
+        (false, false) => format!("{path}.{field}: "),
+    };
     let mut deserializer = serde_json::Deserializer::from_str(json);
-    let event: Event = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let field = error.path().to_string();
-        let at = match (path.is_empty(), field == ".") {
-            (true, true) => String::new(),
-            (true, false) => format!("{field}: "),
-            (false, true) => format!("{path}: "),
-            (false, false) => format!("{path}.{field}: "),
-        };
-        format!("{at}{}", error.inner())
-    })?;
+    let event: Event = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|error| format!("{}{}", at(&error.path().to_string()), error.inner()))?;
     deserializer
         .end()
-        .map_err(|error| format!("{path}: trailing characters after the event: {error}"))?;
-    event.into_proto(path)
+        .map_err(|error| format!("{}trailing characters after the event: {error}", at("")))?;
+    event.into_proto(&at(""))
 }
 
 /// An RFC 3339 instant as a protobuf timestamp (offsets allowed, any sub-second precision).
@@ -119,7 +117,8 @@ struct Event {
 }
 
 impl Event {
-    fn into_proto(self, path: &str) -> Result<pb::UsageEvent, String> {
+    /// The proto message; `at` prefixes errors (`data: `).
+    fn into_proto(self, at: &str) -> Result<pb::UsageEvent, String> {
         let mut usages: Vec<(&str, Usage)> = Vec::new();
         if let Some(u) = self.tokens {
             usages.push(("tokens", Usage::Tokens(u.into())));
@@ -138,11 +137,6 @@ impl Event {
         }
         if usages.len() > 1 {
             let names: Vec<&str> = usages.iter().map(|(name, _)| *name).collect();
-            let at = if path.is_empty() {
-                String::new()
-            } else {
-                format!("{path}: ")
-            };
             return Err(format!(
                 "{at}only one usage field may be set (tokens, openaiChat, openaiResponses, \
                  anthropic or gemini), got {}",

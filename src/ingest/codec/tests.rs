@@ -687,7 +687,7 @@ fn ambiguous_data_is_refused() {
         "{duplicate_attribute}"
     );
     assert!(
-        trailing.starts_with(": trailing characters after the event"),
+        trailing.starts_with("trailing characters after the event"),
         "{trailing}"
     );
 }
