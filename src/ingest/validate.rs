@@ -209,7 +209,7 @@ fn money(
             "must be an ISO 4217 code like \"USD\"",
         ));
     }
-    Ok((amount.normalize(), currency.clone()))
+    Ok((amount, currency.clone()))
 }
 
 fn identity(
