@@ -2,10 +2,14 @@
 //! convert to and from these.
 
 pub mod auth;
+pub mod invoice;
+pub mod money;
 pub mod normalize;
+pub mod period;
 pub mod pricing;
 pub mod rollup;
 pub mod tenant;
+pub mod tiers;
 pub mod tokens;
 pub mod usage;
 
