@@ -26,6 +26,34 @@ pub enum InvoiceError {
     Overflow,
 }
 
+/// draft (recomputed as usage arrives) → finalized (immutable, numbered) → void (replaced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvoiceState {
+    Draft,
+    Finalized,
+    Void,
+}
+
+impl InvoiceState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            InvoiceState::Draft => "draft",
+            InvoiceState::Finalized => "finalized",
+            InvoiceState::Void => "void",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            InvoiceState::Draft,
+            InvoiceState::Finalized,
+            InvoiceState::Void,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+}
+
 /// How a rate prices tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Price {

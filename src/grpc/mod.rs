@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod invoices;
 pub mod metrics;
 pub mod pricebook;
 pub mod reports;
@@ -26,7 +27,7 @@ use crate::ingest::Ingestor;
 use crate::proto::v1::{
     admin_service_server::AdminServiceServer,
     export_service_server::{ExportService, ExportServiceServer},
-    invoice_service_server::{InvoiceService, InvoiceServiceServer},
+    invoice_service_server::InvoiceServiceServer,
     price_book_service_server::PriceBookServiceServer,
     quota_service_server::{QuotaService, QuotaServiceServer},
     report_service_server::ReportServiceServer,
@@ -35,6 +36,7 @@ use crate::proto::v1::{
 };
 use crate::telemetry::Metrics;
 use admin::AdminApi;
+use invoices::InvoiceApi;
 use metrics::GrpcMetricsLayer;
 use pricebook::PriceBookApi;
 use reports::ReportApi;
@@ -47,6 +49,7 @@ pub struct ApiState {
     pub ingestor: Arc<Ingestor>,
     pub ingest: IngestSettings,
     pub authenticator: Arc<auth::Authenticator>,
+    pub billing: Arc<crate::billing::Billing>,
 }
 
 pub struct QuotaApi;
@@ -54,9 +57,6 @@ impl QuotaService for QuotaApi {}
 
 pub struct TransactionApi;
 impl TransactionService for TransactionApi {}
-
-pub struct InvoiceApi;
-impl InvoiceService for InvoiceApi {}
 
 pub struct ExportApi;
 impl ExportService for ExportApi {}
@@ -225,7 +225,10 @@ pub async fn serve(
             ))
             .max_decoding_message_size(limit),
         )
-        .add_service(InvoiceServiceServer::new(InvoiceApi).max_decoding_message_size(limit))
+        .add_service(
+            InvoiceServiceServer::new(InvoiceApi::new(state.billing.clone()))
+                .max_decoding_message_size(limit),
+        )
         .add_service(
             ReportServiceServer::new(ReportApi::new(state.pool.clone()))
                 .max_decoding_message_size(limit),

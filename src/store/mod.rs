@@ -1,6 +1,7 @@
 //! Postgres access: the connection pool and migrations. All SQL of the service lives under
 //! this module, grouped by table family.
 
+pub mod invoices;
 pub mod keys;
 pub mod pricing;
 pub mod reports;
