@@ -565,18 +565,29 @@ impl Billing {
         now: DateTime<Utc>,
     ) -> Result<CloseReport, BillingError> {
         let mut report = CloseReport::default();
-        let mut jobs = Vec::new();
+        let mut candidates = Vec::new();
         for tenant in self.tenants(tenant_ids, &mut report).await? {
-            let calendar = match calendar_of(&tenant) {
-                Ok(c) => c,
-                Err(reason) => {
-                    report.failures.push((tenant.tenant_id.clone(), reason));
-                    continue;
-                }
-            };
-            let period = calendar.period(label);
-            // A tenant that did not exist during the period has nothing to bill for it.
-            if tenant.created_at >= period.end {
+            match calendar_of(&tenant) {
+                Ok(calendar) => candidates.push((calendar.period(label), tenant)),
+                Err(reason) => report.failures.push((tenant.tenant_id.clone(), reason)),
+            }
+        }
+        // A tenant created after the period gets no (empty) invoice for it, unless it has usage
+        // there: auto-created tenants are created by their first event, however old it is.
+        let late: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = candidates
+            .iter()
+            .filter(|(period, tenant)| tenant.created_at >= period.end)
+            .map(|(period, tenant)| (tenant.tenant_id.clone(), period.start, period.end))
+            .collect();
+        let late_with_usage = if late.is_empty() {
+            Default::default()
+        } else {
+            let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+            stored::tenants_with_usage(&mut conn, &late).await?
+        };
+        let mut jobs = Vec::new();
+        for (period, tenant) in candidates {
+            if tenant.created_at >= period.end && !late_with_usage.contains(&tenant.tenant_id) {
                 continue;
             }
             report.tenants_considered += 1;

@@ -202,6 +202,26 @@ pub async fn quantities(
         .collect())
 }
 
+/// Which of these (tenant, start, end) have usage rolled up in their range.
+pub async fn tenants_with_usage(
+    conn: &mut PgConnection,
+    ranges: &[(String, DateTime<Utc>, DateTime<Utc>)],
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT r.tenant_id FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])
+             AS r(tenant_id, start_at, end_at)
+         WHERE EXISTS (SELECT 1 FROM usage_rollups u
+                       WHERE u.tenant_id = r.tenant_id COLLATE \"C\"
+                         AND u.hour >= date_trunc('hour', r.start_at, 'UTC') AND u.hour < r.end_at)",
+    )
+    .bind(ranges.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
+    .bind(ranges.iter().map(|r| r.1).collect::<Vec<_>>())
+    .bind(ranges.iter().map(|r| r.2).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// A finalized period of a tenant, which later usage is adjusted against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClosedPeriod {

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::admin_service_client::AdminServiceClient;
+use tokenmeter::proto::v1::invoice_service_client::InvoiceServiceClient;
 use tokenmeter::proto::v1::price_book_service_client::PriceBookServiceClient;
 use tokenmeter::proto::v1::report_service_client::ReportServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
@@ -56,6 +57,7 @@ pub struct Clients {
     pub admin: AdminServiceClient<Authed>,
     pub prices: PriceBookServiceClient<Authed>,
     pub reports: ReportServiceClient<Authed>,
+    pub invoices: InvoiceServiceClient<Authed>,
 }
 
 impl Clients {
@@ -71,7 +73,8 @@ impl Clients {
             usage: UsageServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
             prices: PriceBookServiceClient::new(channel.clone()),
-            reports: ReportServiceClient::new(channel),
+            reports: ReportServiceClient::new(channel.clone()),
+            invoices: InvoiceServiceClient::new(channel),
         }
     }
 
