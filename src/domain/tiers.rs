@@ -238,7 +238,8 @@ mod tests {
 
     #[test]
     fn malformed_tier_lists_name_the_offending_tier() {
-        let cases: [(&[(Option<i64>, &str)], &str); 5] = [
+        type Case<'a> = (&'a [(Option<i64>, &'a str)], &'a str);
+        let cases: [Case; 5] = [
             (&[], "tiers"),
             (
                 &[(Some(10), "1"), (Some(10), "1"), (None, "1")],

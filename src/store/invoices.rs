@@ -127,29 +127,29 @@ pub struct SlotQuantity {
 
 type QuantityRow = (i32, String, String, i16, i64, i64);
 
+/// Range columns bound as arrays: slot, tenant, start, end.
+type RangeColumns<'a> = (
+    Vec<i32>,
+    Vec<&'a str>,
+    Vec<DateTime<Utc>>,
+    Vec<DateTime<Utc>>,
+);
+
+fn columns<'a>(list: &[&'a UsageRange]) -> RangeColumns<'a> {
+    (
+        list.iter().map(|r| r.slot).collect(),
+        list.iter().map(|r| r.tenant_id.as_str()).collect(),
+        list.iter().map(|r| r.start).collect(),
+        list.iter().map(|r| r.end).collect(),
+    )
+}
+
 /// Token quantities per (slot, provider, model, class) in one statement.
 pub async fn quantities(
     conn: &mut PgConnection,
     ranges: &[UsageRange],
 ) -> Result<Vec<SlotQuantity>, StoreError> {
     let (raw, rolled): (Vec<&UsageRange>, Vec<&UsageRange>) = ranges.iter().partition(|r| r.raw);
-    fn columns<'a>(
-        list: &[&'a UsageRange],
-    ) -> (
-        Vec<i32>,
-        Vec<&'a str>,
-        Vec<DateTime<Utc>>,
-        Vec<DateTime<Utc>>,
-    ) {
-        (
-            list.iter().map(|r| r.slot).collect::<Vec<_>>(),
-            list.iter()
-                .map(|r| r.tenant_id.as_str())
-                .collect::<Vec<_>>(),
-            list.iter().map(|r| r.start).collect::<Vec<_>>(),
-            list.iter().map(|r| r.end).collect::<Vec<_>>(),
-        )
-    }
     let (r_slot, r_tenant, r_start, r_end) = columns(&rolled);
     let (e_slot, e_tenant, e_start, e_end) = columns(&raw);
     let rows: Vec<QuantityRow> = sqlx::query_as(
