@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use futures::{StreamExt, TryStreamExt};
 use sqlx::{PgConnection, PgPool};
 
 use crate::config::BillingSettings;
@@ -603,9 +604,28 @@ impl Billing {
             }
         }
         jobs.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-        let catalog = self.pricing.catalog().await?;
-        for batch in jobs.chunks(self.settings.close_batch_tenants.max(1)) {
-            if dry_run {
+        let batches = jobs.chunks(self.settings.close_batch_tenants.max(1));
+        if !dry_run {
+            let catalog = self.pricing.catalog().await?;
+            // Two batches in flight: one computes or writes while the other waits on Postgres.
+            // They hold disjoint tenants, and the numbering row serializes only their ends.
+            let mut pending = Vec::new();
+            for batch in batches {
+                pending.push(self.close_batch(&catalog, batch, now));
+            }
+            let partials: Vec<CloseReport> = futures::stream::iter(pending)
+                .buffer_unordered(2)
+                .try_collect()
+                .await?;
+            for partial in partials {
+                report.invoices_finalized += partial.invoices_finalized;
+                report.invoices_already_final += partial.invoices_already_final;
+                report.failures.extend(partial.failures);
+            }
+            return Ok(report);
+        }
+        for batch in batches {
+            {
                 let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
                 let ids: Vec<String> = batch.iter().map(|j| j.tenant_id.clone()).collect();
                 let states = stored::live_states(&mut conn, &ids, label).await?;
@@ -615,9 +635,7 @@ impl Billing {
                         _ => report.invoices_finalized += 1,
                     }
                 }
-                continue;
             }
-            self.close_batch(&catalog, batch, now, &mut report).await?;
         }
         Ok(report)
     }
@@ -651,8 +669,8 @@ impl Billing {
         catalog: &PricingCatalog,
         batch: &[Job],
         now: DateTime<Utc>,
-        report: &mut CloseReport,
-    ) -> Result<(), BillingError> {
+    ) -> Result<CloseReport, BillingError> {
+        let mut report = CloseReport::default();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let drafts: Vec<NewDraft> = batch.iter().map(|j| Self::new_draft(j, None)).collect();
         let locked = stored::lock_live(&mut tx, &drafts).await?;
@@ -697,7 +715,7 @@ impl Billing {
         let numbers = stored::finalize(&mut tx, &ready, &self.settings.number_prefix, now).await?;
         tx.commit().await.map_err(StoreError::from)?;
         report.invoices_finalized += i64::try_from(numbers.len()).unwrap_or(i64::MAX);
-        Ok(())
+        Ok(report)
     }
 }
 
