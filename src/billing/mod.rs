@@ -748,9 +748,8 @@ pub async fn run_close_job(billing: Arc<Billing>, shutdown: tokio_util::sync::Ca
                     let unexpected = report
                         .failures
                         .iter()
-                        .filter(|(_, reason)| {
-                            !reason.starts_with("grace period ends") && !reason.contains(" ends ")
-                        })
+                        // "period … ends …" and "grace period ends …" are retried next tick.
+                        .filter(|(_, reason)| !reason.contains(" ends "))
                         .count();
                     if unexpected > 0 {
                         tracing::warn!(period = %label, failures = unexpected, "some invoices could not be finalized");

@@ -43,6 +43,20 @@ fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// Authorizes a call on one invoice of one tenant and checks both ids are given.
+fn one_invoice<'a>(
+    caller: &Principal,
+    scope: Scope,
+    tenant_id: &'a str,
+    invoice_id: &'a str,
+) -> Result<(&'a str, &'a str), Status> {
+    caller.require(scope, [tenant_id]).map_err(denied)?;
+    Ok((
+        required(tenant_id, "tenant_id")?,
+        required(invoice_id, "invoice_id")?,
+    ))
+}
+
 fn label(text: &str, field: &str) -> Result<Option<PeriodLabel>, Status> {
     if text.is_empty() {
         return Ok(None);
@@ -232,11 +246,12 @@ impl InvoiceService for InvoiceApi {
     ) -> Result<Response<pb::GetInvoiceResponse>, Status> {
         let caller = principal(&request)?;
         let request = request.into_inner();
-        caller
-            .require(Scope::Read, [request.tenant_id.as_str()])
-            .map_err(denied)?;
-        let tenant_id = required(&request.tenant_id, "tenant_id")?;
-        let invoice_id = required(&request.invoice_id, "invoice_id")?;
+        let (tenant_id, invoice_id) = one_invoice(
+            &caller,
+            Scope::Read,
+            &request.tenant_id,
+            &request.invoice_id,
+        )?;
         let invoice = self
             .billing
             .get(tenant_id, invoice_id, Utc::now())
@@ -253,11 +268,12 @@ impl InvoiceService for InvoiceApi {
     ) -> Result<Response<pb::FinalizeInvoiceResponse>, Status> {
         let caller = principal(&request)?;
         let request = request.into_inner();
-        caller
-            .require(Scope::Admin, [request.tenant_id.as_str()])
-            .map_err(denied)?;
-        let tenant_id = required(&request.tenant_id, "tenant_id")?;
-        let invoice_id = required(&request.invoice_id, "invoice_id")?;
+        let (tenant_id, invoice_id) = one_invoice(
+            &caller,
+            Scope::Admin,
+            &request.tenant_id,
+            &request.invoice_id,
+        )?;
         let invoice = self
             .billing
             .finalize(
@@ -279,11 +295,12 @@ impl InvoiceService for InvoiceApi {
     ) -> Result<Response<pb::VoidInvoiceResponse>, Status> {
         let caller = principal(&request)?;
         let request = request.into_inner();
-        caller
-            .require(Scope::Admin, [request.tenant_id.as_str()])
-            .map_err(denied)?;
-        let tenant_id = required(&request.tenant_id, "tenant_id")?;
-        let invoice_id = required(&request.invoice_id, "invoice_id")?;
+        let (tenant_id, invoice_id) = one_invoice(
+            &caller,
+            Scope::Admin,
+            &request.tenant_id,
+            &request.invoice_id,
+        )?;
         let (voided, replacement) = self
             .billing
             .void(tenant_id, invoice_id, &request.reason, Utc::now())

@@ -647,24 +647,6 @@ pub async fn get(
     from_row(&row)
 }
 
-/// Live (draft or finalized) invoices of one tenant's period.
-pub async fn live_of_period(
-    conn: &mut PgConnection,
-    tenant_id: &str,
-    label: PeriodLabel,
-) -> Result<Vec<InvoiceRecord>, StoreError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM invoices
-         WHERE tenant_id = $1 AND period_label = $2 AND state <> 'void' ORDER BY currency"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(tenant_id)
-        .bind(label.to_string())
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter().map(from_row).collect()
-}
-
 /// Live invoice states of a period for many tenants (tenant → state).
 pub async fn live_states(
     conn: &mut PgConnection,
