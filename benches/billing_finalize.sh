@@ -68,8 +68,15 @@ cleanup() {
   if [[ "${KEEP_DATABASES:-0}" == 1 ]]; then
     log "kept database $bench_db"
   else
-    psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$bench_db\" WITH (FORCE)" >/dev/null 2>&1 \
-      || log "could not drop database $bench_db"
+    # Autovacuum may still be analyzing the fresh tables, and only a superuser may end it.
+    local dropped=0
+    for _ in $(seq 1 30); do
+      if psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$bench_db\" WITH (FORCE)" >/dev/null 2>&1; then
+        dropped=1; break
+      fi
+      sleep 2
+    done
+    ((dropped)) || log "could not drop database $bench_db"
   fi
   exit "$rc"
 }

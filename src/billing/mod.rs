@@ -170,12 +170,12 @@ impl Billing {
             .map(|j| (j.tenant_id.clone(), j.terms.currency.code.clone()))
             .collect();
         let closed = stored::closed_periods(conn, &tenants, self.retained_since(now)).await?;
-        let mut closed_by_tenant: HashMap<&str, Vec<BillingPeriod>> = HashMap::new();
+        let mut closed_by_tenant: HashMap<&str, Vec<&stored::ClosedPeriod>> = HashMap::new();
         for c in &closed {
             closed_by_tenant
                 .entry(c.tenant_id.as_str())
                 .or_default()
-                .push(c.period);
+                .push(c);
         }
         let periods: Vec<Vec<BillingPeriod>> = jobs
             .iter()
@@ -185,22 +185,31 @@ impl Billing {
                     .get(job.tenant_id.as_str())
                     .into_iter()
                     .flatten()
-                    .filter(|p| p.start < job.period.start)
-                    .copied()
+                    .filter(|c| c.finalized && c.period.start < job.period.start)
+                    .map(|c| c.period)
                     .collect();
                 earlier.sort_by_key(|p| p.start);
                 list.extend(earlier);
                 list
             })
             .collect();
-        let mut labels: Vec<String> = periods
-            .iter()
-            .flatten()
-            .map(|p| p.label.to_string())
-            .collect();
-        labels.sort();
-        labels.dedup();
-        let billed = stored::billed(conn, &tenants, &labels).await?;
+        // Billed amounts exist only for closed periods, and for a job's own period only when an
+        // invoice of it was voided (its adjustments may sit on later invoices).
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for (job, list) in jobs.iter().zip(&periods) {
+            let own_voided = closed_by_tenant
+                .get(job.tenant_id.as_str())
+                .into_iter()
+                .flatten()
+                .any(|c| c.period.label == job.period.label);
+            let skip_own = usize::from(!own_voided);
+            pairs.extend(
+                list.iter()
+                    .skip(skip_own)
+                    .map(|p| (job.tenant_id.clone(), p.label.to_string())),
+            );
+        }
+        let billed = stored::billed(conn, &pairs).await?;
 
         let mut slots: Vec<Slot> = Vec::new();
         let mut ranges: Vec<UsageRange> = Vec::new();

@@ -222,25 +222,30 @@ pub async fn tenants_with_usage(
     Ok(rows.into_iter().collect())
 }
 
-/// A finalized period of a tenant, which later usage is adjusted against.
+/// A period of a tenant that has a finalized (or voided) invoice: later usage of a finalized
+/// period is adjusted against it, and a voided one may have been partly billed elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClosedPeriod {
     pub tenant_id: String,
     pub period: BillingPeriod,
+    /// `false`: only void invoices exist for it (its replacement is still a draft).
+    pub finalized: bool,
 }
 
-/// Periods of these tenants (in `currency` each) with a finalized invoice, starting at or after
-/// `since` (older usage cannot arrive: ingest rejects events beyond retention).
+/// Periods of these tenants (in `currency` each) with a finalized or void invoice, starting at
+/// or after `since` (older usage cannot arrive: ingest rejects events beyond retention).
 pub async fn closed_periods(
     conn: &mut PgConnection,
     tenants: &[(String, String)],
     since: DateTime<Utc>,
 ) -> Result<Vec<ClosedPeriod>, StoreError> {
-    let rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT i.tenant_id, i.period_label, i.period_start, i.period_end
+    let rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>, bool)> = sqlx::query_as(
+        "SELECT i.tenant_id, i.period_label, min(i.period_start), min(i.period_end),
+                bool_or(i.state = 'finalized')
          FROM unnest($1::text[], $2::text[]) AS t(tenant_id, currency)
          JOIN invoices i ON i.tenant_id = t.tenant_id AND i.currency = t.currency
-         WHERE i.state = 'finalized' AND i.period_start >= $3",
+         WHERE i.state <> 'draft' AND i.period_start >= $3
+         GROUP BY 1, 2",
     )
     .bind(tenants.iter().map(|t| t.0.as_str()).collect::<Vec<_>>())
     .bind(tenants.iter().map(|t| t.1.as_str()).collect::<Vec<_>>())
@@ -248,37 +253,42 @@ pub async fn closed_periods(
     .fetch_all(&mut *conn)
     .await?;
     rows.into_iter()
-        .map(|(tenant_id, label, start, end)| {
+        .map(|(tenant_id, label, start, end, finalized)| {
             Ok(ClosedPeriod {
                 tenant_id,
                 period: period_of(&label, start, end)?,
+                finalized,
             })
         })
         .collect()
 }
 
-/// What non-void invoices billed for each (tenant, period label, rate key) of these tenants,
-/// summed, for the labels asked.
+/// What finalized (non-void) invoices billed for each (tenant, period label) asked, per rate
+/// key. Asked by exact pairs, so the lookup follows the (tenant, period) index however large
+/// the table has grown since it was last analyzed.
 pub async fn billed(
     conn: &mut PgConnection,
-    tenants: &[(String, String)],
-    labels: &[String],
+    pairs: &[(String, String)],
 ) -> Result<HashMap<(String, String), HashMap<RateKey, Charge>>, StoreError> {
+    let mut out: HashMap<(String, String), HashMap<RateKey, Charge>> = HashMap::new();
+    if pairs.is_empty() {
+        return Ok(out);
+    }
     let rows: Vec<(String, String, String, String, i16, i64, Decimal)> = sqlx::query_as(
         "SELECT b.tenant_id, b.period_label, b.provider, b.model, b.token_class,
                 sum(b.quantity)::int8, sum(b.amount)
-         FROM unnest($1::text[], $2::text[]) AS t(tenant_id, currency)
-         JOIN invoice_billed_usage b ON b.tenant_id = t.tenant_id AND b.currency = t.currency
+         FROM unnest($1::text[], $2::text[]) AS p(tenant_id, period_label)
+         CROSS JOIN LATERAL (
+             SELECT * FROM invoice_billed_usage b
+             WHERE b.tenant_id = p.tenant_id AND b.period_label = p.period_label) AS b
          JOIN invoices i ON i.invoice_id = b.invoice_id
-         WHERE i.state = 'finalized' AND b.period_label = ANY($3)
+         WHERE i.state = 'finalized'
          GROUP BY 1, 2, 3, 4, 5",
     )
-    .bind(tenants.iter().map(|t| t.0.as_str()).collect::<Vec<_>>())
-    .bind(tenants.iter().map(|t| t.1.as_str()).collect::<Vec<_>>())
-    .bind(labels)
+    .bind(pairs.iter().map(|p| p.0.as_str()).collect::<Vec<_>>())
+    .bind(pairs.iter().map(|p| p.1.as_str()).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
-    let mut out: HashMap<(String, String), HashMap<RateKey, Charge>> = HashMap::new();
     for (tenant_id, label, provider, model, class, quantity, amount) in rows {
         let Some(class) = TokenClass::from_proto(i32::from(class)) else {
             continue;

@@ -686,6 +686,36 @@ async fn late_usage_after_finalization_is_billed_once_on_the_next_invoice_as_an_
     assert_eq!(totals.iter().map(|t| t.2).sum::<Decimal>(), dec("5.10"));
     // Nothing is billed a second time on the next draft.
     assert!(current.lines.is_empty(), "{:?}", current.lines);
+
+    // Voiding `earlier` now: its replacement bills the whole period minus what `later`'s
+    // adjustment already billed for it.
+    let earlier_id = listed
+        .iter()
+        .find(|i| i.period.as_ref().map(|p| p.label.as_str()) == Some(&earlier.label.to_string()))
+        .map(|i| i.invoice_id.clone())
+        .expect("earlier invoice");
+    let replacement = billing
+        .invoices
+        .void_invoice(pb::VoidInvoiceRequest {
+            tenant_id: tenant.clone(),
+            invoice_id: earlier_id,
+            reason: "re-issue".into(),
+        })
+        .await
+        .expect("void")
+        .into_inner()
+        .replacement_invoice
+        .expect("replacement");
+    // usage (1,000,000 + 500,000) × 3.00 / 1M = 4.50; already billed on `later`: −1.50
+    assert_eq!(
+        lines(&replacement),
+        vec![
+            (pb::InvoiceLineKind::Usage, dec("4.5"), dec("4.50")),
+            (pb::InvoiceLineKind::Adjustment, dec("-1.5"), dec("-1.50")),
+        ]
+    );
+    // 3.00 + 2.10 (later) = 5.10 again: voiding and re-issuing bills nothing twice.
+    assert_eq!(dec(&replacement.total), dec("3.00"));
     app.stop().await.expect("clean shutdown");
 }
 
