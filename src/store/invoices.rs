@@ -232,6 +232,9 @@ pub struct ClosedPeriod {
     pub finalized: bool,
 }
 
+/// tenant, label, start, end, finalized
+type ClosedRow = (String, String, DateTime<Utc>, DateTime<Utc>, bool);
+
 /// Periods of these tenants (in `currency` each) with a finalized or void invoice, starting at
 /// or after `since` (older usage cannot arrive: ingest rejects events beyond retention).
 pub async fn closed_periods(
@@ -239,7 +242,7 @@ pub async fn closed_periods(
     tenants: &[(String, String)],
     since: DateTime<Utc>,
 ) -> Result<Vec<ClosedPeriod>, StoreError> {
-    let rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>, bool)> = sqlx::query_as(
+    let rows: Vec<ClosedRow> = sqlx::query_as(
         "SELECT i.tenant_id, i.period_label, min(i.period_start), min(i.period_end),
                 bool_or(i.state = 'finalized')
          FROM unnest($1::text[], $2::text[]) AS t(tenant_id, currency)
