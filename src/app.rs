@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_http::{self, AdminState};
+use crate::billing::Billing;
 use crate::config::Settings;
 use std::sync::Arc;
 
@@ -140,6 +141,12 @@ impl Application {
     /// up to `shutdown_grace` to finish, and the pool closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), AppError> {
         let mut tasks = tokio::task::JoinSet::new();
+        let billing = Arc::new(Billing::new(
+            self.pool.clone(),
+            self.settings.billing.clone(),
+            self.settings.ingest.default_price_book_id.clone(),
+            self.settings.ingest.retention,
+        ));
         if let Some(listener) = self.grpc_listener {
             let (limit, metrics, token) = (
                 self.settings.grpc.max_message_bytes,
@@ -160,6 +167,7 @@ impl Application {
                         .map(|k| k.expose()),
                     self.settings.auth.cache_ttl,
                 )),
+                billing: billing.clone(),
             };
             let tls = self.grpc_tls.clone();
             tasks.spawn(async move {
@@ -199,6 +207,14 @@ impl Application {
             );
             tasks.spawn(async move {
                 run_retention(pool, interval, retention, token).await;
+                Ok(())
+            });
+        }
+
+        if !self.settings.billing.close_interval.is_zero() {
+            let (billing, token) = (billing.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                crate::billing::run_close_job(billing, token).await;
                 Ok(())
             });
         }

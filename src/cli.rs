@@ -54,6 +54,31 @@ enum Command {
         #[command(subcommand)]
         command: PricesCommand,
     },
+    /// Billing: finalize the invoices of a period (directly in the database, as the operator).
+    Bill {
+        #[command(subcommand)]
+        command: BillCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BillCommand {
+    /// Finalize every draft of a billing period: freeze its lines, number it gap-free. Safe to
+    /// re-run and to run beside `serve` replicas doing the same.
+    Close {
+        /// The period, "YYYY-MM" (each tenant's period starting in that month).
+        #[arg(long)]
+        period: String,
+        /// Only this tenant (repeatable); default every tenant.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// Do not wait for billing.finalize_grace after the period's end.
+        #[arg(long)]
+        ignore_grace_period: bool,
+        /// Report what would be finalized, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Prices {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,
+            Command::Bill { command } => bill(settings, command).await,
         }
     })
 }
@@ -248,6 +274,48 @@ async fn import_prices(settings: Settings, args: ImportArgs) -> anyhow::Result<(
         created.version.rates.len(),
         created.version.currency,
         created.version.effective_from.to_rfc3339(),
+    );
+    Ok(())
+}
+
+async fn bill(settings: Settings, command: BillCommand) -> anyhow::Result<()> {
+    let BillCommand::Close {
+        period,
+        tenants,
+        ignore_grace_period,
+        dry_run,
+    } = command;
+    let label = crate::domain::period::PeriodLabel::parse(&period, "--period")?;
+    let pool = store::connect(&settings.database).await?;
+    let billing = crate::billing::Billing::new(
+        pool.clone(),
+        settings.billing.clone(),
+        settings.ingest.default_price_book_id.clone(),
+        settings.ingest.retention,
+    );
+    let started = std::time::Instant::now();
+    let report = billing
+        .close_period(
+            label,
+            (!tenants.is_empty()).then_some(tenants.as_slice()),
+            ignore_grace_period,
+            dry_run,
+            chrono::Utc::now(),
+        )
+        .await?;
+    pool.close().await;
+    for (tenant, reason) in &report.failures {
+        eprintln!("not finalized: tenant {tenant}: {reason}");
+    }
+    println!(
+        "period {label}{}: {} tenant(s) considered, {} invoice(s) {}, {} already final, {} failure(s), {:.3}s",
+        if dry_run { " (dry run)" } else { "" },
+        report.tenants_considered,
+        report.invoices_finalized,
+        if dry_run { "to finalize" } else { "finalized" },
+        report.invoices_already_final,
+        report.failures.len(),
+        started.elapsed().as_secs_f64(),
     );
     Ok(())
 }

@@ -30,6 +30,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub ingest: IngestSettings,
     pub auth: AuthSettings,
+    pub billing: BillingSettings,
     pub log: LogSettings,
     /// How long in-flight work may take to drain after SIGTERM / Ctrl-C.
     #[serde(with = "humantime_serde")]
@@ -188,6 +189,24 @@ pub struct AuthSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct BillingSettings {
+    /// How long after a period ends its drafts wait for late usage before they may be
+    /// finalized (FinalizeInvoice / ClosePeriod can skip it with ignore_grace_period).
+    #[serde(with = "humantime_serde")]
+    pub finalize_grace: Duration,
+    /// How often `serve` finalizes the drafts of ended periods; 0s turns the job off (run
+    /// `tokenmeter bill close` from a scheduler instead).
+    #[serde(with = "humantime_serde")]
+    pub close_interval: Duration,
+    /// The issuer's number prefix: invoices are numbered `<prefix>-<year>-<000042>`, gap-free
+    /// per prefix and year. 1-16 characters of [A-Z0-9].
+    pub number_prefix: String,
+    /// Tenants finalized per transaction when closing a period.
+    pub close_batch_tenants: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter directive such as `info` or `tokenmeter=debug,info`.
@@ -288,6 +307,20 @@ impl Settings {
                 &format!("kafka.client.{key}"),
                 "set kafka.brokers instead",
             ));
+        }
+        let prefix = &self.billing.number_prefix;
+        if !(1..=16).contains(&prefix.len())
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
+            return Err(invalid(
+                "billing.number_prefix",
+                "must be 1-16 characters of [A-Z0-9]",
+            ));
+        }
+        if self.billing.close_batch_tenants == 0 {
+            return Err(invalid("billing.close_batch_tenants", "must be at least 1"));
         }
         if self
             .log
@@ -618,6 +651,10 @@ mod tests {
                 "kafka.client.bootstrap.servers",
             ),
             (vec![("TOKENMETER_LOG__FILTER", "[[[")], "log.filter"),
+            (
+                vec![("TOKENMETER_BILLING__NUMBER_PREFIX", "inv")],
+                "billing.number_prefix",
+            ),
             (vec![("TOKENMETER_LOG__FORMAT", "xml")], "log.format"),
             (
                 vec![("TOKENMETER_SHUTDOWN_GRACE", "soon")],

@@ -4,6 +4,7 @@
 
 pub mod admin_http;
 pub mod app;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -13,6 +13,13 @@
 //! token_class = "input"
 //! price_per_million = "0.40"
 //! cost_per_million = "0.30"
+//! [[rates]]                  # a tiered rate: no price_per_million, a price per tier instead
+//! provider = "openai"
+//! model = "gpt-4.1"
+//! token_class = "input"
+//! cost_per_million = "1.50"
+//! tier_mode = "graduated"    # or "volume"
+//! tiers = [{ up_to_tokens = 1000000, price_per_million = "3.00" }, { price_per_million = "2.00" }]
 //! ```
 //! CSV carries the rates only (header `provider,model,token_class,price_per_million,cost_per_million`);
 //! the book, currency and start come from flags, which also override TOML values.
@@ -68,8 +75,21 @@ struct RateRecord {
     provider: String,
     model: String,
     token_class: String,
+    #[serde(default)]
     price_per_million: String,
     cost_per_million: String,
+    /// "graduated" or "volume" (TOML only).
+    #[serde(default)]
+    tier_mode: Option<String>,
+    #[serde(default)]
+    tiers: Vec<TierRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierRecord {
+    up_to_tokens: Option<i64>,
+    price_per_million: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,13 +109,32 @@ fn rate(record: RateRecord, path: &Path, line: usize) -> Result<pb::Rate, Import
         path: path.display().to_string(),
         reason: format!("rate {line}: unknown token_class {:?}", record.token_class),
     })?;
+    let tier_mode = match record.tier_mode.as_deref() {
+        None => pb::TierMode::Unspecified,
+        Some("graduated") => pb::TierMode::Graduated,
+        Some("volume") => pb::TierMode::Volume,
+        Some(other) => {
+            return Err(ImportError::Parse {
+                path: path.display().to_string(),
+                reason: format!("rate {line}: tier_mode {other:?} is not graduated or volume"),
+            });
+        }
+    };
     Ok(pb::Rate {
         provider: record.provider,
         model: record.model,
         token_class: class as i32,
         price_per_million: record.price_per_million,
         cost_per_million: record.cost_per_million,
-        ..Default::default()
+        tier_mode: tier_mode as i32,
+        tiers: record
+            .tiers
+            .into_iter()
+            .map(|t| pb::PriceTier {
+                up_to_tokens: t.up_to_tokens,
+                price_per_million: t.price_per_million,
+            })
+            .collect(),
     })
 }
 

@@ -3,10 +3,14 @@
 
 pub mod attribution;
 pub mod auth;
+pub mod invoice;
+pub mod money;
 pub mod normalize;
+pub mod period;
 pub mod pricing;
 pub mod rollup;
 pub mod tenant;
+pub mod tiers;
 pub mod tokens;
 pub mod transaction;
 pub mod usage;

@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use super::FieldError;
+use super::invoice::{Discount, Price, SlicePricing};
+use super::tiers::TierSchedule;
 use super::tokens::{TokenClass, TokenCounts};
 
 pub const MAX_PRICE_PER_MILLION: Decimal = Decimal::from_parts(100_000, 0, 0, false, 0);
@@ -90,7 +92,7 @@ pub struct Rate {
     pub cost_per_million: Decimal,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RateKey {
     pub provider: String,
     pub model: String,
@@ -104,6 +106,8 @@ pub struct PriceBookVersion {
     pub currency: String,
     pub effective_from: DateTime<Utc>,
     pub rates: HashMap<RateKey, Rate>,
+    /// Tiers of the tiered rates; their `Rate::price_per_million` is the first tier's price.
+    pub tiers: HashMap<RateKey, TierSchedule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,6 +350,83 @@ impl PricingCatalog {
         }))
     }
 
+    /// Instants strictly inside `(start, end)` where the tenant's pricing may change: its
+    /// book's version starts and its overrides' starts and ends. Invoices price the stretches
+    /// between them separately.
+    pub fn pricing_changes(
+        &self,
+        tenant_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+    ) -> Vec<DateTime<Utc>> {
+        let versions = self
+            .tenant(tenant_id)
+            .and_then(|t| self.books.get(&t.price_book_id))
+            .into_iter()
+            .flatten()
+            .map(|v| v.effective_from);
+        let overrides = self
+            .overrides
+            .get(tenant_id)
+            .into_iter()
+            .flatten()
+            .flat_map(|o| [Some(o.effective_from), o.effective_to])
+            .flatten();
+        let mut changes: Vec<DateTime<Utc>> = versions
+            .chain(overrides)
+            .filter(|at| start < *at && *at < end)
+            .collect();
+        changes.sort();
+        changes.dedup();
+        changes
+    }
+
+    /// How an invoice prices this rate key at `at`: the book's rate (flat or tiered), an
+    /// own-price override replacing it, or a discount shown as its own line. `None` when no
+    /// rate covers it (unpriced).
+    pub fn invoice_pricing(
+        &self,
+        tenant_id: &str,
+        key: &RateKey,
+        at: DateTime<Utc>,
+    ) -> Option<SlicePricing> {
+        let tenant = self.tenant(tenant_id)?;
+        let version = self.version_at(&tenant.price_book_id, at)?;
+        let list =
+            self.model_rates(&version.version_id, &key.provider, &key.model)?[key.class.index()]?;
+        let rule = self.overrides.get(tenant_id).and_then(|rules| {
+            rules
+                .iter()
+                .find(|r| r.covers(&key.provider, &key.model, key.class, at))
+        });
+        let book_price = match version.tiers.get(key) {
+            Some(schedule) => Price::Tiered(schedule.clone()),
+            None => Price::Flat(list.price_per_million),
+        };
+        let mut pricing = SlicePricing {
+            version_id: version.version_id.clone(),
+            price: book_price,
+            list_price: None,
+            override_id: None,
+            discount: None,
+        };
+        match rule.map(|r| (r, r.adjustment)) {
+            None => {}
+            Some((rule, Adjustment::OwnPrice(own))) => {
+                pricing.price = Price::Flat(own);
+                pricing.list_price = Some(list.price_per_million);
+                pricing.override_id = Some(rule.override_id.clone());
+            }
+            Some((rule, Adjustment::DiscountPercent(percent))) => {
+                pricing.discount = Some(Discount {
+                    override_id: rule.override_id.clone(),
+                    percent,
+                });
+            }
+        }
+        Some(pricing)
+    }
+
     /// Prices every class of `tokens` with the rates in force at `at`.
     pub fn price(
         &self,
@@ -455,6 +536,7 @@ mod tests {
             currency: "USD".into(),
             effective_from: from,
             rates,
+            tiers: HashMap::new(),
         }
     }
 

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod invoices;
 pub mod metrics;
 pub mod pricebook;
 pub mod reports;
@@ -28,7 +29,7 @@ use crate::ingest::transactions::TransactionRecorder;
 use crate::proto::v1::{
     admin_service_server::AdminServiceServer,
     export_service_server::{ExportService, ExportServiceServer},
-    invoice_service_server::{InvoiceService, InvoiceServiceServer},
+    invoice_service_server::InvoiceServiceServer,
     price_book_service_server::PriceBookServiceServer,
     quota_service_server::{QuotaService, QuotaServiceServer},
     report_service_server::ReportServiceServer,
@@ -37,6 +38,7 @@ use crate::proto::v1::{
 };
 use crate::telemetry::Metrics;
 use admin::AdminApi;
+use invoices::InvoiceApi;
 use metrics::GrpcMetricsLayer;
 use pricebook::PriceBookApi;
 use reports::ReportApi;
@@ -51,13 +53,11 @@ pub struct ApiState {
     pub transactions: Arc<TransactionRecorder>,
     pub ingest: IngestSettings,
     pub authenticator: Arc<auth::Authenticator>,
+    pub billing: Arc<crate::billing::Billing>,
 }
 
 pub struct QuotaApi;
 impl QuotaService for QuotaApi {}
-
-pub struct InvoiceApi;
-impl InvoiceService for InvoiceApi {}
 
 pub struct ExportApi;
 impl ExportService for ExportApi {}
@@ -234,7 +234,10 @@ pub async fn serve(
             ))
             .max_decoding_message_size(limit),
         )
-        .add_service(InvoiceServiceServer::new(InvoiceApi).max_decoding_message_size(limit))
+        .add_service(
+            InvoiceServiceServer::new(InvoiceApi::new(state.billing.clone()))
+                .max_decoding_message_size(limit),
+        )
         .add_service(
             ReportServiceServer::new(ReportApi::new(state.pool.clone()))
                 .max_decoding_message_size(limit),

@@ -20,6 +20,7 @@ use crate::domain::pricing::{
     is_valid_price_book_id, parse_discount, parse_price,
 };
 use crate::domain::tenant::is_currency_code;
+use crate::domain::tiers::{TierMode, TierSchedule};
 use crate::domain::tokens::TokenClass;
 use crate::ingest::Ingestor;
 use crate::proto::v1 as pb;
@@ -79,6 +80,7 @@ pub fn version_from_proto(
         ));
     }
     let mut rates = HashMap::new();
+    let mut tiers = HashMap::new();
     for (i, rate) in version.rates.iter().enumerate() {
         let field = |name: &str| format!("version.rates[{i}].{name}");
         if rate.provider.is_empty() || rate.provider.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -92,26 +94,37 @@ pub fn version_from_proto(
         }
         let class = TokenClass::from_proto(rate.token_class)
             .ok_or_else(|| FieldError::new(field("token_class"), "must be a token class"))?;
-        let tiered = !rate.tiers.is_empty()
-            || !matches!(
-                pb::TierMode::try_from(rate.tier_mode),
-                Ok(pb::TierMode::Unspecified | pb::TierMode::Flat)
-            );
-        if tiered {
-            return Err(FieldError::new(
-                field("tiers"),
-                "tiered rates are not supported yet (they land with invoices); use a flat price",
-            ));
-        }
         let key = RateKey {
             provider: rate.provider.clone(),
             model: rate.model.clone(),
             class,
         };
-        let parsed = Rate {
-            price_per_million: parse_price(&rate.price_per_million, &field("price_per_million"))?,
-            cost_per_million: parse_price(&rate.cost_per_million, &field("cost_per_million"))?,
+        let cost = parse_price(&rate.cost_per_million, &field("cost_per_million"))?;
+        let schedule = tier_schedule(rate, &field("tiers"), &field("tier_mode"))?;
+        let parsed = match &schedule {
+            Some(schedule) => {
+                if !rate.price_per_million.is_empty() {
+                    return Err(FieldError::new(
+                        field("price_per_million"),
+                        "must be empty when tiers are given (each tier has its price)",
+                    ));
+                }
+                Rate {
+                    price_per_million: schedule.first_price(),
+                    cost_per_million: cost,
+                }
+            }
+            None => Rate {
+                price_per_million: parse_price(
+                    &rate.price_per_million,
+                    &field("price_per_million"),
+                )?,
+                cost_per_million: cost,
+            },
         };
+        if let Some(schedule) = schedule {
+            tiers.insert(key.clone(), schedule);
+        }
         if rates.insert(key, parsed).is_some() {
             return Err(FieldError::new(
                 field("token_class"),
@@ -131,14 +144,49 @@ pub fn version_from_proto(
             currency: version.currency.clone(),
             effective_from,
             rates,
+            tiers,
         },
         description: version.description.clone(),
         created_at: now,
     })
 }
 
-fn rate_to_proto(key: &RateKey, rate: &Rate) -> pb::Rate {
-    pb::Rate {
+/// The tier schedule of a rate, if it is tiered (GRADUATED / VOLUME with tiers).
+fn tier_schedule(
+    rate: &pb::Rate,
+    tiers_field: &str,
+    mode_field: &str,
+) -> Result<Option<TierSchedule>, FieldError> {
+    let mode = match pb::TierMode::try_from(rate.tier_mode) {
+        Ok(pb::TierMode::Unspecified) if rate.tiers.is_empty() => return Ok(None),
+        Ok(pb::TierMode::Flat) => {
+            if !rate.tiers.is_empty() {
+                return Err(FieldError::new(
+                    tiers_field,
+                    "must be empty for a flat rate",
+                ));
+            }
+            return Ok(None);
+        }
+        Ok(pb::TierMode::Graduated) => TierMode::Graduated,
+        Ok(pb::TierMode::Volume) => TierMode::Volume,
+        _ => {
+            return Err(FieldError::new(
+                mode_field,
+                "must be TIER_MODE_GRADUATED or TIER_MODE_VOLUME when tiers are given",
+            ));
+        }
+    };
+    let given: Vec<(Option<i64>, &str)> = rate
+        .tiers
+        .iter()
+        .map(|t| (t.up_to_tokens, t.price_per_million.as_str()))
+        .collect();
+    TierSchedule::parse(mode, &given, tiers_field).map(Some)
+}
+
+fn rate_to_proto(key: &RateKey, rate: &Rate, tiers: Option<&TierSchedule>) -> pb::Rate {
+    let mut out = pb::Rate {
         provider: key.provider.clone(),
         model: key.model.clone(),
         token_class: key.class as i32,
@@ -146,17 +194,31 @@ fn rate_to_proto(key: &RateKey, rate: &Rate) -> pb::Rate {
         cost_per_million: rate.cost_per_million.to_string(),
         tier_mode: pb::TierMode::Flat as i32,
         tiers: Vec::new(),
+    };
+    if let Some(schedule) = tiers {
+        out.price_per_million.clear();
+        out.tier_mode = match schedule.mode() {
+            TierMode::Graduated => pb::TierMode::Graduated,
+            TierMode::Volume => pb::TierMode::Volume,
+        } as i32;
+        out.tiers = schedule
+            .tiers()
+            .iter()
+            .map(|t| pb::PriceTier {
+                up_to_tokens: t.up_to,
+                price_per_million: t.price_per_million.to_string(),
+            })
+            .collect();
     }
+    out
 }
 
 fn sorted_rates(version: &PriceBookVersion) -> Vec<pb::Rate> {
     let mut rates: Vec<(&RateKey, &Rate)> = version.rates.iter().collect();
-    rates.sort_by(|a, b| {
-        (&a.0.provider, &a.0.model, a.0.class).cmp(&(&b.0.provider, &b.0.model, b.0.class))
-    });
+    rates.sort_by(|a, b| a.0.cmp(b.0));
     rates
         .into_iter()
-        .map(|(k, r)| rate_to_proto(k, r))
+        .map(|(k, r)| rate_to_proto(k, r, version.tiers.get(k)))
         .collect()
 }
 
@@ -432,16 +494,24 @@ impl PriceBookService for PriceBookApi {
                     .effective_rate(&request.tenant_id, &key.provider, &key.model, key.class, at)
                     .map_err(|e| Status::internal(e.to_string()))?
             };
+            let tiers = version.tiers.get(*key);
+            // An own price replaces the tiers; a discount keeps them.
+            let list_price = |price: rust_decimal::Decimal| {
+                tiers.map_or_else(|| price.to_string(), |_| String::new())
+            };
             rates.push(match effective {
-                Some(e) => pb::EffectiveRate {
-                    rate: Some(rate_to_proto(key, &e.rate)),
-                    list_price_per_million: e.list_price_per_million.to_string(),
-                    override_id: e.override_id,
-                    discount_percent: e.discount_percent.map(|d| d.to_string()),
-                },
+                Some(e) => {
+                    let own_price = e.override_id.is_some() && e.discount_percent.is_none();
+                    pb::EffectiveRate {
+                        rate: Some(rate_to_proto(key, &e.rate, tiers.filter(|_| !own_price))),
+                        list_price_per_million: list_price(e.list_price_per_million),
+                        override_id: e.override_id,
+                        discount_percent: e.discount_percent.map(|d| d.to_string()),
+                    }
+                }
                 None => pb::EffectiveRate {
-                    rate: Some(rate_to_proto(key, &list)),
-                    list_price_per_million: list.price_per_million.to_string(),
+                    rate: Some(rate_to_proto(key, &list, tiers)),
+                    list_price_per_million: list_price(list.price_per_million),
                     override_id: None,
                     discount_percent: None,
                 },

@@ -10,6 +10,7 @@ use super::StoreError;
 use crate::domain::pricing::{
     Adjustment, PriceBookVersion, PriceOverride, PricingCatalog, Rate, RateKey, TenantPricing,
 };
+use crate::domain::tiers::{Tier, TierMode, TierSchedule};
 use crate::domain::tokens::TokenClass;
 
 /// Moves whenever prices, overrides or tenants change (triggers in migration 0002).
@@ -32,10 +33,19 @@ pub struct StoredVersion {
 type VersionRow = (String, String, String, DateTime<Utc>, String, DateTime<Utc>);
 type RateRow = (String, String, String, i16, Decimal, Decimal);
 
+/// Rates and tier schedules of some versions.
+#[derive(Default)]
+struct VersionRates {
+    rates: HashMap<RateKey, Rate>,
+    tiers: HashMap<RateKey, TierSchedule>,
+}
+
+type TierRow = (String, String, String, i16, String, Option<i64>, Decimal);
+
 async fn rates_of(
     pool: &PgPool,
     version_ids: &[String],
-) -> Result<HashMap<String, HashMap<RateKey, Rate>>, StoreError> {
+) -> Result<HashMap<String, VersionRates>, StoreError> {
     let rows: Vec<RateRow> = sqlx::query_as(
         "SELECT version_id, provider, model, token_class, price_per_million, cost_per_million
          FROM price_book_rates WHERE version_id = ANY($1)",
@@ -43,12 +53,12 @@ async fn rates_of(
     .bind(version_ids)
     .fetch_all(pool)
     .await?;
-    let mut by_version: HashMap<String, HashMap<RateKey, Rate>> = HashMap::new();
+    let mut by_version: HashMap<String, VersionRates> = HashMap::new();
     for (version_id, provider, model, class, price, cost) in rows {
         let Some(class) = TokenClass::from_proto(i32::from(class)) else {
             continue;
         };
-        by_version.entry(version_id).or_default().insert(
+        by_version.entry(version_id).or_default().rates.insert(
             RateKey {
                 provider,
                 model,
@@ -60,13 +70,49 @@ async fn rates_of(
             },
         );
     }
+    let tiers: Vec<TierRow> = sqlx::query_as(
+        "SELECT t.version_id, t.provider, t.model, t.token_class, r.tier_mode, t.up_to_tokens,
+                t.price_per_million
+         FROM price_book_rate_tiers t JOIN price_book_rates r USING (version_id, provider, model, token_class)
+         WHERE t.version_id = ANY($1)
+         ORDER BY t.version_id, t.provider, t.model, t.token_class, t.tier_index",
+    )
+    .bind(version_ids)
+    .fetch_all(pool)
+    .await?;
+    let mut schedules: HashMap<(String, RateKey), (TierMode, Vec<Tier>)> = HashMap::new();
+    for (version_id, provider, model, class, mode, up_to, price) in tiers {
+        let (Some(class), Some(mode)) = (
+            TokenClass::from_proto(i32::from(class)),
+            TierMode::parse(&mode),
+        ) else {
+            continue;
+        };
+        let key = RateKey {
+            provider,
+            model,
+            class,
+        };
+        schedules
+            .entry((version_id, key))
+            .or_insert_with(|| (mode, Vec::new()))
+            .1
+            .push(Tier {
+                up_to,
+                price_per_million: price,
+            });
+    }
+    for ((version_id, key), (mode, tiers)) in schedules {
+        by_version
+            .entry(version_id)
+            .or_default()
+            .tiers
+            .insert(key, TierSchedule::from_stored(mode, tiers));
+    }
     Ok(by_version)
 }
 
-fn assemble(
-    rows: Vec<VersionRow>,
-    mut rates: HashMap<String, HashMap<RateKey, Rate>>,
-) -> Vec<StoredVersion> {
+fn assemble(rows: Vec<VersionRow>, mut rates: HashMap<String, VersionRates>) -> Vec<StoredVersion> {
     rows.into_iter()
         .map(
             |(version_id, price_book_id, currency, effective_from, description, created_at)| {
@@ -77,7 +123,8 @@ fn assemble(
                         price_book_id,
                         currency,
                         effective_from,
-                        rates: version_rates,
+                        rates: version_rates.rates,
+                        tiers: version_rates.tiers,
                     },
                     description,
                     created_at,
@@ -187,6 +234,43 @@ pub async fn insert_version(
     .bind(keys.iter().map(|(k, _)| k.class as i16).collect::<Vec<_>>())
     .bind(keys.iter().map(|(_, r)| r.price_per_million).collect::<Vec<_>>())
     .bind(keys.iter().map(|(_, r)| r.cost_per_million).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    let mut tiered: Vec<(&RateKey, &TierSchedule)> = version.tiers.iter().collect();
+    tiered.sort_by(|a, b| a.0.cmp(b.0));
+    sqlx::query(
+        "UPDATE price_book_rates r SET tier_mode = m.mode
+         FROM unnest($2::text[], $3::text[], $4::int2[], $5::text[]) AS m(provider, model, token_class, mode)
+         WHERE r.version_id = $1 AND (r.provider, r.model, r.token_class) = (m.provider, m.model, m.token_class)",
+    )
+    .bind(&version.version_id)
+    .bind(tiered.iter().map(|(k, _)| k.provider.as_str()).collect::<Vec<_>>())
+    .bind(tiered.iter().map(|(k, _)| k.model.as_str()).collect::<Vec<_>>())
+    .bind(tiered.iter().map(|(k, _)| k.class as i16).collect::<Vec<_>>())
+    .bind(tiered.iter().map(|(_, t)| t.mode().as_str()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    let tier_rows: Vec<(&RateKey, usize, &Tier)> = tiered
+        .iter()
+        .flat_map(|(k, schedule)| {
+            schedule
+                .tiers()
+                .iter()
+                .enumerate()
+                .map(move |(i, t)| (*k, i, t))
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO price_book_rate_tiers (version_id, provider, model, token_class, tier_index, up_to_tokens, price_per_million)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int2[], $5::int2[], $6::int8[], $7::numeric[])",
+    )
+    .bind(&version.version_id)
+    .bind(tier_rows.iter().map(|(k, _, _)| k.provider.as_str()).collect::<Vec<_>>())
+    .bind(tier_rows.iter().map(|(k, _, _)| k.model.as_str()).collect::<Vec<_>>())
+    .bind(tier_rows.iter().map(|(k, _, _)| k.class as i16).collect::<Vec<_>>())
+    .bind(tier_rows.iter().map(|(_, i, _)| i16::try_from(*i).unwrap_or(i16::MAX)).collect::<Vec<_>>())
+    .bind(tier_rows.iter().map(|(_, _, t)| t.up_to).collect::<Vec<_>>())
+    .bind(tier_rows.iter().map(|(_, _, t)| t.price_per_million).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

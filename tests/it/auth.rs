@@ -5,6 +5,7 @@
 use tokenmeter::proto::v1 as pb;
 use tonic::Code;
 
+use crate::billing::month;
 use crate::helpers::spawn_app;
 use crate::usage_support::{Clients, event, hour, ts, unique};
 
@@ -36,9 +37,67 @@ async fn key(
     (response.api_key.expect("key").key_id, response.secret)
 }
 
+/// Invoices of the tenant under test: one finalized, one finalized to void.
+struct Invoices {
+    finalized: String,
+    to_void: String,
+}
+
 /// Calls one RPC for `tenant` and returns its status code.
-async fn call(api: &mut Clients, rpc: &str, tenant: &str) -> Code {
+async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -> Code {
     let result = match rpc {
+        "PreviewInvoice" => api
+            .invoices
+            .preview_invoice(pb::PreviewInvoiceRequest {
+                tenant_id: tenant.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "ListInvoices" => api
+            .invoices
+            .list_invoices(pb::ListInvoicesRequest {
+                tenant_ids: vec![tenant.to_owned()],
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "GetInvoice" => api
+            .invoices
+            .get_invoice(pb::GetInvoiceRequest {
+                tenant_id: tenant.to_owned(),
+                invoice_id: invoices.finalized.clone(),
+            })
+            .await
+            .map(|_| ()),
+        "FinalizeInvoice" => api
+            .invoices
+            .finalize_invoice(pb::FinalizeInvoiceRequest {
+                tenant_id: tenant.to_owned(),
+                invoice_id: invoices.finalized.clone(),
+                ignore_grace_period: true,
+            })
+            .await
+            .map(|_| ()),
+        "VoidInvoice" => api
+            .invoices
+            .void_invoice(pb::VoidInvoiceRequest {
+                tenant_id: tenant.to_owned(),
+                invoice_id: invoices.to_void.clone(),
+                reason: "auth test".into(),
+            })
+            .await
+            .map(|_| ()),
+        "ClosePeriod" => api
+            .invoices
+            .close_period(pb::ClosePeriodRequest {
+                period: month(3).label.to_string(),
+                tenant_ids: vec![tenant.to_owned()],
+                ignore_grace_period: true,
+                dry_run: false,
+            })
+            .await
+            .map(|_| ()),
         "IngestUsage" => api
             .usage
             .ingest_usage(pb::IngestUsageRequest {
@@ -158,7 +217,45 @@ const RPCS: &[(&str, pb::ApiKeyScope)] = &[
     ("RecordTransactionEvents", pb::ApiKeyScope::Ingest),
     ("GetTransaction", pb::ApiKeyScope::Read),
     ("ListTransactions", pb::ApiKeyScope::Read),
+    ("PreviewInvoice", pb::ApiKeyScope::Read),
+    ("ListInvoices", pb::ApiKeyScope::Read),
+    ("GetInvoice", pb::ApiKeyScope::Read),
+    ("FinalizeInvoice", pb::ApiKeyScope::Admin),
+    ("VoidInvoice", pb::ApiKeyScope::Admin),
+    ("ClosePeriod", pb::ApiKeyScope::Admin),
 ];
+
+/// Finalizes an invoice of `tenant` for the month `months_ago` back (with one event in it).
+async fn finalized_invoice(admin: &mut Clients, tenant: &str, months_ago: u32) -> String {
+    let period = month(months_ago);
+    let mut late = event(tenant, &unique("e"), 5, 5);
+    late.occurred_at = Some(ts(period.start + chrono::Duration::days(2)));
+    admin.ingest(vec![late]).await;
+    admin
+        .invoices
+        .close_period(pb::ClosePeriodRequest {
+            period: period.label.to_string(),
+            tenant_ids: vec![tenant.to_owned()],
+            ignore_grace_period: true,
+            dry_run: false,
+        })
+        .await
+        .expect("close");
+    admin
+        .invoices
+        .list_invoices(pb::ListInvoicesRequest {
+            tenant_ids: vec![tenant.to_owned()],
+            period: period.label.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .invoices
+        .pop()
+        .expect("finalized invoice")
+        .invoice_id
+}
 
 #[tokio::test]
 async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
@@ -174,6 +271,10 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
         pb::ApiKeyScope::Admin,
     ];
     let (_, of_b) = key(&mut admin, &all_scopes, &[&b]).await;
+    let invoices = Invoices {
+        finalized: finalized_invoice(&mut admin, &a, 1).await,
+        to_void: finalized_invoice(&mut admin, &a, 2).await,
+    };
     let (revoked_id, revoked) = key(&mut admin, &all_scopes, &[&a]).await;
     admin
         .admin
@@ -212,11 +313,15 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
         ];
         for (case, secret, expected) in cases {
             let mut api = Clients::with_key(channel.clone(), secret);
-            assert_eq!(call(&mut api, rpc, &a).await, expected, "{rpc} with {case}");
+            assert_eq!(
+                call(&mut api, rpc, &a, &invoices).await,
+                expected,
+                "{rpc} with {case}"
+            );
         }
         let mut allowed = Clients::with_key(channel.clone(), Some(&scoped));
         assert_eq!(
-            call(&mut allowed, rpc, &a).await,
+            call(&mut allowed, rpc, &a, &invoices).await,
             Code::Ok,
             "{rpc} with its own scope"
         );
@@ -241,7 +346,8 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
             .fetch_one(&app.pool)
             .await
             .expect("count");
-    assert_eq!((events, overrides, lifecycle), (1, 1, 1));
+    // Plus the two usage events behind the invoices of the setup.
+    assert_eq!((events, overrides, lifecycle), (1 + 2, 1, 1));
     app.stop().await.expect("clean shutdown");
 }
 

@@ -3,6 +3,7 @@
 
 mod attribution;
 mod auth;
+mod billing;
 mod cli;
 mod crash;
 mod exactly_once;

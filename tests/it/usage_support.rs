@@ -3,6 +3,7 @@
 use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::admin_service_client::AdminServiceClient;
+use tokenmeter::proto::v1::invoice_service_client::InvoiceServiceClient;
 use tokenmeter::proto::v1::price_book_service_client::PriceBookServiceClient;
 use tokenmeter::proto::v1::report_service_client::ReportServiceClient;
 use tokenmeter::proto::v1::transaction_service_client::TransactionServiceClient;
@@ -58,6 +59,7 @@ pub struct Clients {
     pub prices: PriceBookServiceClient<Authed>,
     pub reports: ReportServiceClient<Authed>,
     pub transactions: TransactionServiceClient<Authed>,
+    pub invoices: InvoiceServiceClient<Authed>,
 }
 
 impl Clients {
@@ -74,7 +76,8 @@ impl Clients {
             admin: AdminServiceClient::new(channel.clone()),
             prices: PriceBookServiceClient::new(channel.clone()),
             reports: ReportServiceClient::new(channel.clone()),
-            transactions: TransactionServiceClient::new(channel),
+            transactions: TransactionServiceClient::new(channel.clone()),
+            invoices: InvoiceServiceClient::new(channel),
         }
     }
 

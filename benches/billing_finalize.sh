@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Monthly invoice finalization benchmark (DESIGN §7, issue 6): seeds a fresh database with
+# TENANTS tenants whose last calendar month has hourly rollups over a realistic spread of models
+# and token classes (SQL, no ingest), then times `tokenmeter bill close --period <last month>`
+# with the release binary, checks that every tenant got exactly one finalized invoice with
+# gap-free numbers, and prints elapsed seconds, invoices/s and the machine.
+#
+#   benches/billing_finalize.sh            # from anywhere; seeding takes a minute or two
+#
+# Environment (all optional):
+#   TENANTS=10000  MODELS_PER_TENANT=3  HOURS_PER_DAY=1 (rollup rows per model × class × day)
+#   KEEP_DATABASES=1 (do not drop the database)  SKIP_BUILD=1 (use the existing binary)
+#
+# Exit status: non-zero if anything fails or the invoices are wrong; missing the target is
+# reported, not fatal. Figures are kept under target/bench/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TENANTS="${TENANTS:-10000}"
+MODELS_PER_TENANT="${MODELS_PER_TENANT:-3}"
+HOURS_PER_DAY="${HOURS_PER_DAY:-1}"
+TARGET_SECONDS=10
+
+log() { echo "bench: $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+# shellcheck source=deploy/local/deps.sh
+source deploy/local/deps.sh
+
+# --- machine ------------------------------------------------------------------------------------
+cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
+[[ -n "$cpu_model" ]] || cpu_model="$(uname -m)"
+mem_total_kib="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+machine="nproc $(nproc), CPU ${cpu_model}, memory $(awk -v k="$mem_total_kib" 'BEGIN {printf "%.1f GiB", k / 1048576}'), kernel $(uname -r)"
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit (with uncommitted changes)"; fi
+
+# --- dependencies and build ------------------------------------------------------------------
+PSQL="$(command -v psql || find /usr/lib/postgresql -path '*/bin/psql' 2>/dev/null | sort -V | tail -1)"
+[[ -x "$PSQL" ]] || die "psql not found"
+psql_q() { "$PSQL" "$1" -X -v ON_ERROR_STOP=1 -qtA "${@:2}"; }
+base_url="$(deploy/local/postgres.sh url)"
+# A Postgres already serving that URL (another checkout's cluster, CI's) is used as it is.
+psql_q "$base_url" -c 'SELECT 1' >/dev/null 2>&1 || deploy/local/postgres.sh start
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+  cargo build --release --locked
+fi
+bin=target/release/tokenmeter
+[[ -x "$bin" ]] || die "$bin is missing; build it with cargo build --release --locked"
+# The binary reads every TOKENMETER_* variable as a setting and rejects unknown ones, so the
+# deploy scripts' own variables are hidden from it.
+tm_env=()
+while read -r name; do
+  rest="${name#TOKENMETER_}"
+  [[ "$rest" == *__* || "$rest" == SHUTDOWN_GRACE ]] || tm_env+=(-u "$name")
+done < <(compgen -e | grep '^TOKENMETER_' || true)
+
+pg_version="$(psql_q "$base_url" -c 'SHOW server_version')"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+bench_db="tm_bench_billing_$(date +%s)_$$"
+bench_url="${base_url%/*}/$bench_db"
+out_dir="target/bench"
+mkdir -p "$out_dir"
+figures_txt="$out_dir/billing_finalize-$stamp.txt"
+
+cleanup() {
+  local rc=$?
+  if [[ "${KEEP_DATABASES:-0}" == 1 ]]; then
+    log "kept database $bench_db"
+  else
+    # Autovacuum may still be analyzing the fresh tables, and only a superuser may end it.
+    local dropped=0
+    for _ in $(seq 1 30); do
+      if psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$bench_db\" WITH (FORCE)" >/dev/null 2>&1; then
+        dropped=1; break
+      fi
+      sleep 2
+    done
+    ((dropped)) || log "could not drop database $bench_db"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+psql_q "$base_url" -c "CREATE DATABASE \"$bench_db\""
+env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn "$bin" migrate
+
+# The last whole calendar month (UTC): ended, so it can be closed.
+period="$(date -u -d "$(date -u +%Y-%m-01) -1 month" +%Y-%m)"
+period_start="${period}-01T00:00:00Z"
+log "seeding $TENANTS tenants × $MODELS_PER_TENANT models for period $period"
+
+seed_started=$(date +%s.%N)
+psql_q "$bench_url" <<SQL
+-- One book: eight models, five classes each; one model's input is graduated, one's output volume.
+INSERT INTO price_book_versions (version_id, price_book_id, currency, effective_from)
+VALUES ('bench-v1', 'default', 'USD', timestamptz '$period_start' - interval '1 year');
+INSERT INTO price_book_rates (version_id, provider, model, token_class, price_per_million,
+                              cost_per_million, tier_mode)
+SELECT 'bench-v1', m.provider, m.model, c.class, m.base * c.factor, m.base * c.factor * 0.7,
+       CASE WHEN m.model = 'gpt-4.1' AND c.class = 1 THEN 'graduated'
+            WHEN m.model = 'claude-sonnet-4-5' AND c.class = 5 THEN 'volume' ELSE 'flat' END
+FROM (VALUES ('openai', 'gpt-4.1', 2.00), ('openai', 'gpt-4.1-mini', 0.40),
+             ('openai', 'gpt-4o', 2.50), ('openai', 'o3', 2.00),
+             ('anthropic', 'claude-sonnet-4-5', 3.00), ('anthropic', 'claude-haiku-4-5', 1.00),
+             ('google', 'gemini-2.5-pro', 1.25), ('google', 'gemini-2.5-flash', 0.30))
+     AS m(provider, model, base)
+CROSS JOIN (VALUES (1::int2, 1.0), (2::int2, 0.1), (3::int2, 1.25), (5::int2, 4.0), (6::int2, 4.0))
+     AS c(class, factor);
+INSERT INTO price_book_rate_tiers VALUES
+    ('bench-v1', 'openai', 'gpt-4.1', 1, 0, 1000000, 2.00),
+    ('bench-v1', 'openai', 'gpt-4.1', 1, 1, 10000000, 1.60),
+    ('bench-v1', 'openai', 'gpt-4.1', 1, 2, NULL, 1.20),
+    ('bench-v1', 'anthropic', 'claude-sonnet-4-5', 5, 0, 500000, 12.00),
+    ('bench-v1', 'anthropic', 'claude-sonnet-4-5', 5, 1, NULL, 10.00);
+
+-- Tenants: a third taxed, a tenth with a discount, all created before the period.
+INSERT INTO tenants (tenant_id, name, currency, tax_rate_percent, created_at)
+SELECT format('bench-%s', lpad(i::text, 6, '0')), format('bench tenant %s', i), 'USD',
+       CASE WHEN i % 3 = 0 THEN 19 END, timestamptz '$period_start' - interval '10 days'
+FROM generate_series(1, $TENANTS) AS i;
+INSERT INTO tenant_price_overrides (override_id, tenant_id, discount_percent, effective_from)
+SELECT format('bench-d%s', i), format('bench-%s', lpad(i::text, 6, '0')), 10,
+       timestamptz '$period_start' - interval '10 days'
+FROM generate_series(10, $TENANTS, 10) AS i;
+
+-- Rollups: each tenant uses MODELS_PER_TENANT of the eight models (varying by tenant), every
+-- priced class of them, HOURS_PER_DAY hours a day, every day of the month.
+WITH models AS (
+    SELECT provider, model, row_number() OVER (ORDER BY model) - 1 AS n
+    FROM (SELECT DISTINCT provider, model FROM price_book_rates) AS d
+), days AS (
+    SELECT generate_series(timestamptz '$period_start',
+                           timestamptz '$period_start' + interval '1 month' - interval '1 day',
+                           interval '1 day') AS day
+)
+INSERT INTO usage_rollups (tenant_id, hour, agent_id, transaction_id, service, provider, model,
+    token_class, currency, tokens, billed_amount, cost_amount, unpriced_tokens, class_events,
+    class_unpriced_events, events, unpriced_events)
+SELECT format('bench-%s', lpad(t::text, 6, '0')), d.day + make_interval(hours => h * 7),
+       'agent-1', '', '', m.provider, m.model, c.class, 'USD',
+       (1000 + (t * 7919 + h * 104729 + c.class * 1299709) % 40000) * c.scale,
+       0, 0, 0, 10, 0, CASE WHEN c.class = 1 THEN 10 ELSE 0 END, 0
+FROM generate_series(1, $TENANTS) AS t
+CROSS JOIN generate_series(0, $MODELS_PER_TENANT - 1) AS k
+JOIN models m ON m.n = (t + k * 3) % 8
+CROSS JOIN days d
+CROSS JOIN generate_series(0, $HOURS_PER_DAY - 1) AS h
+CROSS JOIN (VALUES (1::int2, 20), (2::int2, 60), (3::int2, 5), (5::int2, 4), (6::int2, 2)) AS c(class, scale)
+WHERE c.class <> 6 OR m.model IN ('o3', 'gemini-2.5-pro', 'claude-sonnet-4-5');
+-- A month that has ended is old data: vacuumed (hint bits set) and analyzed, as in production.
+VACUUM (ANALYZE) usage_rollups; ANALYZE tenants; ANALYZE price_book_rates;
+SQL
+seed_s="$(echo "$(date +%s.%N) - $seed_started" | bc)"
+rollup_rows="$(psql_q "$bench_url" -c 'SELECT count(*) FROM usage_rollups')"
+log "seeded $rollup_rows rollup rows in ${seed_s}s"
+
+# --- the measured run ------------------------------------------------------------------------
+# Other work on the box moves this figure a lot on 2 cores: the load average is printed with it.
+load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
+started=$(date +%s.%N)
+env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn \
+  "$bin" bill close --period "$period" --ignore-grace-period
+elapsed="$(echo "$(date +%s.%N) - $started" | bc)"
+
+# --- checks -------------------------------------------------------------------------------------
+read -r invoices tenants_billed max_number lines total <<<"$(psql_q "$bench_url" -F ' ' -c "
+  SELECT count(*), count(DISTINCT tenant_id), max(substring(number from '[0-9]+\$')::int),
+         (SELECT count(*) FROM invoice_lines), sum(total)
+  FROM invoices WHERE state = 'finalized' AND period_label = '$period'")"
+[[ "$invoices" == "$TENANTS" && "$tenants_billed" == "$TENANTS" ]] \
+  || die "expected $TENANTS finalized invoices, one per tenant; got $invoices for $tenants_billed tenants"
+[[ "$max_number" == "$TENANTS" ]] || die "numbers are not gap-free: highest is $max_number for $invoices invoices"
+mismatched="$(psql_q "$bench_url" -c "
+  SELECT count(*) FROM invoices i
+  WHERE i.total <> (SELECT coalesce(sum(amount), 0) FROM invoice_lines l WHERE l.invoice_id = i.invoice_id)")"
+[[ "$mismatched" == 0 ]] || die "$mismatched invoices whose total is not the sum of their lines"
+
+per_s="$(echo "scale=0; $invoices / $elapsed" | bc)"
+met="met"
+(($(echo "$elapsed > $TARGET_SECONDS" | bc))) && met="NOT MET"
+{
+  echo "billing finalize benchmark — $stamp, commit $commit"
+  echo "machine: $machine; postgres $pg_version; load average before the run $load_before"
+  echo "period $period: $TENANTS tenants, $rollup_rows rollup rows (seeded in ${seed_s}s)"
+  echo "finalized: $invoices invoices, $lines lines, numbers 1..$max_number gap-free, Σ totals $total USD"
+  printf 'elapsed: %.2f s (target ≤ %s s: %s); %s invoices/s\n' "$elapsed" "$TARGET_SECONDS" "$met" "$per_s"
+} | tee "$figures_txt"

@@ -1,0 +1,927 @@
+//! Invoice arithmetic: usage of a period (per provider × model × class, in time-ordered slices
+//! of constant pricing) and late-usage differences of closed periods become lines; each line is
+//! rounded once to the currency's minor unit, and every total is a sum of rounded lines.
+//!
+//! The contract is spelled out on `InvoiceService` in `invoices.proto`:
+//! USAGE / TIER precise = quantity × unit price / 1M; DISCOUNT = −percent/100 × Σ precise of the
+//! lines it covers; ADJUSTMENT = what a closed period costs now − what its invoices billed;
+//! TAX = rate/100 × (subtotal + discount), both sums of rounded lines.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use super::money::Currency;
+use super::period::BillingPeriod;
+use super::pricing::{RateKey, amount};
+use super::tenant::RoundingMode;
+use super::tiers::TierSchedule;
+
+const ONE_HUNDRED: Decimal = Decimal::from_parts(100, 0, 0, false, 0);
+const ONE_MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvoiceError {
+    #[error("invoice amount overflows exact decimal range")]
+    Overflow,
+}
+
+/// draft (recomputed as usage arrives) → finalized (immutable, numbered) → void (replaced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvoiceState {
+    Draft,
+    Finalized,
+    Void,
+}
+
+impl InvoiceState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            InvoiceState::Draft => "draft",
+            InvoiceState::Finalized => "finalized",
+            InvoiceState::Void => "void",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            InvoiceState::Draft,
+            InvoiceState::Finalized,
+            InvoiceState::Void,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+}
+
+/// How a rate prices tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Price {
+    Flat(Decimal),
+    Tiered(TierSchedule),
+}
+
+/// A tenant discount in force: it becomes one DISCOUNT line over the lines it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discount {
+    pub override_id: String,
+    pub percent: Decimal,
+}
+
+/// The pricing of one (provider, model, class) over a stretch of the period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePricing {
+    pub version_id: String,
+    /// After an own-price override (which replaces tiers); before discounts.
+    pub price: Price,
+    /// The book's flat price when an own-price override replaced it.
+    pub list_price: Option<Decimal>,
+    /// The own-price override that applied.
+    pub override_id: Option<String>,
+    pub discount: Option<Discount>,
+}
+
+/// Tokens of one stretch; `pricing` is `None` where no rate covered them (unpriced, never zero).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSlice {
+    pub pricing: Option<SlicePricing>,
+    pub quantity: i64,
+    /// Event × class pairs behind the tokens, to surface unpriced usage.
+    pub events: i64,
+}
+
+/// A period's usage of one rate key, slices in time order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key: RateKey,
+    pub slices: Vec<UsageSlice>,
+}
+
+/// What a period's usage of one key amounts to: priced tokens and the precise amount after
+/// discounts. Finalized invoices store these so later changes are billed as differences.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub quantity: i64,
+    pub amount: Decimal,
+}
+
+/// A closed period's usage as computed now (`expected`) against what non-void invoices billed
+/// for it (`billed`); the difference lands as ADJUSTMENT lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    pub period: BillingPeriod,
+    pub expected: BTreeMap<RateKey, Charge>,
+    pub billed: BTreeMap<RateKey, Charge>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LineKind {
+    Usage,
+    Tier,
+    Adjustment,
+    Discount,
+    Tax,
+}
+
+impl LineKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LineKind::Usage => "usage",
+            LineKind::Tier => "tier",
+            LineKind::Adjustment => "adjustment",
+            LineKind::Discount => "discount",
+            LineKind::Tax => "tax",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            LineKind::Usage,
+            LineKind::Tier,
+            LineKind::Adjustment,
+            LineKind::Discount,
+            LineKind::Tax,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub kind: LineKind,
+    pub description: String,
+    pub key: Option<RateKey>,
+    pub quantity: i64,
+    pub unit_price: Decimal,
+    /// Exact, before rounding.
+    pub precise: Decimal,
+    /// `precise` rounded once: the billed figure.
+    pub amount: Decimal,
+    /// TIER: `[from, up_to)`.
+    pub tier: Option<(i64, Option<i64>)>,
+    pub original_period: Option<BillingPeriod>,
+    pub list_unit_price: Option<Decimal>,
+    pub discount_percent: Option<Decimal>,
+    pub tax_rate_percent: Option<Decimal>,
+    pub base_amount: Option<Decimal>,
+    pub version_id: Option<String>,
+    pub override_id: Option<String>,
+}
+
+impl Line {
+    fn new(kind: LineKind, description: String, precise: Decimal) -> Self {
+        Self {
+            kind,
+            description,
+            key: None,
+            quantity: 0,
+            unit_price: Decimal::ZERO,
+            precise,
+            amount: Decimal::ZERO,
+            tier: None,
+            original_period: None,
+            list_unit_price: None,
+            discount_percent: None,
+            tax_rate_percent: None,
+            base_amount: None,
+            version_id: None,
+            override_id: None,
+        }
+    }
+}
+
+/// What the invoice is rounded and taxed with, fixed on the invoice when it is computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terms {
+    pub currency: Currency,
+    pub rounding: RoundingMode,
+    pub tax_rate_percent: Option<Decimal>,
+}
+
+/// One billed (period, key) difference, stored when the invoice is finalized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BilledUsage {
+    pub period: BillingPeriod,
+    pub key: RateKey,
+    pub charge: Charge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComputedInvoice {
+    pub lines: Vec<Line>,
+    pub subtotal: Decimal,
+    pub discount: Decimal,
+    pub tax: Decimal,
+    pub credit: Decimal,
+    pub total: Decimal,
+    pub unpriced_tokens: i64,
+    pub unpriced_events: i64,
+    pub billed: Vec<BilledUsage>,
+}
+
+/// The USAGE / TIER lines of a period, its discounts, and what each key amounts to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeriodCharges {
+    pub lines: Vec<Line>,
+    /// override id → (percent, Σ precise of the lines it covers)
+    pub discounts: BTreeMap<String, (Decimal, Decimal)>,
+    pub per_key: BTreeMap<RateKey, Charge>,
+    pub unpriced_tokens: i64,
+    pub unpriced_events: i64,
+}
+
+fn add(a: Decimal, b: Decimal) -> Result<Decimal, InvoiceError> {
+    a.checked_add(b).ok_or(InvoiceError::Overflow)
+}
+
+fn percent_of(percent: Decimal, base: Decimal) -> Result<Decimal, InvoiceError> {
+    percent
+        .checked_mul(base)
+        .and_then(|v| v.checked_div(ONE_HUNDRED))
+        .ok_or(InvoiceError::Overflow)
+}
+
+fn label(key: &RateKey) -> String {
+    format!("{} · {}", key.model, key.class.as_str().replace('_', " "))
+}
+
+/// `12345678` → `12,345,678`.
+fn grouped(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+/// Prices a period's usage: one USAGE line per flat slice, one TIER line per tier a tiered
+/// slice reaches. Consecutive slices with equal pricing are merged first, so a boundary that
+/// does not change this key's price (another key's override, say) does not split its line.
+pub fn charge_period(usage: &[KeyUsage]) -> Result<PeriodCharges, InvoiceError> {
+    let mut out = PeriodCharges::default();
+    let mut keys: Vec<&KeyUsage> = usage.iter().collect();
+    keys.sort_by(|a, b| a.key.cmp(&b.key));
+    for key_usage in keys {
+        let key = &key_usage.key;
+        let mut merged: Vec<UsageSlice> = Vec::new();
+        for slice in &key_usage.slices {
+            match merged.last_mut() {
+                Some(last) if last.pricing == slice.pricing => {
+                    last.quantity += slice.quantity;
+                    last.events += slice.events;
+                }
+                _ => merged.push(slice.clone()),
+            }
+        }
+        let total: i64 = merged
+            .iter()
+            .filter(|s| s.pricing.is_some())
+            .map(|s| s.quantity)
+            .sum();
+        let mut before = 0;
+        let mut charge = Charge::default();
+        for slice in merged.iter().filter(|s| s.quantity > 0) {
+            let Some(pricing) = &slice.pricing else {
+                out.unpriced_tokens += slice.quantity;
+                out.unpriced_events += slice.events;
+                continue;
+            };
+            let mut lines = Vec::new();
+            match &pricing.price {
+                Price::Flat(unit) => {
+                    let mut line = Line::new(
+                        LineKind::Usage,
+                        label(key),
+                        amount(slice.quantity, *unit).map_err(|_| InvoiceError::Overflow)?,
+                    );
+                    line.quantity = slice.quantity;
+                    line.unit_price = *unit;
+                    line.list_unit_price = pricing.list_price;
+                    lines.push(line);
+                }
+                Price::Tiered(schedule) => {
+                    for tier in schedule.slices(before, slice.quantity, total) {
+                        let bounds = match tier.up_to {
+                            Some(up_to) => format!("{}–{}", grouped(tier.from), grouped(up_to)),
+                            None => format!("{}+", grouped(tier.from)),
+                        };
+                        let mut line = Line::new(
+                            LineKind::Tier,
+                            format!("{} · tier {bounds}", label(key)),
+                            amount(tier.quantity, tier.price_per_million)
+                                .map_err(|_| InvoiceError::Overflow)?,
+                        );
+                        line.quantity = tier.quantity;
+                        line.unit_price = tier.price_per_million;
+                        line.tier = Some((tier.from, tier.up_to));
+                        lines.push(line);
+                    }
+                }
+            }
+            before += slice.quantity;
+            charge.quantity += slice.quantity;
+            for mut line in lines {
+                line.key = Some(key.clone());
+                line.version_id = Some(pricing.version_id.clone());
+                line.override_id = pricing.override_id.clone();
+                charge.amount = add(charge.amount, line.precise)?;
+                if let Some(discount) = &pricing.discount {
+                    let entry = out
+                        .discounts
+                        .entry(discount.override_id.clone())
+                        .or_insert((discount.percent, Decimal::ZERO));
+                    entry.1 = add(entry.1, line.precise)?;
+                    charge.amount =
+                        add(charge.amount, -percent_of(discount.percent, line.precise)?)?;
+                }
+                out.lines.push(line);
+            }
+        }
+        if charge.quantity > 0 {
+            out.per_key.insert(key.clone(), charge);
+        }
+    }
+    Ok(out)
+}
+
+/// The difference between two charges of a key: what is still to bill.
+fn difference(expected: Charge, billed: Charge) -> Result<Charge, InvoiceError> {
+    Ok(Charge {
+        quantity: expected.quantity - billed.quantity,
+        amount: expected
+            .amount
+            .checked_sub(billed.amount)
+            .ok_or(InvoiceError::Overflow)?,
+    })
+}
+
+/// Builds the invoice: the period's lines, adjustment lines for closed periods, discounts, tax;
+/// rounds each line once and sums the rounded lines.
+pub fn compute_invoice(
+    terms: &Terms,
+    period: BillingPeriod,
+    usage: &[KeyUsage],
+    adjustments: &[Adjustment],
+) -> Result<ComputedInvoice, InvoiceError> {
+    let charges = charge_period(usage)?;
+    let mut lines = charges.lines;
+    let mut billed: Vec<BilledUsage> = charges
+        .per_key
+        .iter()
+        .map(|(key, charge)| BilledUsage {
+            period,
+            key: key.clone(),
+            charge: *charge,
+        })
+        .collect();
+
+    let mut sorted: Vec<&Adjustment> = adjustments.iter().collect();
+    sorted.sort_by_key(|a| a.period.start);
+    for adjustment in sorted {
+        let mut keys: Vec<&RateKey> = adjustment
+            .expected
+            .keys()
+            .chain(adjustment.billed.keys())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let delta = difference(
+                adjustment.expected.get(key).copied().unwrap_or_default(),
+                adjustment.billed.get(key).copied().unwrap_or_default(),
+            )?;
+            if delta.quantity == 0 && delta.amount.is_zero() {
+                continue;
+            }
+            let mut line = Line::new(
+                LineKind::Adjustment,
+                format!(
+                    "{} · usage of {} not billed before",
+                    label(key),
+                    adjustment.period.label
+                ),
+                delta.amount,
+            );
+            line.key = Some(key.clone());
+            line.quantity = delta.quantity;
+            // An average: the difference may span tiers, prices and discounts.
+            line.unit_price = if delta.quantity == 0 {
+                Decimal::ZERO
+            } else {
+                delta
+                    .amount
+                    .checked_mul(ONE_MILLION)
+                    .and_then(|v| v.checked_div(Decimal::from(delta.quantity)))
+                    .ok_or(InvoiceError::Overflow)?
+                    .round_dp_with_strategy(6, RoundingStrategy::MidpointNearestEven)
+            };
+            line.original_period = Some(adjustment.period);
+            lines.push(line);
+            billed.push(BilledUsage {
+                period: adjustment.period,
+                key: key.clone(),
+                charge: delta,
+            });
+        }
+    }
+
+    for (override_id, (percent, base)) in &charges.discounts {
+        let mut line = Line::new(
+            LineKind::Discount,
+            format!("discount {percent}%"),
+            -percent_of(*percent, *base)?,
+        );
+        line.discount_percent = Some(*percent);
+        line.base_amount = Some(*base);
+        line.override_id = Some(override_id.clone());
+        lines.push(line);
+    }
+
+    let round = |precise: Decimal| terms.currency.round(precise, terms.rounding);
+    for line in &mut lines {
+        line.amount = round(line.precise);
+    }
+    let sum_of = |lines: &[Line], kinds: &[LineKind]| -> Result<Decimal, InvoiceError> {
+        lines
+            .iter()
+            .filter(|l| kinds.contains(&l.kind))
+            .try_fold(Decimal::ZERO, |acc, l| add(acc, l.amount))
+    };
+    let subtotal = sum_of(
+        &lines,
+        &[LineKind::Usage, LineKind::Tier, LineKind::Adjustment],
+    )?;
+    let discount = sum_of(&lines, &[LineKind::Discount])?;
+    if let Some(rate) = terms.tax_rate_percent {
+        let base = add(subtotal, discount)?;
+        let mut line = Line::new(
+            LineKind::Tax,
+            format!("tax {rate}%"),
+            percent_of(rate, base)?,
+        );
+        line.tax_rate_percent = Some(rate);
+        line.base_amount = Some(base);
+        line.amount = round(line.precise);
+        lines.push(line);
+    }
+    let tax = sum_of(&lines, &[LineKind::Tax])?;
+    let total = lines
+        .iter()
+        .try_fold(Decimal::ZERO, |acc, l| add(acc, l.amount))?;
+    Ok(ComputedInvoice {
+        lines,
+        subtotal,
+        discount,
+        tax,
+        credit: Decimal::ZERO,
+        total,
+        unpriced_tokens: charges.unpriced_tokens,
+        unpriced_events: charges.unpriced_events,
+        billed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::period::{BillingCalendar, PeriodLabel};
+    use crate::domain::tiers::TierMode;
+    use crate::domain::tokens::TokenClass;
+    use proptest::prelude::*;
+    use rust_decimal::dec;
+
+    fn key(model: &str, class: TokenClass) -> RateKey {
+        RateKey {
+            provider: "openai".into(),
+            model: model.into(),
+            class,
+        }
+    }
+
+    fn flat(price: Decimal) -> SlicePricing {
+        SlicePricing {
+            version_id: "v1".into(),
+            price: Price::Flat(price),
+            list_price: None,
+            override_id: None,
+            discount: None,
+        }
+    }
+
+    fn usage(key: RateKey, pricing: SlicePricing, quantity: i64) -> KeyUsage {
+        KeyUsage {
+            key,
+            slices: vec![UsageSlice {
+                pricing: Some(pricing),
+                quantity,
+                events: 1,
+            }],
+        }
+    }
+
+    fn terms(code: &str) -> Terms {
+        Terms {
+            currency: Currency::from_code(code).expect("currency"),
+            rounding: RoundingMode::HalfEven,
+            tax_rate_percent: None,
+        }
+    }
+
+    fn period(text: &str) -> BillingPeriod {
+        BillingCalendar::parse("UTC", 1)
+            .expect("calendar")
+            .period(PeriodLabel::parse(text, "period").expect("label"))
+    }
+
+    fn tiers(mode: TierMode) -> SlicePricing {
+        let schedule = TierSchedule::parse(
+            mode,
+            &[
+                (Some(1_000_000), "3.00"),
+                (Some(10_000_000), "2.00"),
+                (None, "1.00"),
+            ],
+            "tiers",
+        )
+        .expect("tiers");
+        SlicePricing {
+            price: Price::Tiered(schedule),
+            ..flat(Decimal::ZERO)
+        }
+    }
+
+    fn amounts(invoice: &ComputedInvoice) -> Vec<(LineKind, Decimal, Decimal)> {
+        invoice
+            .lines
+            .iter()
+            .map(|l| (l.kind, l.precise, l.amount))
+            .collect()
+    }
+
+    #[test]
+    fn flat_lines_are_quantity_times_price_per_million_rounded_once() {
+        let input = usage(
+            key("gpt-4.1-mini", TokenClass::Input),
+            flat(dec!(0.40)),
+            1_234_567,
+        );
+        let output = usage(
+            key("gpt-4.1-mini", TokenClass::Output),
+            flat(dec!(1.60)),
+            345_678,
+        );
+
+        let invoice =
+            compute_invoice(&terms("USD"), period("2026-03"), &[output, input], &[]).expect("ok");
+
+        // input: 1,234,567 × 0.40 / 1M = 0.4938268 → 0.49
+        // output:  345,678 × 1.60 / 1M = 0.5530848 → 0.55
+        assert_eq!(
+            amounts(&invoice),
+            vec![
+                (LineKind::Usage, dec!(0.4938268), dec!(0.49)),
+                (LineKind::Usage, dec!(0.5530848), dec!(0.55)),
+            ]
+        );
+        assert_eq!(invoice.lines[0].description, "gpt-4.1-mini · input");
+        // 0.49 + 0.55 = 1.04 (the precise sum 1.0469116 would also round to 1.05 — not used)
+        assert_eq!((invoice.subtotal, invoice.total), (dec!(1.04), dec!(1.04)));
+    }
+
+    #[test]
+    fn graduated_tiers_price_each_slice_at_its_own_tier() {
+        let used = usage(
+            key("m", TokenClass::Input),
+            tiers(TierMode::Graduated),
+            12_345_678,
+        );
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        // tier 0–1M:     1,000,000 × 3.00 / 1M = 3.00
+        // tier 1M–10M:   9,000,000 × 2.00 / 1M = 18.00
+        // tier 10M+:     2,345,678 × 1.00 / 1M = 2.345678 → 2.35
+        assert_eq!(
+            amounts(&invoice),
+            vec![
+                (LineKind::Tier, dec!(3.00), dec!(3.00)),
+                (LineKind::Tier, dec!(18.00), dec!(18.00)),
+                (LineKind::Tier, dec!(2.345678), dec!(2.35)),
+            ]
+        );
+        assert_eq!(invoice.lines[1].tier, Some((1_000_000, Some(10_000_000))));
+        assert_eq!(invoice.lines[2].tier, Some((10_000_000, None)));
+        assert_eq!(
+            invoice.lines[1].description,
+            "m · input · tier 1,000,000–10,000,000"
+        );
+        // 3.00 + 18.00 + 2.35 = 23.35
+        assert_eq!(invoice.total, dec!(23.35));
+    }
+
+    #[test]
+    fn graduated_tiers_continue_across_a_price_change_within_the_period() {
+        let mut cheaper = tiers(TierMode::Graduated);
+        cheaper.version_id = "v2".into();
+        let used = KeyUsage {
+            key: key("m", TokenClass::Input),
+            slices: vec![
+                UsageSlice {
+                    pricing: Some(tiers(TierMode::Graduated)),
+                    quantity: 800_000,
+                    events: 1,
+                },
+                UsageSlice {
+                    pricing: Some(cheaper),
+                    quantity: 400_000,
+                    events: 1,
+                },
+            ],
+        };
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        // v1: 800,000 × 3.00 / 1M = 2.40 (tier 0)
+        // v2 continues at token 800,000: 200,000 × 3.00 / 1M = 0.60 (tier 0),
+        //    200,000 × 2.00 / 1M = 0.40 (tier 1)
+        let parts: Vec<(Option<String>, i64, Decimal)> = invoice
+            .lines
+            .iter()
+            .map(|l| (l.version_id.clone(), l.quantity, l.amount))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                (Some("v1".into()), 800_000, dec!(2.40)),
+                (Some("v2".into()), 200_000, dec!(0.60)),
+                (Some("v2".into()), 200_000, dec!(0.40)),
+            ]
+        );
+    }
+
+    #[test]
+    fn volume_tiers_price_the_whole_quantity_at_the_tier_of_the_total() {
+        let used = usage(
+            key("m", TokenClass::Input),
+            tiers(TierMode::Volume),
+            12_345_678,
+        );
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        // 12,345,678 ≥ 10M: all of it at 1.00 → 12.345678 → 12.35
+        assert_eq!(
+            amounts(&invoice),
+            vec![(LineKind::Tier, dec!(12.345678), dec!(12.35))]
+        );
+        assert_eq!(invoice.lines[0].tier, Some((10_000_000, None)));
+    }
+
+    #[test]
+    fn discount_then_tax_on_the_rounded_subtotal() {
+        let discount = Discount {
+            override_id: "d1".into(),
+            percent: dec!(10),
+        };
+        let mut pricing_in = flat(dec!(0.40));
+        pricing_in.discount = Some(discount.clone());
+        let mut pricing_out = flat(dec!(1.60));
+        pricing_out.discount = Some(discount);
+        let mut taxed = terms("USD");
+        taxed.tax_rate_percent = Some(dec!(19));
+
+        let invoice = compute_invoice(
+            &taxed,
+            period("2026-03"),
+            &[
+                usage(
+                    key("gpt-4.1-mini", TokenClass::Input),
+                    pricing_in,
+                    1_234_567,
+                ),
+                usage(
+                    key("gpt-4.1-mini", TokenClass::Output),
+                    pricing_out,
+                    345_678,
+                ),
+            ],
+            &[],
+        )
+        .expect("ok");
+
+        // usage: 0.4938268 → 0.49 and 0.5530848 → 0.55; subtotal 1.04
+        // discount: −10/100 × (0.4938268 + 0.5530848 = 1.0469116) = −0.10469116 → −0.10
+        // tax: 19/100 × (1.04 − 0.10 = 0.94) = 0.1786 → 0.18
+        // total: 1.04 − 0.10 + 0.18 = 1.12
+        assert_eq!(
+            amounts(&invoice),
+            vec![
+                (LineKind::Usage, dec!(0.4938268), dec!(0.49)),
+                (LineKind::Usage, dec!(0.5530848), dec!(0.55)),
+                (LineKind::Discount, dec!(-0.10469116), dec!(-0.10)),
+                (LineKind::Tax, dec!(0.1786), dec!(0.18)),
+            ]
+        );
+        assert_eq!(invoice.subtotal, dec!(1.04));
+        assert_eq!(invoice.discount, dec!(-0.10));
+        assert_eq!(invoice.tax, dec!(0.18));
+        assert_eq!(invoice.total, dec!(1.12));
+        // What each key is billed net of the discount, for later adjustments:
+        // 0.4938268 × 0.9 = 0.44444412 ; 0.5530848 × 0.9 = 0.49777632
+        let net: Vec<Decimal> = invoice.billed.iter().map(|b| b.charge.amount).collect();
+        assert_eq!(net, vec![dec!(0.44444412), dec!(0.49777632)]);
+    }
+
+    #[test]
+    fn each_currency_rounds_to_its_own_minor_unit() {
+        let used = |price| vec![usage(key("m", TokenClass::Input), flat(price), 2_500_000)];
+
+        let jpy =
+            compute_invoice(&terms("JPY"), period("2026-03"), &used(dec!(1)), &[]).expect("ok");
+        let usd = compute_invoice(&terms("USD"), period("2026-03"), &used(dec!(0.0021)), &[])
+            .expect("ok");
+        let kwd = compute_invoice(&terms("KWD"), period("2026-03"), &used(dec!(0.0003)), &[])
+            .expect("ok");
+
+        // JPY: 2,500,000 × 1 / 1M = 2.5 → 2 (tie, to even)
+        assert_eq!(jpy.total, dec!(2));
+        // USD: 2,500,000 × 0.0021 / 1M = 0.00525 → 0.01 (above the tie)
+        assert_eq!(usd.total, dec!(0.01));
+        // KWD: 2,500,000 × 0.0003 / 1M = 0.00075 → 0.001 (above the tie at 0.0005)
+        assert_eq!(kwd.total, dec!(0.001));
+    }
+
+    #[test]
+    fn half_even_ties_go_both_ways_and_the_tenant_mode_changes_them() {
+        let used = vec![
+            usage(key("a", TokenClass::Input), flat(dec!(1)), 5_000),
+            usage(key("b", TokenClass::Input), flat(dec!(1)), 15_000),
+        ];
+        let mut half_up = terms("USD");
+        half_up.rounding = RoundingMode::HalfUp;
+
+        let even = compute_invoice(&terms("USD"), period("2026-03"), &used, &[]).expect("ok");
+        let up = compute_invoice(&half_up, period("2026-03"), &used, &[]).expect("ok");
+
+        // a: 5,000 × 1 / 1M = 0.005 → 0.00 half-even (0 is even), 0.01 half-up
+        // b: 15,000 × 1 / 1M = 0.015 → 0.02 both ways
+        assert_eq!(
+            even.lines.iter().map(|l| l.amount).collect::<Vec<_>>(),
+            vec![dec!(0.00), dec!(0.02)]
+        );
+        assert_eq!(
+            up.lines.iter().map(|l| l.amount).collect::<Vec<_>>(),
+            vec![dec!(0.01), dec!(0.02)]
+        );
+    }
+
+    #[test]
+    fn many_tiny_lines_total_the_sum_of_their_rounded_amounts() {
+        // 100 models × 4,900 tokens at 1.00 per 1M = 0.0049 each → 0.00 each.
+        let used: Vec<KeyUsage> = (0..100)
+            .map(|i| {
+                usage(
+                    key(&format!("m{i:03}"), TokenClass::Input),
+                    flat(dec!(1)),
+                    4_900,
+                )
+            })
+            .collect();
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &used, &[]).expect("ok");
+
+        // Σ rounded = 100 × 0.00 = 0.00; rounding the precise sum (0.49) instead would bill 0.49.
+        assert_eq!(invoice.lines.len(), 100);
+        assert_eq!(invoice.total, dec!(0.00));
+        let precise: Decimal = invoice.lines.iter().map(|l| l.precise).sum();
+        assert_eq!(precise, dec!(0.49));
+    }
+
+    #[test]
+    fn unpriced_slices_are_surfaced_and_never_billed() {
+        let used = KeyUsage {
+            key: key("m", TokenClass::Input),
+            slices: vec![
+                UsageSlice {
+                    pricing: None,
+                    quantity: 700,
+                    events: 3,
+                },
+                UsageSlice {
+                    pricing: Some(flat(dec!(1))),
+                    quantity: 1_000_000,
+                    events: 2,
+                },
+            ],
+        };
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        assert_eq!((invoice.unpriced_tokens, invoice.unpriced_events), (700, 3));
+        assert_eq!(invoice.total, dec!(1.00));
+        assert_eq!(invoice.billed[0].charge.quantity, 1_000_000);
+    }
+
+    #[test]
+    fn late_usage_of_a_closed_period_becomes_an_adjustment_naming_it() {
+        let march = period("2026-03");
+        let k = key("m", TokenClass::Input);
+        let late = Adjustment {
+            period: march,
+            // now: 1,500,000 × 3.00 / 1M = 4.50 ; billed in March: 1,000,000 × 3.00 / 1M = 3.00
+            expected: BTreeMap::from([(
+                k.clone(),
+                Charge {
+                    quantity: 1_500_000,
+                    amount: dec!(4.50),
+                },
+            )]),
+            billed: BTreeMap::from([(
+                k.clone(),
+                Charge {
+                    quantity: 1_000_000,
+                    amount: dec!(3.00),
+                },
+            )]),
+        };
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-04"), &[], &[late]).expect("ok");
+
+        // 4.50 − 3.00 = 1.50 for 500,000 tokens (1.50 × 1M / 500,000 = 3.00 per 1M)
+        let line = &invoice.lines[0];
+        assert_eq!(line.kind, LineKind::Adjustment);
+        assert_eq!(
+            (line.quantity, line.amount, line.unit_price),
+            (500_000, dec!(1.50), dec!(3.00))
+        );
+        assert_eq!(line.original_period, Some(march));
+        assert_eq!(
+            line.description,
+            "m · input · usage of 2026-03 not billed before"
+        );
+        assert_eq!(invoice.total, dec!(1.50));
+        assert_eq!(invoice.billed[0].period, march);
+    }
+
+    proptest! {
+        /// However a period's usage trickles in across later invoices, what all of them bill for
+        /// it adds up to what the whole usage costs: nothing lost, nothing billed twice.
+        #[test]
+        fn adjustments_bill_exactly_the_difference_so_late_usage_is_billed_once(
+            increments in prop::collection::vec(1i64..3_000_000, 1..6),
+            graduated in any::<bool>(),
+        ) {
+            let march = period("2026-03");
+            let k = key("m", TokenClass::Input);
+            let mode = if graduated { TierMode::Graduated } else { TierMode::Volume };
+            let mut billed: BTreeMap<RateKey, Charge> = BTreeMap::new();
+            let mut seen = 0;
+            for (i, increment) in increments.iter().enumerate() {
+                seen += increment;
+                let now = vec![usage(k.clone(), tiers(mode), seen)];
+                let invoice = if i == 0 {
+                    compute_invoice(&terms("USD"), march, &now, &[]).expect("ok")
+                } else {
+                    let expected = charge_period(&now).expect("ok").per_key;
+                    let adjustment = Adjustment { period: march, expected, billed: billed.clone() };
+                    compute_invoice(&terms("USD"), period("2026-04"), &[], &[adjustment]).expect("ok")
+                };
+                prop_assert_eq!(invoice.total, invoice.lines.iter().map(|l| l.amount).sum::<Decimal>());
+                for record in invoice.billed {
+                    let entry = billed.entry(record.key).or_default();
+                    entry.quantity += record.charge.quantity;
+                    entry.amount += record.charge.amount;
+                }
+            }
+            let whole = charge_period(&[usage(k.clone(), tiers(mode), seen)]).expect("ok");
+            prop_assert_eq!(billed.get(&k).copied(), whole.per_key.get(&k).copied());
+        }
+
+        /// Rounding happens per line: the total is the sum of rounded lines, and it is within
+        /// half a minor unit per line of the exact sum.
+        #[test]
+        fn the_total_is_the_sum_of_rounded_lines(
+            quantities in prop::collection::vec(0i64..50_000_000, 1..30),
+            price_micros in 0i64..50_000_000,
+        ) {
+            let price = Decimal::new(price_micros, 6);
+            let used: Vec<KeyUsage> = quantities
+                .iter()
+                .enumerate()
+                .map(|(i, q)| usage(key(&format!("m{i}"), TokenClass::Output), flat(price), *q))
+                .collect();
+
+            let invoice = compute_invoice(&terms("USD"), period("2026-03"), &used, &[]).expect("ok");
+
+            let rounded: Decimal = invoice.lines.iter().map(|l| l.amount).sum();
+            let exact: Decimal = invoice.lines.iter().map(|l| l.precise).sum();
+            prop_assert_eq!(invoice.total, rounded);
+            prop_assert!((rounded - exact).abs() <= dec!(0.005) * Decimal::from(invoice.lines.len()));
+        }
+    }
+}
