@@ -95,6 +95,7 @@ impl Application {
                 &settings.kafka,
                 pool.clone(),
                 ingestor.clone(),
+                transactions.clone(),
                 ConsumerMetrics::register(&metrics.registry)?,
             )?)
         } else {

@@ -105,6 +105,9 @@ pub struct ConsumerSettings {
     pub enabled: bool,
     pub group_id: String,
     pub usage_topic: String,
+    /// Service-transaction lifecycle events (protobuf); empty = not consumed.
+    pub transactions_topic: String,
+    /// Dead letters of both topics (the `tokenmeter.dlq.topic` header tells them apart).
     pub dead_letter_topic: String,
     /// Most messages in one batch (one transaction).
     pub batch_max_messages: usize,
@@ -356,9 +359,17 @@ impl ConsumerSettings {
                 return Err(invalid(setting, "is required"));
             }
         }
-        if self.dead_letter_topic == self.usage_topic {
+        if self.dead_letter_topic == self.usage_topic
+            || self.dead_letter_topic == self.transactions_topic
+        {
             return Err(invalid(
                 "dead_letter_topic",
+                "must differ from kafka.consumer.usage_topic and transactions_topic",
+            ));
+        }
+        if self.transactions_topic == self.usage_topic {
+            return Err(invalid(
+                "transactions_topic",
                 "must differ from kafka.consumer.usage_topic",
             ));
         }

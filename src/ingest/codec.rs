@@ -104,6 +104,46 @@ pub fn decode_usage(
     Ok((codec, event))
 }
 
+/// Decodes one message of the transactions topic. Service-transaction events travel as
+/// protobuf `TransactionEvent` only (content-type `application/x-protobuf`, or none): the
+/// CloudEvents mappings exist for usage, where producers are many and varied.
+pub fn decode_transaction(
+    payload: Option<&[u8]>,
+    headers: &[(&str, Option<&[u8]>)],
+    max_message_bytes: usize,
+) -> Result<pb::TransactionEvent, DecodeError> {
+    let failed = |reason: String| DecodeError {
+        codec: Some(Codec::Protobuf),
+        reason,
+    };
+    let headers = Headers::read(headers).map_err(failed)?;
+    match choose(&headers).map_err(failed)? {
+        Codec::Protobuf => {}
+        other => {
+            return Err(failed(format!(
+                "transaction events are protobuf only (content-type application/x-protobuf), not {}",
+                other.as_str()
+            )));
+        }
+    }
+    let payload = match payload {
+        Some(payload) if !payload.is_empty() => payload,
+        _ => {
+            return Err(failed(
+                "empty payload (a tombstone): a message must carry an event".into(),
+            ));
+        }
+    };
+    if payload.len() > max_message_bytes {
+        return Err(failed(format!(
+            "payload of {} bytes exceeds the limit of {max_message_bytes} bytes",
+            payload.len()
+        )));
+    }
+    pb::TransactionEvent::decode(payload)
+        .map_err(|e| failed(format!("invalid protobuf TransactionEvent: {e}")))
+}
+
 /// The headers that matter (`content-type` and `ce_*`), by lower-cased name. A map, so that a
 /// message with very many headers costs n log n to read, not n².
 struct Headers<'a>(BTreeMap<String, &'a [u8]>);

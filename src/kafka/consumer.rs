@@ -1,5 +1,5 @@
-//! The usage consumer: a consumer-group member on `kafka.consumer.usage_topic` feeding the same
-//! pipeline as gRPC.
+//! The consumer: a consumer-group member on `kafka.consumer.usage_topic` (and
+//! `transactions_topic`) feeding the same pipelines as gRPC.
 //!
 //! Exactly-once rests on Postgres, not on Kafka: each batch's events and the positions it
 //! covers commit in one transaction (`kafka_offsets`), and on assignment the consumer seeks to
@@ -33,8 +33,10 @@ use tokio::sync::mpsc;
 
 use super::dead_letter::{DeadLetter, DeadLetterGuard, DeadLetterProducer, Stage};
 use crate::config::{ConsumerSettings, KafkaSettings};
+use crate::domain::FieldError;
 use crate::ingest::codec;
-use crate::ingest::{ConsumedBatch, IngestError, Ingestor};
+use crate::ingest::transactions::TransactionRecorder;
+use crate::ingest::{Channel, ConsumedBatch, IngestError, Ingestor};
 use crate::store::offsets::{self, PartitionOffset};
 
 /// Whether the consumer runs, and why it stopped if it did; `/readyz` reports it.
@@ -399,9 +401,12 @@ impl UsageConsumer {
         kafka: &KafkaSettings,
         pool: PgPool,
         ingestor: Arc<Ingestor>,
+        transactions: Arc<TransactionRecorder>,
         metrics: ConsumerMetrics,
     ) -> Result<Self, ConsumerError> {
         let settings = kafka.consumer.clone();
+        let transactions_topic =
+            Some(settings.transactions_topic.clone()).filter(|t| !t.is_empty());
         let base = super::client_config(kafka);
         let shared = Arc::new(Shared {
             pending: Mutex::new((0..settings.writers).map(|_| Vec::new()).collect()),
@@ -428,10 +433,12 @@ impl UsageConsumer {
             .set("queued.max.messages.kbytes", "32768")
             .create_with_context(callbacks)
             .map_err(ConsumerError::Config)?;
+        let mut topics = vec![settings.usage_topic.as_str()];
+        topics.extend(transactions_topic.as_deref());
         consumer
-            .subscribe(&[&settings.usage_topic])
+            .subscribe(&topics)
             .map_err(|source| ConsumerError::Subscribe {
-                topic: settings.usage_topic.clone(),
+                topic: topics.join(", "),
                 source,
             })?;
         let dead_letters =
@@ -440,6 +447,8 @@ impl UsageConsumer {
         let consumer = Arc::new(consumer);
         let writer = Arc::new(BatchWriter {
             ingestor,
+            transactions,
+            transactions_topic: transactions_topic.clone(),
             dead_letters,
             guard: Mutex::new(DeadLetterGuard::new(
                 settings.dead_letter_max_consecutive,
@@ -658,8 +667,18 @@ enum BatchError {
 }
 
 /// Decodes, dead-letters and commits one batch.
+/// Which pipeline a message's topic feeds.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Usage,
+    Transactions,
+}
+
 struct BatchWriter {
     ingestor: Arc<Ingestor>,
+    transactions: Arc<TransactionRecorder>,
+    /// `None` when transaction events are not consumed.
+    transactions_topic: Option<String>,
     dead_letters: DeadLetterProducer,
     guard: Mutex<DeadLetterGuard>,
     group: String,
@@ -670,9 +689,24 @@ struct BatchWriter {
 }
 
 impl BatchWriter {
+    /// Writes the usage messages and the transaction messages of a batch, each part in its
+    /// own transaction with the positions of its own topic's partitions.
     async fn write(&self, batch: &[OwnedMessage]) -> Result<(), BatchError> {
+        let (transactions, usage): (Vec<&OwnedMessage>, Vec<&OwnedMessage>) = batch
+            .iter()
+            .partition(|m| self.transactions_topic.as_deref() == Some(m.topic()));
+        for (messages, part) in [(usage, Part::Usage), (transactions, Part::Transactions)] {
+            if !messages.is_empty() {
+                self.write_part(&messages, part).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_part(&self, batch: &[&OwnedMessage], part: Part) -> Result<(), BatchError> {
         let started = Instant::now();
-        let mut events = Vec::with_capacity(batch.len());
+        let mut usage = Vec::new();
+        let mut transactions = Vec::new();
         let mut sources: Vec<(&OwnedMessage, codec::Codec)> = Vec::with_capacity(batch.len());
         let mut letters: Vec<(&OwnedMessage, DeadLetter)> = Vec::new();
         for message in batch {
@@ -680,11 +714,21 @@ impl BatchWriter {
                 .headers()
                 .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
                 .unwrap_or_default();
-            match codec::decode_usage(message.payload(), &headers, self.max_message_bytes) {
-                Ok((codec, event)) => {
-                    events.push(event);
-                    sources.push((message, codec));
+            let (payload, max) = (message.payload(), self.max_message_bytes);
+            let decoded = match part {
+                Part::Usage => codec::decode_usage(payload, &headers, max).map(|(codec, event)| {
+                    usage.push(event);
+                    codec
+                }),
+                Part::Transactions => {
+                    codec::decode_transaction(payload, &headers, max).map(|event| {
+                        transactions.push(event);
+                        codec::Codec::Protobuf
+                    })
                 }
+            };
+            match decoded {
+                Ok(codec) => sources.push((message, codec)),
                 Err(error) => letters.push((
                     message,
                     DeadLetter {
@@ -702,31 +746,40 @@ impl BatchWriter {
             group: &self.group,
             offsets: &positions,
         };
-        let result = self
-            .ingestor
-            .ingest_consumed(&events, consumed, async |invalid| {
-                for (index, error) in invalid {
-                    let (message, codec) = sources[index];
-                    letters.push((
-                        message,
-                        DeadLetter {
-                            stage: Stage::Validate,
-                            field: Some(error.field),
-                            reason: error.reason,
-                            codec: Some(codec.as_str()),
-                        },
-                    ));
-                }
-                if let Err(limit) = self.check_limit(batch, &letters) {
-                    halted = Some(limit.clone());
-                    return Err(IngestError::Group(limit));
-                }
-                self.dead_letters
-                    .send_all(&letters)
+        let dead_letter = async |invalid: Vec<(usize, FieldError)>| {
+            for (index, error) in invalid {
+                let (message, codec) = sources[index];
+                letters.push((
+                    message,
+                    DeadLetter {
+                        stage: Stage::Validate,
+                        field: Some(error.field),
+                        reason: error.reason,
+                        codec: Some(codec.as_str()),
+                    },
+                ));
+            }
+            if let Err(limit) = self.check_limit(batch, &letters) {
+                halted = Some(limit.clone());
+                return Err(IngestError::Group(limit));
+            }
+            self.dead_letters
+                .send_all(&letters)
+                .await
+                .map_err(|e| IngestError::Group(format!("dead-letter write failed: {e}")))
+        };
+        let result = match part {
+            Part::Usage => {
+                self.ingestor
+                    .ingest_consumed(&usage, consumed, dead_letter)
                     .await
-                    .map_err(|e| IngestError::Group(format!("dead-letter write failed: {e}")))
-            })
-            .await;
+            }
+            Part::Transactions => {
+                self.transactions
+                    .record_consumed(&transactions, Channel::Kafka, Some(consumed), dead_letter)
+                    .await
+            }
+        };
         if let Some(reason) = halted {
             return Err(BatchError::Halt(reason));
         }
@@ -738,7 +791,7 @@ impl BatchWriter {
     /// Feeds the batch, in offset order, to the dead-letter limit.
     fn check_limit(
         &self,
-        batch: &[OwnedMessage],
+        batch: &[&OwnedMessage],
         letters: &[(&OwnedMessage, DeadLetter)],
     ) -> Result<(), String> {
         let dead: HashSet<(i32, i64)> = letters
@@ -756,7 +809,7 @@ impl BatchWriter {
 
     fn after_commit(
         &self,
-        batch: &[OwnedMessage],
+        batch: &[&OwnedMessage],
         letters: &[(&OwnedMessage, DeadLetter)],
         positions: &[PartitionOffset],
         started: Instant,
@@ -800,7 +853,7 @@ impl BatchWriter {
 }
 
 /// The position after the last message of each partition in the batch.
-fn next_positions(batch: &[OwnedMessage]) -> Vec<PartitionOffset> {
+fn next_positions(batch: &[&OwnedMessage]) -> Vec<PartitionOffset> {
     let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     for message in batch {
         let slot = next
@@ -837,7 +890,7 @@ mod tests {
     fn positions_are_one_past_the_highest_offset_of_each_partition() {
         let batch = [message(1, 7), message(0, 3), message(1, 9), message(1, 8)];
         assert_eq!(
-            next_positions(&batch),
+            next_positions(&batch.iter().collect::<Vec<_>>()),
             vec![
                 PartitionOffset {
                     topic: "usage".to_owned(),

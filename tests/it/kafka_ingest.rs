@@ -31,6 +31,8 @@ pub fn consume(settings: &mut Settings, topic: &str, dead_letters: &str, group: 
     let consumer = &mut settings.kafka.consumer;
     consumer.enabled = true;
     consumer.usage_topic = topic.to_owned();
+    // Tests that consume transaction events give them a topic of their own.
+    consumer.transactions_topic = String::new();
     consumer.dead_letter_topic = dead_letters.to_owned();
     consumer.group_id = group.to_owned();
     consumer.batch_linger = Duration::from_millis(5);
@@ -541,6 +543,7 @@ fn consumer_env<'a>(topic: &'a str, dlq: &'a str, group: &'a str) -> Vec<(&'a st
     vec![
         ("TOKENMETER_KAFKA__CONSUMER__ENABLED", "true"),
         ("TOKENMETER_KAFKA__CONSUMER__USAGE_TOPIC", topic),
+        ("TOKENMETER_KAFKA__CONSUMER__TRANSACTIONS_TOPIC", ""),
         ("TOKENMETER_KAFKA__CONSUMER__DEAD_LETTER_TOPIC", dlq),
         ("TOKENMETER_KAFKA__CONSUMER__GROUP_ID", group),
         ("TOKENMETER_KAFKA__CONSUMER__BATCH_MAX_MESSAGES", "200"),
@@ -752,6 +755,103 @@ async fn events_of_unknown_tenants_are_dead_lettered_when_tenants_are_not_auto_c
     assert_eq!(
         header(&letters[0], "tokenmeter.dlq.reason").as_deref(),
         Some("unknown tenant")
+    );
+    app.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn transaction_events_over_kafka_count_once_and_bad_ones_are_dead_lettered() {
+    let (topic, dlq, group) = topics(1).await;
+    let transactions_topic = create_topic(2).await;
+    let app = spawn_app_with(|s| {
+        consume(s, &topic, &dlq, &group);
+        s.kafka.consumer.transactions_topic = transactions_topic.clone();
+    })
+    .await;
+    let tenant = unique("t");
+    let order = unique("order");
+    let producer = producer();
+    let started = crate::transactions::started(&tenant, &order, "k-start");
+    let completed = crate::transactions::completed_in(&tenant, &order, "k-done", "18.40", "EUR");
+    let mut end: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut send = async |payload: Vec<u8>, headers: &[(&str, &str)]| {
+        let (p, o) = produce(&producer, &transactions_topic, &tenant, &payload, headers).await;
+        let next = end.entry(p).or_insert(0);
+        *next = (*next).max(o + 1);
+    };
+    send(started.encode_to_vec(), &[]).await;
+    send(
+        completed.encode_to_vec(),
+        &[("content-type", "application/x-protobuf")],
+    )
+    .await;
+    // A resend, a JSON message (transactions are protobuf only), a completion without revenue.
+    send(completed.encode_to_vec(), &[]).await;
+    send(b"{}".to_vec(), &[("content-type", "application/json")]).await;
+    let mut no_revenue = completed.clone();
+    no_revenue.event_id = "k-bad".into();
+    no_revenue.kind = Some(pb::transaction_event::Kind::Completed(
+        pb::TransactionCompleted { revenue: None },
+    ));
+    send(no_revenue.encode_to_vec(), &[]).await;
+    wait_for_positions(&app.pool, &group, &end).await;
+
+    let stored: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_id, channel FROM transaction_events WHERE tenant_id = $1 ORDER BY event_id",
+    )
+    .bind(&tenant)
+    .fetch_all(&app.pool)
+    .await
+    .expect("events");
+    assert_eq!(
+        stored,
+        vec![
+            ("k-done".to_owned(), "kafka".to_owned()),
+            ("k-start".to_owned(), "kafka".to_owned())
+        ]
+    );
+    let mut clients = Clients::new(app.channel().await);
+    let read = clients
+        .transactions
+        .get_transaction(pb::GetTransactionRequest {
+            tenant_id: tenant.clone(),
+            transaction_id: order.clone(),
+            include_events: false,
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .transaction
+        .expect("transaction");
+    assert_eq!(read.state(), pb::TransactionState::Completed);
+    assert_eq!(
+        read.net_revenue,
+        Some(pb::Money {
+            amount: "18.40".into(),
+            currency: "EUR".into()
+        })
+    );
+    let letters = read_all(&dlq, 2).await;
+    let mut stages: Vec<(String, Option<String>)> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(
+                header(l, "tokenmeter.dlq.topic").as_deref(),
+                Some(transactions_topic.as_str())
+            );
+            (
+                header(l, "tokenmeter.dlq.stage").expect("stage"),
+                header(l, "tokenmeter.dlq.field"),
+            )
+        })
+        .collect();
+    stages.sort();
+    assert_eq!(
+        stages,
+        vec![
+            ("decode".to_owned(), None),
+            ("validate".to_owned(), Some("completed.revenue".to_owned()))
+        ]
     );
     app.stop().await.expect("clean stop");
 }
