@@ -571,7 +571,9 @@ fn poll_loop(
             let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
             let due = pending[lane].len() >= settings.batch_max_messages
                 || oldest[lane].is_some_and(|t| t.elapsed() >= settings.batch_linger);
-            if pending[lane].is_empty() || !due {
+            // A full lane keeps its messages pending: draining and splicing them back on every
+            // poll would cost O(pending) per message.
+            if pending[lane].is_empty() || !due || sender.capacity() == 0 {
                 continue;
             }
             let take = pending[lane].len().min(settings.batch_max_messages);
@@ -634,7 +636,7 @@ async fn write_lane(
         }
         let mut attempt: u32 = 0;
         loop {
-            match writer.write(&batch).await {
+            match writer.write(&batch, attempt == 0).await {
                 Ok(()) => break,
                 Err(BatchError::Halt(reason)) => {
                     status.stop_with(reason);
@@ -691,19 +693,25 @@ struct BatchWriter {
 impl BatchWriter {
     /// Writes the usage messages and the transaction messages of a batch, each part in its
     /// own transaction with the positions of its own topic's partitions.
-    async fn write(&self, batch: &[OwnedMessage]) -> Result<(), BatchError> {
+    /// `first_attempt`: a retried batch was already counted by the dead-letter limit.
+    async fn write(&self, batch: &[OwnedMessage], first_attempt: bool) -> Result<(), BatchError> {
         let (transactions, usage): (Vec<&OwnedMessage>, Vec<&OwnedMessage>) = batch
             .iter()
             .partition(|m| self.transactions_topic.as_deref() == Some(m.topic()));
         for (messages, part) in [(usage, Part::Usage), (transactions, Part::Transactions)] {
             if !messages.is_empty() {
-                self.write_part(&messages, part).await?;
+                self.write_part(&messages, part, first_attempt).await?;
             }
         }
         Ok(())
     }
 
-    async fn write_part(&self, batch: &[&OwnedMessage], part: Part) -> Result<(), BatchError> {
+    async fn write_part(
+        &self,
+        batch: &[&OwnedMessage],
+        part: Part,
+        first_attempt: bool,
+    ) -> Result<(), BatchError> {
         let started = Instant::now();
         let mut usage = Vec::new();
         let mut transactions = Vec::new();
@@ -759,7 +767,7 @@ impl BatchWriter {
                     },
                 ));
             }
-            if let Err(limit) = self.check_limit(batch, &letters) {
+            if first_attempt && let Err(limit) = self.check_limit(batch, &letters) {
                 halted = Some(limit.clone());
                 return Err(IngestError::Group(limit));
             }
