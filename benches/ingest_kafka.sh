@@ -155,7 +155,8 @@ drain() {
   local t0="$1" ends="$2" partitions="$3" timeout_s="$4" now out progress done_parts pid
   while :; do
     now="$(date +%s%N)"
-    out="$(psql_q "$bench_url" -F ' ' -c "SELECT coalesce(sum(least(k.next_offset, e.n)), 0),
+    # (LEAST ignores NULLs: a partition with no stored position counts 0, not its end.)
+    out="$(psql_q "$bench_url" -F ' ' -c "SELECT coalesce(sum(least(coalesce(k.next_offset, 0), e.n)), 0),
             count(*) FILTER (WHERE k.next_offset >= e.n)
           FROM (VALUES $ends) AS e (p, n)
           LEFT JOIN kafka_offsets k ON k.partition = e.p AND k.topic = '$topic'

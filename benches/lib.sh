@@ -132,7 +132,7 @@ cleanup() {
     ((${#dbs_created[@]})) && log "kept databases: ${dbs_created[*]}"
   else
     for db in "${dbs_created[@]}"; do
-      psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 \
+      psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null \
         || log "could not drop database $db"
     done
   fi
