@@ -79,15 +79,16 @@ create_topic() {
     || { cat "$scratch/topic-command.log" >&2; die "could not create topic $1"; }
   topics_created+=("$1")
 }
-# shellcheck disable=SC2317 # called by cleanup in benches/lib.sh
+# Deletes the topics (once read, or on exit), unless KEEP_TOPICS=1.
 bench_cleanup() {
   if [[ "${KEEP_TOPICS:-0}" == 1 ]]; then
     ((${#topics_created[@]})) && log "kept topics: ${topics_created[*]}"
-    return 0
+  else
+    for t in "${topics_created[@]}"; do
+      kafka_topics --delete --topic "$t" >/dev/null || log "could not delete topic $t"
+    done
   fi
-  for t in "${topics_created[@]}"; do
-    kafka_topics --delete --topic "$t" >/dev/null || log "could not delete topic $t"
-  done
+  topics_created=()
 }
 create_topic "$topic" "$PARTITIONS"
 create_topic "$dlq" 1
@@ -279,6 +280,7 @@ if command -v kcat >/dev/null 2>&1; then
   dead_letters="$(kcat -C -b "$kafka_brokers" -t "$dlq" -e -q -f '%o\n' 2>/dev/null | wc -l)"
   dead_check="$dead_letters (expected $lg_dead)"
 fi
+bench_cleanup
 copy_baseline "$bench_url" "$copy_db"
 ratio="$(awk -v i="$steady_eps" -v c="$copy_rps" 'BEGIN {printf "%.3f", (c > 0 ? i / c : 0)}')"
 ratio_overall="$(awk -v i="$eps" -v c="$copy_rps" 'BEGIN {printf "%.3f", (c > 0 ? i / c : 0)}')"

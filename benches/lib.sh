@@ -126,6 +126,8 @@ verdict() { if awk -v a="$1" -v b="$3" "BEGIN {exit !(a $2 b)}"; then echo met; 
 # shellcheck disable=SC2317 # runs from the EXIT trap
 cleanup() {
   local rc=$?
+  # A second Ctrl-C or TERM must not cut the cleanup short and leave databases behind.
+  trap '' INT TERM
   stop_server
   if declare -F bench_cleanup >/dev/null; then bench_cleanup || true; fi
   if [[ "${KEEP_DATABASES:-0}" == 1 ]]; then
@@ -186,9 +188,10 @@ PY
 # --- the physical baseline: binary COPY of the same rows into the same table ----------------------
 # copy_baseline DB_URL COPY_DB: copies usage_events of DB_URL (and the rows they reference)
 # into the freshly migrated database COPY_DB and times the COPY of the events alone. Sets
-# stored_rows, copied_rows, file_mib, copy_s and copy_rps.
+# stored_rows, copied_rows, file_mib, copy_s and copy_rps. The source database is dropped once
+# exported (unless KEEP_DATABASES=1), so that the two never take disk space at the same time.
 copy_baseline() {
-  local url="$1" copy_db="$2" copy_url cols events_file referenced
+  local url="$1" copy_db="$2" copy_url cols events_file referenced table partitions
   copy_url="$(url_for "$copy_db")"
   [[ "$(psql_q "$url" -c "SELECT to_regclass('public.usage_events') IS NOT NULL")" == t ]] \
     || die "table usage_events does not exist: there is nothing to COPY"
@@ -204,14 +207,11 @@ copy_baseline() {
   psql_q "$url" -c "\\copy (SELECT $cols FROM usage_events) TO '$events_file' WITH (FORMAT binary)"
   file_mib="$(awk -v b="$(stat -c %s "$events_file")" 'BEGIN {printf "%.1f", b / 1048576}')"
 
-  create_db "$copy_db"
-  TOKENMETER_DATABASE__URL="$copy_url" TOKENMETER_LOG__FILTER=warn tm migrate
   # Partitions the ingest created on demand, so that every row has a partition to land in.
-  psql_q "$url" -c "SELECT format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF usage_events %s;',
+  partitions="$(psql_q "$url" -c "SELECT format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF usage_events %s;',
         n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid))
       FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE i.inhparent = 'public.usage_events'::regclass" \
-    | "$PSQL" "$copy_url" -X -q >/dev/null 2>&1 || true
+      WHERE i.inhparent = 'public.usage_events'::regclass")"
   # Rows the events reference through foreign keys (tenants, …), copied untimed, deepest first.
   referenced="$(psql_q "$url" -c "WITH RECURSIVE deps(tbl, depth) AS (
         SELECT confrelid, 1 FROM pg_constraint
@@ -222,12 +222,23 @@ copy_baseline() {
       SELECT c.relname FROM deps JOIN pg_class c ON c.oid = deps.tbl
       WHERE deps.tbl <> 'public.usage_events'::regclass
       GROUP BY c.relname ORDER BY max(depth) DESC, c.relname")"
+  declare -A referenced_cols=()
+  while read -r table; do
+    [[ -n "$table" ]] || continue
+    referenced_cols[$table]="$(columns_of "$url" "$table")"
+    psql_q "$url" -c "\\copy (SELECT ${referenced_cols[$table]} FROM $table) TO '$scratch/$table.bin' WITH (FORMAT binary)"
+  done <<<"$referenced"
+  if [[ "${KEEP_DATABASES:-0}" != 1 ]]; then
+    psql_q "$base_url" -c "DROP DATABASE \"${url##*/}\" WITH (FORCE)" >/dev/null
+  fi
+
+  create_db "$copy_db"
+  TOKENMETER_DATABASE__URL="$copy_url" TOKENMETER_LOG__FILTER=warn tm migrate
+  "$PSQL" "$copy_url" -X -q <<<"$partitions" >/dev/null 2>&1 || true
   if [[ -n "$referenced" ]]; then
     psql_q "$copy_url" -c "TRUNCATE $(echo "$referenced" | paste -sd, -) CASCADE"
     while read -r table; do
-      table_cols="$(columns_of "$url" "$table")"
-      psql_q "$url" -c "\\copy (SELECT $table_cols FROM $table) TO '$scratch/$table.bin' WITH (FORMAT binary)"
-      psql_q "$copy_url" -c "\\copy $table ($table_cols) FROM '$scratch/$table.bin' WITH (FORMAT binary)"
+      psql_q "$copy_url" -c "\\copy $table (${referenced_cols[$table]}) FROM '$scratch/$table.bin' WITH (FORMAT binary)"
     done <<<"$referenced"
   fi
   psql_q "$copy_url" -c "CHECKPOINT" >/dev/null 2>&1 || true
