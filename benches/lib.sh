@@ -17,8 +17,6 @@ if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then c
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 out_dir="target/bench"
 mkdir -p "$out_dir"
-scratch="$(mktemp -d "${TMPDIR:-/var/tmp}/tokenmeter-bench.XXXXXX")"
-chmod 755 "$scratch"
 
 # --- Postgres and Kafka: the running ones when they answer, else deploy/local's -----------------
 # shellcheck source=deploy/local/deps.sh
@@ -141,6 +139,9 @@ cleanup() {
   rm -rf "$scratch"
   exit "$rc"
 }
+# Created with the trap that removes it: the \copy files and the samples go there.
+scratch="$(mktemp -d "${TMPDIR:-/var/tmp}/tokenmeter-bench.XXXXXX")"
+chmod 755 "$scratch"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
