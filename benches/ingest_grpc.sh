@@ -37,131 +37,25 @@ TARGET_EVENTS_PER_S=50000
 TARGET_P99_MS=20
 TARGET_RSS_MIB=256
 
-log() { echo "bench: $*" >&2; }
-die() { echo "bench: error: $*" >&2; exit 1; }
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
-# shellcheck source=deploy/local/deps.sh
-source deploy/local/deps.sh
-command -v curl >/dev/null 2>&1 || die "curl is required"
-
-# --- machine ------------------------------------------------------------------------------------
-cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
-[[ -n "$cpu_model" ]] || cpu_model="$(uname -m)"
-mem_total_kib="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
-machine="nproc $(nproc), CPU ${cpu_model}, memory $(awk -v k="$mem_total_kib" 'BEGIN {printf "%.1f GiB", k / 1048576}'), kernel $(uname -r)"
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit (with uncommitted changes)"; fi
-
-# --- dependencies and build ------------------------------------------------------------------
-deploy/local/postgres.sh start
-deploy/local/kafka.sh start
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-  cargo build --release --locked
-fi
-bin=target/release/tokenmeter
-[[ -x "$bin" ]] || die "$bin is missing; build it with cargo build --release --locked"
-# The binary reads every TOKENMETER_* variable as a setting and rejects unknown ones, so the
-# deploy scripts' own variables (TOKENMETER_LOCAL_DIR, TOKENMETER_PG_DIR, …) are hidden from it.
-tm_env=()
-while read -r name; do
-  rest="${name#TOKENMETER_}"
-  [[ "$rest" == *__* || "$rest" == SHUTDOWN_GRACE ]] || tm_env+=(-u "$name")
-done < <(compgen -e | grep '^TOKENMETER_' || true)
-tm() { env "${tm_env[@]}" "$bin" "$@"; }
-tm loadgen --help >/dev/null 2>&1 \
-  || die "'tokenmeter loadgen' is not available in $bin (the subcommand is not wired into the CLI yet)"
-
-PSQL="$(command -v psql || find /usr/lib/postgresql -path '*/bin/psql' 2>/dev/null | sort -V | tail -1)"
-[[ -x "$PSQL" ]] || die "psql not found"
-psql_q() { "$PSQL" "$1" -X -v ON_ERROR_STOP=1 -qtA "${@:2}"; }
-
-base_url="$(deploy/local/postgres.sh url)"
-url_for() { echo "${base_url%/*}/$1"; }
-pg_version="$(psql_q "$base_url" -c 'SHOW server_version')"
-
-stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 bench_db="tm_bench_$(date +%s)_$$"
 copy_db="${bench_db}_copy"
 bench_url="$(url_for "$bench_db")"
-copy_url="$(url_for "$copy_db")"
 run_id="bench$(date +%s | tail -c 6)"
-out_dir="target/bench"
-mkdir -p "$out_dir"
 report_json="$out_dir/ingest_grpc-$stamp.json"
 server_log="$out_dir/ingest_grpc-$stamp.server.log"
 figures_txt="$out_dir/ingest_grpc-$stamp.txt"
-scratch="$(mktemp -d "${TMPDIR:-/var/tmp}/tokenmeter-bench.XXXXXX")"
-chmod 755 "$scratch"
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-grpc_port="${GRPC_PORT:-$(free_port)}"
-admin_port="${ADMIN_PORT:-$(free_port)}"
-
-server_pid=""
-dbs_created=()
-stop_server() {
-  if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-      kill -0 "$server_pid" 2>/dev/null || break
-      sleep 0.2
-    done
-    if kill -0 "$server_pid" 2>/dev/null; then
-      log "server did not stop after SIGTERM; killing it"
-      kill -KILL "$server_pid" 2>/dev/null || true
-    fi
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  server_pid=""
-}
-# shellcheck disable=SC2317 # runs from the EXIT trap
-cleanup() {
-  local rc=$?
-  stop_server
-  if [[ "${KEEP_DATABASES:-0}" == 1 ]]; then
-    ((${#dbs_created[@]})) && log "kept databases: ${dbs_created[*]}"
-  else
-    for db in "${dbs_created[@]}"; do
-      psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 \
-        || log "could not drop database $db"
-    done
-  fi
-  rm -rf "$scratch"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-create_db() {
-  psql_q "$base_url" -c "CREATE DATABASE \"$1\""
-  dbs_created+=("$1")
-}
 
 # --- server on a fresh database ------------------------------------------------------------------
 create_db "$bench_db"
-log "serving gRPC on 127.0.0.1:$grpc_port, admin on 127.0.0.1:$admin_port, database $bench_db"
+log "database $bench_db"
 # Every call needs a key: the server gets a one-off bootstrap admin key, loadgen sends it.
 export LOADGEN_API_KEY="${LOADGEN_API_KEY:-bench-$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')}"
-env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" \
-  TOKENMETER_AUTH__BOOTSTRAP_ADMIN_KEY="$LOADGEN_API_KEY" \
-  TOKENMETER_GRPC__LISTEN_ADDR="127.0.0.1:$grpc_port" \
-  TOKENMETER_ADMIN__LISTEN_ADDR="127.0.0.1:$admin_port" \
-  TOKENMETER_LOG__FILTER="${TOKENMETER_LOG__FILTER:-warn}" \
-  "$bin" serve --run-migrations >"$server_log" 2>&1 &
-server_pid=$!
-
-ready=0
-for _ in $(seq 1 300); do
-  if ! kill -0 "$server_pid" 2>/dev/null; then
-    tail -30 "$server_log" >&2 || true
-    die "the server exited during startup (log: $server_log)"
-  fi
-  if curl -fsS -m 2 "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1; then ready=1; break; fi
-  sleep 0.2
-done
-((ready)) || { tail -30 "$server_log" >&2; die "the server was not ready within 60 s (log: $server_log)"; }
+grpc_port="${GRPC_PORT:-$(free_port)}"
+GRPC_PORT="$grpc_port" start_server TOKENMETER_DATABASE__URL="$bench_url" \
+  TOKENMETER_AUTH__BOOTSTRAP_ADMIN_KEY="$LOADGEN_API_KEY" TOKENMETER_KAFKA__CONSUMER__ENABLED=false
 
 # The loadgen tenants, in case the server does not auto-create unknown tenants.
 if [[ "$(psql_q "$bench_url" -c "SELECT to_regclass('public.tenants') IS NOT NULL")" == t ]]; then
@@ -171,7 +65,6 @@ if [[ "$(psql_q "$bench_url" -c "SELECT to_regclass('public.tenants') IS NOT NUL
     || log "could not pre-create the loadgen tenants; relying on the server to auto-create them"
 fi
 
-rss_kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status" 2>/dev/null || true; }
 rss_before_kib="$(rss_kib "$server_pid" VmRSS)"
 
 # --- ingest ---------------------------------------------------------------------------------------
@@ -224,95 +117,13 @@ for k, x in v.items():
 PY
 )"
 
-# --- the same rows by raw binary COPY --------------------------------------------------------------
-[[ "$(psql_q "$bench_url" -c "SELECT to_regclass('public.usage_events') IS NOT NULL")" == t ]] \
-  || die "table usage_events does not exist in $bench_db: the raw-event store of usage ingest (issue 3) has not landed, so there is nothing to COPY"
-stored_rows="$(psql_q "$bench_url" -c 'SELECT count(*) FROM usage_events')"
+# --- the stored rows against the ground truth, then the same rows by raw binary COPY -------------
 stop_server
-
-# What Postgres holds for this run, per tenant and token class, against the ground truth.
-class_cols=(input cache_read cache_write_5m cache_write_1h output reasoning input_audio output_audio input_image output_image)
-have_cols="$(psql_q "$bench_url" -c "SELECT count(*) FROM information_schema.columns
-  WHERE table_schema = 'public' AND table_name = 'usage_events'
-    AND column_name IN ($(printf "'%s'," "${class_cols[@]}" | sed 's/,$//'))")"
-if [[ "$have_cols" == "${#class_cols[@]}" ]]; then
-  sums=""
-  for c in "${class_cols[@]}"; do sums+="${sums:+, }coalesce(sum($c), 0)::bigint AS $c"; done
-  "$PSQL" "$bench_url" -X -v ON_ERROR_STOP=1 -q --csv -c "SELECT tenant_id, count(*) AS events, $sums
-      FROM usage_events WHERE tenant_id LIKE 'lg-${run_id}-t%' GROUP BY tenant_id" >"$scratch/stored.csv"
-  stored_check="$(python3 - "$report_json" "$scratch/stored.csv" <<'PY'
-import csv, json, sys
-truth = {t["tenant_id"]: t for t in json.load(open(sys.argv[1]))["tenants"]}
-stored = {row["tenant_id"]: row for row in csv.DictReader(open(sys.argv[2]))}
-diffs = []
-for tenant in sorted(set(truth) | set(stored)):
-    t, s = truth.get(tenant), stored.get(tenant)
-    want = {"events": t["events"], **t["by_class"]} if t else {}
-    for key in sorted(set(want) | set(s or {}) - {"tenant_id"}):
-        w, g = int(want.get(key, 0)), int((s or {}).get(key, 0))
-        if w != g:
-            diffs.append(f"{tenant} {key}: stored {g}, expected {w}")
-if diffs:
-    print(f"MISMATCH ({len(diffs)}): " + "; ".join(diffs[:5]))
-else:
-    print("OK (every tenant's event count and token class sums equal the ground truth)")
-PY
-)"
-else
-  stored_check="skipped (usage_events has no per-class token columns)"
-fi
-
-# Insertable columns (generated columns cannot be copied in).
-columns_of() {
-  psql_q "$1" -c "SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position)
-    FROM information_schema.columns
-    WHERE table_schema = 'public' AND table_name = '$2' AND is_generated = 'NEVER'"
-}
-events_file="$scratch/usage_events.bin"
-cols="$(columns_of "$bench_url" usage_events)"
-psql_q "$bench_url" -c "\\copy (SELECT $cols FROM usage_events) TO '$events_file' WITH (FORMAT binary)"
-file_mib="$(awk -v b="$(stat -c %s "$events_file")" 'BEGIN {printf "%.1f", b / 1048576}')"
-
-create_db "$copy_db"
-TOKENMETER_DATABASE__URL="$copy_url" TOKENMETER_LOG__FILTER=warn tm migrate
-# Partitions the ingest created on demand, so that every row has a partition to land in.
-psql_q "$bench_url" -c "SELECT format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF usage_events %s;',
-      n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid))
-    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE i.inhparent = 'public.usage_events'::regclass" \
-  | "$PSQL" "$copy_url" -X -q >/dev/null 2>&1 || true
-# Rows the events reference through foreign keys (tenants, …), copied untimed, deepest first.
-referenced="$(psql_q "$bench_url" -c "WITH RECURSIVE deps(tbl, depth) AS (
-      SELECT confrelid, 1 FROM pg_constraint
-        WHERE conrelid = 'public.usage_events'::regclass AND contype = 'f'
-      UNION ALL
-      SELECT c.confrelid, d.depth + 1 FROM pg_constraint c JOIN deps d ON c.conrelid = d.tbl
-        WHERE c.contype = 'f' AND c.confrelid <> c.conrelid AND d.depth < 10)
-    SELECT c.relname FROM deps JOIN pg_class c ON c.oid = deps.tbl
-    WHERE deps.tbl <> 'public.usage_events'::regclass
-    GROUP BY c.relname ORDER BY max(depth) DESC, c.relname")"
-if [[ -n "$referenced" ]]; then
-  psql_q "$copy_url" -c "TRUNCATE $(echo "$referenced" | paste -sd, -) CASCADE"
-  while read -r table; do
-    table_cols="$(columns_of "$bench_url" "$table")"
-    psql_q "$bench_url" -c "\\copy (SELECT $table_cols FROM $table) TO '$scratch/$table.bin' WITH (FORMAT binary)"
-    psql_q "$copy_url" -c "\\copy $table ($table_cols) FROM '$scratch/$table.bin' WITH (FORMAT binary)"
-  done <<<"$referenced"
-fi
-psql_q "$copy_url" -c "CHECKPOINT" >/dev/null 2>&1 || true
-
-log "timing binary COPY of $stored_rows rows ($file_mib MiB) into usage_events of $copy_db"
-t0="$(date +%s%N)"
-psql_q "$copy_url" -c "\\copy usage_events ($cols) FROM '$events_file' WITH (FORMAT binary)"
-t1="$(date +%s%N)"
-copied_rows="$(psql_q "$copy_url" -c 'SELECT count(*) FROM usage_events')"
-copy_s="$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')"
-copy_rps="$(awk -v n="$copied_rows" -v s="$copy_s" 'BEGIN {printf "%.0f", (s > 0 ? n / s : 0)}')"
+stored_check="$(check_stored "$bench_url" "lg-${run_id}-t%" "$report_json")"
+copy_baseline "$bench_url" "$copy_db"
 ratio="$(awk -v i="$ingest_eps_raw" -v c="$copy_rps" 'BEGIN {printf "%.3f", (c > 0 ? i / c : 0)}')"
 
 # --- figures ------------------------------------------------------------------------------------
-mib() { awk -v k="${1:-0}" 'BEGIN {printf "%.1f MiB", k / 1024}'; }
-verdict() { if awk -v a="$1" -v b="$3" "BEGIN {exit !(a $2 b)}"; then echo PASS; else echo FAIL; fi; }
 check="OK"
 ((lg_ok)) || check="FAILED: $lg_problem"
 rows_note=""

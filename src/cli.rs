@@ -42,7 +42,8 @@ enum Command {
     /// keys, once; `serve` also does this every ingest.retention_interval.
     Retention,
     /// Send realistic usage to a server's IngestUsage and check every answer against the
-    /// ground truth it prints (a load generator and an end-to-end check).
+    /// ground truth it prints (a load generator and an end-to-end check), or produce it to a
+    /// Kafka topic (--kafka-topic) and print the ground truth to check the consumer against.
     Loadgen(crate::loadgen::LoadgenArgs),
     /// Issue, list and revoke API keys (directly in the database, as the operator).
     Keys {

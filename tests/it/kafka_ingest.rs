@@ -78,7 +78,17 @@ pub async fn produce(
 
 /// Waits until the consumer's stored positions cover `end` (next offset per partition).
 pub async fn wait_for_positions(pool: &PgPool, group: &str, end: &BTreeMap<i32, i64>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    wait_for_positions_within(pool, group, end, Duration::from_secs(60)).await;
+}
+
+/// [`wait_for_positions`] for runs that take longer than a minute.
+pub async fn wait_for_positions_within(
+    pool: &PgPool,
+    group: &str,
+    end: &BTreeMap<i32, i64>,
+    timeout: Duration,
+) {
+    let deadline = std::time::Instant::now() + timeout;
     loop {
         let stored: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT partition, next_offset FROM kafka_offsets WHERE consumer_group = $1",
@@ -96,7 +106,7 @@ pub async fn wait_for_positions(pool: &PgPool, group: &str, end: &BTreeMap<i32, 
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "consumer did not reach {end:?} within 60 s (stored {stored:?})"
+            "consumer did not reach {end:?} within {timeout:?} (stored {stored:?})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

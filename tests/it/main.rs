@@ -13,6 +13,7 @@ mod http;
 mod ingest;
 mod kafka;
 mod kafka_ingest;
+mod kafka_loadgen;
 mod tls;
 mod transactions;
 mod usage_support;

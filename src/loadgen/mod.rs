@@ -1,6 +1,9 @@
 //! `tokenmeter loadgen`: drives `tokenmeter.v1.UsageService/IngestUsage` with realistic, seeded
 //! usage events — duplicates, conflicts, invalid and late events mixed in — and checks every
-//! answer of the server against the exact ground truth of what it sent.
+//! answer of the server against the exact ground truth of what it sent. With `--kafka-topic` it
+//! produces the same kind of run to Kafka instead (see [`kafka`]); nothing answers there, so the
+//! stored totals and the dead-letter topic are checked against its ground truth by whoever
+//! consumed it (`benches/ingest_kafka.sh`, `tests/it/kafka_loadgen.rs`).
 //!
 //! How a run is shaped:
 //! - `--events N` unique events (identities). Of those, exactly `round(N × invalid_ratio)` are
@@ -22,6 +25,9 @@
 //! The ground truth counts only first-seen valid events, in the disjoint token classes the
 //! server must normalize provider usage objects into. Token counts are integers throughout;
 //! only latencies and rates are floating point.
+
+mod json;
+mod kafka;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,11 +51,17 @@ use crate::proto::v1::{
 };
 
 /// Generate realistic usage events, send them to `UsageService/IngestUsage` and check the
-/// server's answers against the ground truth (exit status 1 on any difference).
+/// server's answers against the ground truth (exit status 1 on any difference); or, with
+/// --kafka-topic, produce them to Kafka and print the ground truth to check the consumer by.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadgenArgs {
     /// gRPC endpoint of the tokenmeter server.
-    #[arg(long, default_value = "http://127.0.0.1:50051", value_name = "URL")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL",
+        conflicts_with = "kafka_topic"
+    )]
     pub target: String,
 
     /// Unique events to generate; duplicates and conflicts are sent on top of these.
@@ -58,14 +70,17 @@ pub struct LoadgenArgs {
     pub events: u32,
 
     /// Events per IngestUsage call (the server's default maximum is 1000).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000),
+          conflicts_with = "kafka_topic")]
     pub batch_size: u32,
 
     /// Calls in flight at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096),
+          conflicts_with = "kafka_topic")]
     pub concurrency: u32,
 
-    /// Target events per second over all calls (resends included); 0 = as fast as possible.
+    /// Target events per second over all calls or messages (resends and poison included);
+    /// 0 = as fast as possible.
     #[arg(long, default_value_t = 0, value_name = "EVENTS_PER_S")]
     pub rate: u64,
 
@@ -116,19 +131,50 @@ pub struct LoadgenArgs {
     pub api_key: Option<String>,
 
     /// Deadline of one IngestUsage call, in milliseconds.
-    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..),
+          conflicts_with = "kafka_topic")]
     pub call_timeout_ms: u64,
 
     /// Retries of a call the server answered UNAVAILABLE or RESOURCE_EXHAUSTED, with
     /// exponential backoff (50 ms doubling, at most 2 s). Assumes such a call committed nothing,
     /// as the API promises; 0 = any failed call ends the run.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20))]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=20),
+          conflicts_with = "kafka_topic")]
     pub retries: u32,
 
     /// Ask the server to omit ACCEPTED results (then only non-accepted events are checked one
     /// by one; the summary is checked either way).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kafka_topic")]
     pub omit_accepted_results: bool,
+
+    /// Produce the run to this Kafka topic (which must exist) instead of calling a server: key
+    /// = tenant id, in plan order through an idempotent producer, so every resend lands after
+    /// its original in the same partition. Nothing is checked here; the report is the ground
+    /// truth to check the consumer's totals and dead-letter topic against.
+    #[arg(long, value_name = "TOPIC", help_heading = "Kafka target")]
+    pub kafka_topic: Option<String>,
+
+    /// Bootstrap servers of the Kafka cluster.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9092",
+        value_name = "HOST:PORT,...",
+        requires = "kafka_topic",
+        help_heading = "Kafka target"
+    )]
+    pub kafka_brokers: String,
+
+    /// Wire formats to spread the messages over; each message's is drawn from the seed.
+    #[arg(long, value_enum, value_delimiter = ',', requires = "kafka_topic",
+          default_values_t = WireFormat::ALL, help_heading = "Kafka target")]
+    pub codecs: Vec<WireFormat>,
+
+    /// Undecodable messages on top of the events, as a fraction of --events: garbage bytes, a
+    /// CloudEvent of a foreign type, malformed JSON, an unsupported content-type. Like invalid
+    /// events they must end up in the dead-letter topic, and carry `loadgen.expect: dead-letter`.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction, requires = "kafka_topic",
+          help_heading = "Kafka target")]
+    pub poison_ratio: f64,
 
     /// Print the report as JSON on stdout instead of text.
     #[arg(long)]
@@ -170,9 +216,44 @@ fn parse_run_id(value: &str) -> Result<String, String> {
     }
 }
 
+/// A Kafka message's wire format (`ingest::codec` reads all three).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    Protobuf,
+    #[value(name = "cloudevents-structured")]
+    CloudEventsStructured,
+    #[value(name = "cloudevents-binary")]
+    CloudEventsBinary,
+}
+
+impl WireFormat {
+    const ALL: [WireFormat; 3] = [
+        WireFormat::Protobuf,
+        WireFormat::CloudEventsStructured,
+        WireFormat::CloudEventsBinary,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            WireFormat::Protobuf => "protobuf",
+            WireFormat::CloudEventsStructured => "cloudevents-structured",
+            WireFormat::CloudEventsBinary => "cloudevents-binary",
+        }
+    }
+}
+
 /// Runs the load generator and prints its report; an error if the server disagrees with the
-/// ground truth or a call fails.
+/// ground truth or a call fails (or, to Kafka, if a message cannot be delivered).
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
+    if let Some(topic) = &args.kafka_topic {
+        let report = kafka::execute(&args, topic).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        } else {
+            print!("{}", report.render_text());
+        }
+        return Ok(());
+    }
     let report = execute(&args).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.to_json())?);
@@ -445,8 +526,16 @@ struct Plan {
     batch_of: Vec<u32>,
 }
 
-impl Plan {
-    fn build(spec: &PlanSpec) -> anyhow::Result<Plan> {
+/// The send order before it is cut into calls: originals in index order, resends interleaved
+/// after them.
+#[derive(Debug)]
+struct Sequence {
+    kinds: Vec<OriginalKind>,
+    items: Vec<Item>,
+}
+
+impl Sequence {
+    fn build(spec: &PlanSpec) -> anyhow::Result<Sequence> {
         let n = spec.events as usize;
         let mut rng = StdRng::seed_from_u64(mix(spec.seed, 0x706c_616e));
 
@@ -503,14 +592,24 @@ impl Plan {
             keyed.push((position * K + rng.random_range(1..K), item));
         }
         keyed.sort_by_key(|(key, _)| *key);
+        Ok(Sequence {
+            kinds,
+            items: keyed.into_iter().map(|(_, item)| item).collect(),
+        })
+    }
+}
 
+impl Plan {
+    fn build(spec: &PlanSpec) -> anyhow::Result<Plan> {
+        let Sequence { kinds, items } = Sequence::build(spec)?;
+        let n = kinds.len();
         // Cut into batches; a resend whose original is in the batch being filled moves to the
         // next one, so no batch ever holds an event's original and its resend.
         let mut batch_of = vec![u32::MAX; n];
         let mut batches: Vec<Vec<Item>> = Vec::new();
         let mut current: Vec<Item> = Vec::with_capacity(spec.batch_size);
         let mut carry: Vec<Item> = Vec::new();
-        for (_, item) in keyed {
+        for item in items {
             let this_batch = batches.len() as u32;
             match item {
                 Item::Original(i) => {
@@ -645,6 +744,29 @@ impl Generator {
                 now_micros - rng.random_range(3_600_000_000..=40 * 86_400_000_000_i64)
             }
             _ => now_micros - rng.random_range(0..=2_000_000_i64),
+        }
+    }
+
+    /// The event `item` stands for. An original fixes its `occurred_at` (drawn back from
+    /// `now_micros`) in `occurred_at`, where its later resends find it.
+    fn item(
+        &self,
+        item: Item,
+        kind: OriginalKind,
+        occurred_at: &mut [i64],
+        now_micros: i64,
+    ) -> Generated {
+        let index = item.original();
+        match item {
+            Item::Original(_) => {
+                let at = self.occurred_at(index, kind, now_micros);
+                occurred_at[index as usize] = at;
+                self.generate(index, kind, at, None)
+            }
+            Item::Duplicate(_) => self.generate(index, kind, occurred_at[index as usize], None),
+            Item::Conflict(_, conflict) => {
+                self.generate(index, kind, occurred_at[index as usize], Some(conflict))
+            }
         }
     }
 
@@ -1124,6 +1246,155 @@ impl Truth {
     }
 }
 
+/// The ground truth as both targets report it.
+impl Truth {
+    fn active_classes(&self) -> Vec<usize> {
+        (0..CLASS_NAMES.len())
+            .filter(|&c| self.classes[c] != 0)
+            .collect()
+    }
+
+    /// What was sent, by kind, under a heading the caller writes.
+    fn write_sent(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "  original   {:>12}  (late {}, invalid {})",
+            self.originals, self.late, self.expected.invalid
+        );
+        let _ = writeln!(s, "  duplicate  {:>12}", self.duplicates);
+        let _ = writeln!(
+            s,
+            "  conflict   {:>12}  (tokens {}, occurred_at {})",
+            self.conflicts_by_kind.iter().sum::<u64>(),
+            self.conflicts_by_kind[0],
+            self.conflicts_by_kind[1]
+        );
+        let shapes: Vec<String> = SHAPES
+            .iter()
+            .map(|shape| {
+                format!(
+                    "{} {}",
+                    shape.name(),
+                    self.originals_by_shape[shape.index()]
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "  originals by usage shape: {}", shapes.join(", "));
+        if self.expected.invalid > 0 {
+            let kinds: Vec<String> = INVALID_KINDS
+                .iter()
+                .map(|k| format!("{} {}", k.name(), self.invalid_by_kind[k.index()]))
+                .collect();
+            let _ = writeln!(s, "  invalid by kind: {}", kinds.join(", "));
+        }
+    }
+
+    /// The tokens the first-seen valid events carry: by class, per tenant, per model.
+    fn write_tokens(&self, s: &mut String, tenant_ids: &[String]) {
+        let classes = self.active_classes();
+        let _ = writeln!(
+            s,
+            "\nground truth tokens (first-seen valid events: {})",
+            self.expected.accepted
+        );
+        for &c in &classes {
+            let _ = writeln!(s, "  {:<15} {:>16}", CLASS_NAMES[c], self.classes[c]);
+        }
+        let _ = writeln!(
+            s,
+            "  {:<15} {:>16}",
+            "total",
+            self.classes.iter().sum::<i64>()
+        );
+
+        let _ = write!(
+            s,
+            "\nper tenant\n  {:<24} {:>10} {:>14}",
+            "tenant", "events", "total"
+        );
+        for &c in &classes {
+            let _ = write!(s, " {:>14}", CLASS_NAMES[c]);
+        }
+        let _ = writeln!(s);
+        for (id, (events, buckets)) in tenant_ids.iter().zip(&self.tenants) {
+            let _ = write!(
+                s,
+                "  {id:<24} {events:>10} {:>14}",
+                buckets.iter().sum::<i64>()
+            );
+            for &c in &classes {
+                let _ = write!(s, " {:>14}", buckets[c]);
+            }
+            let _ = writeln!(s);
+        }
+
+        let _ = writeln!(s, "\nper model");
+        for (spec, (events, buckets)) in MODELS.iter().zip(&self.models) {
+            let _ = writeln!(
+                s,
+                "  {:<10} {:<24} {events:>10} events {:>14} tokens",
+                spec.provider,
+                spec.model,
+                buckets.iter().sum::<i64>()
+            );
+        }
+    }
+
+    /// Adds `sent`, `expected`, `tokens`, `tenants` and `models` to a report object.
+    fn add_json(&self, report: &mut serde_json::Value, tenant_ids: &[String]) {
+        let by_class = |b: &Buckets| -> serde_json::Value {
+            CLASS_NAMES
+                .iter()
+                .zip(b)
+                .map(|(name, n)| ((*name).to_owned(), serde_json::Value::from(*n)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        let members = serde_json::json!({
+            "sent": {
+                "events": self.sent,
+                "original": self.originals,
+                "late": self.late,
+                "invalid": self.expected.invalid,
+                "duplicate": self.duplicates,
+                "conflict": self.conflicts_by_kind.iter().sum::<u64>(),
+                "conflict_by_kind": CONFLICT_KIND_NAMES.iter().zip(self.conflicts_by_kind)
+                    .map(|(k, n)| ((*k).to_owned(), serde_json::Value::from(n)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "invalid_by_kind": INVALID_KINDS.iter()
+                    .map(|k| (k.name().to_owned(), serde_json::Value::from(self.invalid_by_kind[k.index()])))
+                    .collect::<serde_json::Map<_, _>>(),
+                "original_by_shape": SHAPES.iter()
+                    .map(|s| (s.name().to_owned(), serde_json::Value::from(self.originals_by_shape[s.index()])))
+                    .collect::<serde_json::Map<_, _>>(),
+            },
+            "expected": self.expected.to_json(),
+            "tokens": {
+                "by_class": by_class(&self.classes),
+                "total": self.classes.iter().sum::<i64>(),
+            },
+            "tenants": tenant_ids.iter().zip(&self.tenants).map(|(id, (events, b))| serde_json::json!({
+                "tenant_id": id,
+                "events": events,
+                "total": b.iter().sum::<i64>(),
+                "by_class": by_class(b),
+            })).collect::<Vec<_>>(),
+            "models": MODELS.iter().zip(&self.models).map(|(m, (events, b))| serde_json::json!({
+                "provider": m.provider,
+                "model": m.model,
+                "events": events,
+                "total": b.iter().sum::<i64>(),
+                "by_class": by_class(b),
+            })).collect::<Vec<_>>(),
+        });
+        if let (Some(report), serde_json::Value::Object(members)) =
+            (report.as_object_mut(), members)
+        {
+            report.extend(members);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Calling the server
 // ---------------------------------------------------------------------------------------------
@@ -1462,21 +1733,8 @@ async fn execute(args: &LoadgenArgs) -> anyhow::Result<Report> {
             let mut events = Vec::with_capacity(plan.batches[next].len());
             let mut expected = Vec::with_capacity(plan.batches[next].len());
             for &item in &plan.batches[next] {
-                let index = item.original();
-                let kind = plan.kinds[index as usize];
-                let generated = match item {
-                    Item::Original(_) => {
-                        let at = generator.occurred_at(index, kind, now_micros);
-                        occurred_at[index as usize] = at;
-                        generator.generate(index, kind, at, None)
-                    }
-                    Item::Duplicate(_) => {
-                        generator.generate(index, kind, occurred_at[index as usize], None)
-                    }
-                    Item::Conflict(_, conflict) => {
-                        generator.generate(index, kind, occurred_at[index as usize], Some(conflict))
-                    }
-                };
+                let kind = plan.kinds[item.original() as usize];
+                let generated = generator.item(item, kind, &mut occurred_at, now_micros);
                 let status = truth.record(item, kind, &generated);
                 expected.push((status, generated.event.event_id.clone()));
                 events.push(generated.event);
@@ -1633,12 +1891,6 @@ impl Report {
         (!problems.is_empty()).then(|| problems.join("; "))
     }
 
-    fn active_classes(&self) -> Vec<usize> {
-        (0..CLASS_NAMES.len())
-            .filter(|&c| self.truth.classes[c] != 0)
-            .collect()
-    }
-
     fn render_text(&self) -> String {
         let t = &self.truth;
         let o = &self.observed;
@@ -1659,31 +1911,7 @@ impl Report {
             self.target, self.events, self.batch_size, self.concurrency
         );
         let _ = writeln!(s, "\nsent {} events in {} calls", t.sent, t.calls);
-        let _ = writeln!(
-            s,
-            "  original   {:>12}  (late {}, invalid {})",
-            t.originals, t.late, t.expected.invalid
-        );
-        let _ = writeln!(s, "  duplicate  {:>12}", t.duplicates);
-        let _ = writeln!(
-            s,
-            "  conflict   {:>12}  (tokens {}, occurred_at {})",
-            t.conflicts_by_kind.iter().sum::<u64>(),
-            t.conflicts_by_kind[0],
-            t.conflicts_by_kind[1]
-        );
-        let shapes: Vec<String> = SHAPES
-            .iter()
-            .map(|shape| format!("{} {}", shape.name(), t.originals_by_shape[shape.index()]))
-            .collect();
-        let _ = writeln!(s, "  originals by usage shape: {}", shapes.join(", "));
-        if t.expected.invalid > 0 {
-            let kinds: Vec<String> = INVALID_KINDS
-                .iter()
-                .map(|k| format!("{} {}", k.name(), t.invalid_by_kind[k.index()]))
-                .collect();
-            let _ = writeln!(s, "  invalid by kind: {}", kinds.join(", "));
-        }
+        t.write_sent(&mut s);
 
         let _ = writeln!(s, "\nstatus       expected       server");
         let (want, got) = (t.expected, o.server);
@@ -1721,48 +1949,7 @@ impl Report {
             }
         }
 
-        let classes = self.active_classes();
-        let _ = writeln!(
-            s,
-            "\nground truth tokens (first-seen valid events: {})",
-            want.accepted
-        );
-        for &c in &classes {
-            let _ = writeln!(s, "  {:<15} {:>16}", CLASS_NAMES[c], t.classes[c]);
-        }
-        let _ = writeln!(s, "  {:<15} {:>16}", "total", t.classes.iter().sum::<i64>());
-
-        let _ = write!(
-            s,
-            "\nper tenant\n  {:<24} {:>10} {:>14}",
-            "tenant", "events", "total"
-        );
-        for &c in &classes {
-            let _ = write!(s, " {:>14}", CLASS_NAMES[c]);
-        }
-        let _ = writeln!(s);
-        for (id, (events, buckets)) in self.tenant_ids.iter().zip(&t.tenants) {
-            let _ = write!(
-                s,
-                "  {id:<24} {events:>10} {:>14}",
-                buckets.iter().sum::<i64>()
-            );
-            for &c in &classes {
-                let _ = write!(s, " {:>14}", buckets[c]);
-            }
-            let _ = writeln!(s);
-        }
-
-        let _ = writeln!(s, "\nper model");
-        for (spec, (events, buckets)) in MODELS.iter().zip(&t.models) {
-            let _ = writeln!(
-                s,
-                "  {:<10} {:<24} {events:>10} events {:>14} tokens",
-                spec.provider,
-                spec.model,
-                buckets.iter().sum::<i64>()
-            );
-        }
+        t.write_tokens(&mut s, &self.tenant_ids);
 
         let latency = self.latency_ms();
         let _ = writeln!(s, "\nperformance");
@@ -1795,16 +1982,8 @@ impl Report {
     fn to_json(&self) -> serde_json::Value {
         let t = &self.truth;
         let o = &self.observed;
-        let by_class = |b: &Buckets| -> serde_json::Value {
-            CLASS_NAMES
-                .iter()
-                .zip(b)
-                .map(|(name, n)| ((*name).to_owned(), serde_json::Value::from(*n)))
-                .collect::<serde_json::Map<_, _>>()
-                .into()
-        };
         let latency = self.latency_ms();
-        serde_json::json!({
+        let mut report = serde_json::json!({
             "run_id": self.run_id,
             "seed": self.seed,
             "target": self.target,
@@ -1815,25 +1994,6 @@ impl Report {
                 "rate": self.rate,
                 "tenants": self.tenant_ids.len(),
             },
-            "sent": {
-                "events": t.sent,
-                "calls": t.calls,
-                "original": t.originals,
-                "late": t.late,
-                "invalid": t.expected.invalid,
-                "duplicate": t.duplicates,
-                "conflict": t.conflicts_by_kind.iter().sum::<u64>(),
-                "conflict_by_kind": CONFLICT_KIND_NAMES.iter().zip(t.conflicts_by_kind)
-                    .map(|(k, n)| ((*k).to_owned(), serde_json::Value::from(n)))
-                    .collect::<serde_json::Map<_, _>>(),
-                "invalid_by_kind": INVALID_KINDS.iter()
-                    .map(|k| (k.name().to_owned(), serde_json::Value::from(t.invalid_by_kind[k.index()])))
-                    .collect::<serde_json::Map<_, _>>(),
-                "original_by_shape": SHAPES.iter()
-                    .map(|s| (s.name().to_owned(), serde_json::Value::from(t.originals_by_shape[s.index()])))
-                    .collect::<serde_json::Map<_, _>>(),
-            },
-            "expected": t.expected.to_json(),
             "server": o.server.to_json(),
             "per_event_mismatches": o.mismatch_count,
             "mismatch_pairs": o.mismatch_pairs,
@@ -1845,23 +2005,6 @@ impl Report {
             "invalid_by_field": o.invalid_fields.iter().map(|(field, (n, reason))| {
                 (field.clone(), serde_json::json!({"count": n, "example_reason": reason}))
             }).collect::<serde_json::Map<_, _>>(),
-            "tokens": {
-                "by_class": by_class(&t.classes),
-                "total": t.classes.iter().sum::<i64>(),
-            },
-            "tenants": self.tenant_ids.iter().zip(&t.tenants).map(|(id, (events, b))| serde_json::json!({
-                "tenant_id": id,
-                "events": events,
-                "total": b.iter().sum::<i64>(),
-                "by_class": by_class(b),
-            })).collect::<Vec<_>>(),
-            "models": MODELS.iter().zip(&t.models).map(|(m, (events, b))| serde_json::json!({
-                "provider": m.provider,
-                "model": m.model,
-                "events": events,
-                "total": b.iter().sum::<i64>(),
-                "by_class": by_class(b),
-            })).collect::<Vec<_>>(),
             "performance": {
                 "elapsed_s": self.elapsed.as_secs_f64(),
                 "events_per_s": self.events_per_s(t.sent),
@@ -1877,7 +2020,10 @@ impl Report {
             },
             "ok": self.problem().is_none(),
             "problem": self.problem(),
-        })
+        });
+        t.add_json(&mut report, &self.tenant_ids);
+        report["sent"]["calls"] = t.calls.into();
+        report
     }
 }
 
@@ -1895,17 +2041,17 @@ mod tests {
     use crate::proto::v1::usage_service_server::{UsageService, UsageServiceServer};
 
     #[derive(Parser)]
-    struct TestCli {
+    pub(super) struct TestCli {
         #[command(flatten)]
-        args: LoadgenArgs,
+        pub(super) args: LoadgenArgs,
     }
 
-    fn args(extra: &[&str]) -> LoadgenArgs {
+    pub(super) fn args(extra: &[&str]) -> LoadgenArgs {
         let argv = ["loadgen", "--quiet"].iter().chain(extra);
         TestCli::try_parse_from(argv).expect("valid arguments").args
     }
 
-    fn spec(args: &LoadgenArgs, seed: u64) -> PlanSpec {
+    pub(super) fn spec(args: &LoadgenArgs, seed: u64) -> PlanSpec {
         PlanSpec {
             seed,
             events: args.events,
@@ -1918,29 +2064,16 @@ mod tests {
         }
     }
 
-    const NOW: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
+    pub(super) const NOW: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
 
     /// Every event of the plan as sent, in order, with the generator's view of it.
-    fn materialize(plan: &Plan, generator: &Generator) -> Vec<(Item, Generated)> {
+    pub(super) fn materialize(plan: &Plan, generator: &Generator) -> Vec<(Item, Generated)> {
         let mut occurred_at = vec![0; plan.kinds.len()];
         let mut out = Vec::new();
         for batch in &plan.batches {
             for &item in batch {
-                let index = item.original();
-                let kind = plan.kinds[index as usize];
-                let generated = match item {
-                    Item::Original(_) => {
-                        occurred_at[index as usize] = generator.occurred_at(index, kind, NOW);
-                        generator.generate(index, kind, occurred_at[index as usize], None)
-                    }
-                    Item::Duplicate(_) => {
-                        generator.generate(index, kind, occurred_at[index as usize], None)
-                    }
-                    Item::Conflict(_, c) => {
-                        generator.generate(index, kind, occurred_at[index as usize], Some(c))
-                    }
-                };
-                out.push((item, generated));
+                let kind = plan.kinds[item.original() as usize];
+                out.push((item, generator.item(item, kind, &mut occurred_at, NOW)));
             }
         }
         out
