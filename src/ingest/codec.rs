@@ -399,4 +399,4 @@ impl Attributes<'_> {
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

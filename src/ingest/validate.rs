@@ -477,96 +477,6 @@ mod tests {
         }
     }
 
-    fn any_count() -> impl Strategy<Value = i64> {
-        prop_oneof![
-            Just(0),
-            Just(-1),
-            Just(i64::MAX),
-            Just(i64::MIN),
-            any::<i64>(),
-            0i64..10_000
-        ]
-    }
-
-    /// Provider usage objects with any counts, including hostile ones.
-    /// Boxed arms: unboxed, the nested strategy types overflow a test thread's stack in debug.
-    fn any_usage() -> BoxedStrategy<pb::usage_event::Usage> {
-        use pb::usage_event::Usage;
-        let tokens = prop::array::uniform10(any_count())
-            .prop_map(|c| {
-                Usage::Tokens(pb::TokenCounts {
-                    input: c[0],
-                    cache_read: c[1],
-                    cache_write_5m: c[2],
-                    cache_write_1h: c[3],
-                    output: c[4],
-                    reasoning: c[5],
-                    input_audio: c[6],
-                    output_audio: c[7],
-                    input_image: c[8],
-                    output_image: c[9],
-                })
-            })
-            .boxed();
-        let openai = prop::array::uniform8(any_count())
-            .prop_map(|c| {
-                Usage::OpenaiChat(pb::OpenAiChatUsage {
-                    prompt_tokens: c[0],
-                    completion_tokens: c[1],
-                    total_tokens: Some(c[2]),
-                    prompt_tokens_details: Some(pb::OpenAiPromptTokensDetails {
-                        cached_tokens: c[3],
-                        audio_tokens: c[4],
-                        ..Default::default()
-                    }),
-                    completion_tokens_details: Some(pb::OpenAiCompletionTokensDetails {
-                        reasoning_tokens: c[5],
-                        audio_tokens: c[6],
-                        image_tokens: c[7],
-                        ..Default::default()
-                    }),
-                })
-            })
-            .boxed();
-        let anthropic = prop::array::uniform6(any_count())
-            .prop_map(|c| {
-                Usage::Anthropic(pb::AnthropicUsage {
-                    input_tokens: c[0],
-                    output_tokens: c[1],
-                    cache_creation_input_tokens: c[2],
-                    cache_read_input_tokens: c[3],
-                    cache_creation: Some(pb::AnthropicCacheCreation {
-                        ephemeral_5m_input_tokens: c[4],
-                        ephemeral_1h_input_tokens: c[5],
-                    }),
-                    ..Default::default()
-                })
-            })
-            .boxed();
-        let gemini = (
-            prop::array::uniform6(any_count()),
-            "[A-Z]{0,6}",
-            any_count(),
-        )
-            .prop_map(|(c, modality, n)| {
-                Usage::Gemini(pb::GeminiUsageMetadata {
-                    prompt_token_count: c[0],
-                    cached_content_token_count: c[1],
-                    candidates_token_count: c[2],
-                    tool_use_prompt_token_count: c[3],
-                    thoughts_token_count: c[4],
-                    total_token_count: Some(c[5]),
-                    prompt_tokens_details: vec![pb::GeminiModalityTokenCount {
-                        modality,
-                        token_count: n,
-                    }],
-                    ..Default::default()
-                })
-            })
-            .boxed();
-        prop_oneof![tokens, openai, anthropic, gemini].boxed()
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]
 
@@ -581,7 +491,7 @@ mod tests {
         /// Any provider object with any counts (negative, i64 extremes) is either normalized to
         /// buckets that are all non-negative, or rejected naming a field under its oneof.
         #[test]
-        fn any_usage_object_is_normalized_or_rejected_with_a_field(usage in any_usage(), seconds in any::<i64>(), nanos in any::<i32>()) {
+        fn any_usage_object_is_normalized_or_rejected_with_a_field(usage in crate::ingest::codec::tests::any_usage(), seconds in any::<i64>(), nanos in any::<i32>()) {
             let event = pb::UsageEvent {
                 event_id: "e".into(),
                 source: "s".into(),

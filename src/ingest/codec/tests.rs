@@ -955,11 +955,21 @@ fn camel(snake: &str) -> String {
     out
 }
 
+/// Token counts, hostile ones included (negative, extremes).
 fn count() -> impl Strategy<Value = i64> {
-    prop_oneof![0..100_000_i64, any::<i64>()]
+    prop_oneof![
+        0..100_000_i64,
+        Just(-1),
+        Just(i64::MAX),
+        Just(i64::MIN),
+        any::<i64>()
+    ]
 }
 
-fn any_usage() -> BoxedStrategy<Usage> {
+/// Every usage shape with any counts and any optional part present or not; shared with the
+/// validation proptests. Boxed arms: unboxed, the nested strategy types overflow a test
+/// thread's stack in debug.
+pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
     let counts = || prop::collection::vec(count(), 10);
     let tokens = counts()
         .prop_map(|c| {
