@@ -823,8 +823,13 @@ impl BatchWriter {
         started: Instant,
     ) {
         let m = &self.metrics;
+        // A part holds one topic's messages: one label lookup per topic, not per message.
+        let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
         for message in batch {
-            m.messages.with_label_values(&[message.topic()]).inc();
+            *per_topic.entry(message.topic()).or_default() += 1;
+        }
+        for (topic, n) in per_topic {
+            m.messages.with_label_values(&[topic]).inc_by(n);
         }
         for (_, letter) in letters {
             m.dead_letters
