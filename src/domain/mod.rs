@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod normalize;
 pub mod pricing;
+pub mod quota;
 pub mod rollup;
 pub mod tenant;
 pub mod tokens;
