@@ -17,6 +17,7 @@ use crate::grpc::{self, ApiState};
 use crate::ingest::{IngestMetrics, Ingestor};
 use crate::kafka::consumer::{ConsumerError, ConsumerMetrics, UsageConsumer};
 use crate::kafka::{KafkaProbe, ProbeError};
+use crate::quota::QuotaEngine;
 use crate::store::{self, StoreError};
 use crate::telemetry::Metrics;
 
@@ -41,6 +42,8 @@ pub enum AppError {
     Grpc(#[from] grpc::GrpcError),
     #[error("admin http server failed: {0}")]
     AdminHttp(std::io::Error),
+    #[error("cannot create the quota alert producer: {0}")]
+    AlertProducer(rdkafka::error::KafkaError),
     #[error("a server task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -50,6 +53,7 @@ pub struct Application {
     pool: PgPool,
     metrics: Metrics,
     ingestor: Arc<Ingestor>,
+    quota: Arc<QuotaEngine>,
     kafka: Option<KafkaProbe>,
     consumer: Option<UsageConsumer>,
     grpc_listener: Option<TcpListener>,
@@ -70,6 +74,11 @@ impl Application {
             pool.clone(),
             &settings.ingest,
             IngestMetrics::register(&metrics.registry)?,
+        ));
+        let quota = Arc::new(QuotaEngine::new(
+            pool.clone(),
+            ingestor.clone(),
+            settings.quota.clone(),
         ));
         let kafka = if settings.kafka.enabled {
             let probe = KafkaProbe::new(&settings.kafka)?;
@@ -107,6 +116,7 @@ impl Application {
             pool,
             metrics,
             ingestor,
+            quota,
             kafka,
             consumer,
             grpc_listener,
@@ -150,6 +160,7 @@ impl Application {
                         .map(|k| k.expose()),
                     self.settings.auth.cache_ttl,
                 )),
+                quota: self.quota.clone(),
             };
             let tls = self.grpc_tls.clone();
             tasks.spawn(async move {
@@ -177,6 +188,29 @@ impl Application {
             let token = shutdown.clone();
             tasks.spawn(async move {
                 run_consumer(consumer, token).await;
+                Ok(())
+            });
+        }
+
+        if !self.settings.quota.expiry_interval.is_zero() {
+            let (engine, token) = (self.quota.clone(), shutdown.clone());
+            let interval = self.settings.quota.expiry_interval;
+            tasks.spawn(async move {
+                crate::quota::run_expiry(engine, interval, token).await;
+                Ok(())
+            });
+        }
+        if self.settings.kafka.enabled && self.settings.quota.alerts.enabled {
+            let alerts = &self.settings.quota.alerts;
+            let publisher = crate::quota::alerts::AlertPublisher::new(
+                self.pool.clone(),
+                &self.settings.kafka,
+                &alerts.topic,
+            )
+            .map_err(AppError::AlertProducer)?;
+            let (interval, token) = (alerts.interval, shutdown.clone());
+            tasks.spawn(async move {
+                crate::quota::alerts::run_publisher(publisher, interval, token).await;
                 Ok(())
             });
         }

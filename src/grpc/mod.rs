@@ -8,6 +8,7 @@ pub mod auth;
 pub mod convert;
 pub mod metrics;
 pub mod pricebook;
+pub mod quota;
 pub mod reports;
 pub mod status;
 pub mod usage;
@@ -28,7 +29,7 @@ use crate::proto::v1::{
     export_service_server::{ExportService, ExportServiceServer},
     invoice_service_server::{InvoiceService, InvoiceServiceServer},
     price_book_service_server::PriceBookServiceServer,
-    quota_service_server::{QuotaService, QuotaServiceServer},
+    quota_service_server::QuotaServiceServer,
     report_service_server::ReportServiceServer,
     transaction_service_server::{TransactionService, TransactionServiceServer},
     usage_service_server::UsageServiceServer,
@@ -37,6 +38,7 @@ use crate::telemetry::Metrics;
 use admin::AdminApi;
 use metrics::GrpcMetricsLayer;
 use pricebook::PriceBookApi;
+use quota::QuotaApi;
 use reports::ReportApi;
 use usage::UsageApi;
 
@@ -47,10 +49,8 @@ pub struct ApiState {
     pub ingestor: Arc<Ingestor>,
     pub ingest: IngestSettings,
     pub authenticator: Arc<auth::Authenticator>,
+    pub quota: Arc<crate::quota::QuotaEngine>,
 }
-
-pub struct QuotaApi;
-impl QuotaService for QuotaApi {}
 
 pub struct TransactionApi;
 impl TransactionService for TransactionApi {}
@@ -216,7 +216,10 @@ pub async fn serve(
             ))
             .max_decoding_message_size(limit),
         )
-        .add_service(QuotaServiceServer::new(QuotaApi).max_decoding_message_size(limit))
+        .add_service(
+            QuotaServiceServer::new(QuotaApi::new(state.quota.clone()))
+                .max_decoding_message_size(limit),
+        )
         .add_service(TransactionServiceServer::new(TransactionApi).max_decoding_message_size(limit))
         .add_service(
             PriceBookServiceServer::new(PriceBookApi::new(

@@ -4,6 +4,7 @@
 pub mod keys;
 pub mod offsets;
 pub mod pricing;
+pub mod quotas;
 pub mod reports;
 pub mod retention;
 pub mod tenants;
