@@ -175,6 +175,11 @@ pub struct QuotaSettings {
     pub expiry_interval: Duration,
     /// Most reservations one sweep transaction expires.
     pub expiry_batch: i64,
+    /// Reserve writer tasks per replica; each owns a share of the tenants and decides the
+    /// calls waiting for it in one transaction.
+    pub writers: usize,
+    /// Most Reserve calls decided in one transaction.
+    pub max_batch: usize,
     pub alerts: QuotaAlertSettings,
 }
 
@@ -314,6 +319,16 @@ impl Settings {
             return Err(invalid(
                 "quota.default_ttl",
                 "must be above 0s and at most quota.max_ttl",
+            ));
+        }
+        if self.quota.writers == 0 || self.quota.max_batch == 0 {
+            return Err(invalid(
+                if self.quota.writers == 0 {
+                    "quota.writers"
+                } else {
+                    "quota.max_batch"
+                },
+                "must be at least 1",
             ));
         }
         if self.quota.expiry_batch < 1 {

@@ -47,6 +47,11 @@ fn from_quota(error: QuotaError) -> Status {
         QuotaError::Invalid(e) => invalid(e),
         QuotaError::FailedPrecondition(m) => Status::failed_precondition(m),
         QuotaError::Aborted(m) => Status::aborted(m),
+        QuotaError::Batch(m) => {
+            tracing::error!(error = %m, "reserve batch failed");
+            Status::unavailable("storage unavailable, retry with backoff")
+        }
+        QuotaError::Stopped => Status::unavailable("shutting down, retry on another instance"),
     }
 }
 

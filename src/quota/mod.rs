@@ -11,6 +11,7 @@
 //! is cached in a replica's memory, so adding replicas cannot add budget.
 
 pub mod alerts;
+mod reserve;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,16 +24,13 @@ use sqlx::{PgConnection, PgPool};
 use crate::config::QuotaSettings;
 use crate::domain::FieldError;
 use crate::domain::pricing::PricingCatalog;
-use crate::domain::quota::{
-    self, Check, DenialReason, Estimate, Limit, Policy, Span, Verdict, Window,
-};
-use crate::domain::tenant::TenantStatus;
+use crate::domain::quota::{self, Check, DenialReason, Estimate, Limit, Policy, Span, Window};
 use crate::domain::tokens::TokenCounts;
 use crate::ingest::Ingestor;
 use crate::store::StoreError;
 use crate::store::quotas::{
-    self as store, Alert, Counter, CounterKey, Guarded, Hold, NewReservation, Reservation,
-    ReservationState, ReservationUpdate, Selection,
+    self as store, Alert, Counter, CounterKey, Guarded, Hold, Reservation, ReservationState,
+    ReservationUpdate, Selection,
 };
 use crate::store::usage::Candidate;
 
@@ -48,6 +46,11 @@ pub enum QuotaError {
     /// An optimistic-concurrency conflict: the stored revision is not the expected one.
     #[error("{0}")]
     Aborted(String),
+    /// The batch this call was decided in failed; nothing of it was written.
+    #[error("reserve batch failed: {0}")]
+    Batch(String),
+    #[error("quota writers have stopped")]
+    Stopped,
 }
 
 impl From<sqlx::Error> for QuotaError {
@@ -121,11 +124,14 @@ pub struct QuotaEngine {
     pool: PgPool,
     ingestor: Arc<Ingestor>,
     settings: QuotaSettings,
+    writers: Vec<tokio::sync::mpsc::Sender<reserve::Job>>,
 }
 
 impl QuotaEngine {
+    /// Starts the reserve writers (on the current Tokio runtime); they stop with the engine.
     pub fn new(pool: PgPool, ingestor: Arc<Ingestor>, settings: QuotaSettings) -> Self {
         Self {
+            writers: reserve::start(pool.clone(), ingestor.clone(), settings.clone()),
             pool,
             ingestor,
             settings,
@@ -200,173 +206,36 @@ impl QuotaEngine {
     }
 
     /// Decides and, unless denied, holds the estimate on every applicable policy at once.
+    /// A retry carrying an idempotency key already used gets the original answer.
     pub async fn reserve(&self, input: &ReserveInput) -> Result<ReserveOutcome, QuotaError> {
-        if let Some(key) = &input.idempotency_key
-            && let Some(stored) =
-                store::reservation_by_key(&self.pool, &input.tenant_id, key).await?
-        {
-            return self.replay(stored).await;
-        }
-        let tenant = store::tenant(&self.pool, &input.tenant_id).await?;
         let held_tokens = input.estimate.held_tokens()?;
-        if tenant.status == TenantStatus::Suspended {
-            return Ok(ReserveOutcome {
-                decision: Decision::Deny {
-                    reason: DenialReason::TenantSuspended,
-                    policy_id: None,
-                    message: format!("tenant {} is suspended", input.tenant_id),
-                },
-                reservation_id: None,
-                expires_at: None,
-                policies: Vec::new(),
-                held_tokens,
-                held_amount: None,
-            });
-        }
-        let now = Utc::now();
-        let mut tx = self.pool.begin().await?;
-        let policies = store::enabled_policies(
-            &mut tx,
-            &input.tenant_id,
-            Selection::Call {
-                agent_id: Some(&input.agent_id),
-                service: input.service.as_deref(),
-            },
-        )
-        .await?;
-        let catalog = self.catalog_for(&policies).await?;
-        let pricing = catalog.as_ref().and_then(|c| c.tenant(&input.tenant_id));
-        let holds: Vec<Option<Decimal>> = policies
-            .iter()
-            .map(|p| match &p.limit {
-                Limit::Tokens { classes, .. } => Some(input.estimate.token_amount(classes)),
-                Limit::Money { .. } => catalog.as_ref().zip(pricing).and_then(|(c, t)| {
-                    input.estimate.money_amount(
-                        c,
-                        &input.tenant_id,
-                        t,
-                        &input.provider,
-                        &input.model,
-                        now,
-                    )
-                }),
-            })
-            .collect();
-        let keys: Vec<CounterKey> = policies
-            .iter()
-            .map(|p| counter_key(p, tenant.calendar.window_at(p.window, now)))
-            .collect();
-        let counters = if keys.is_empty() {
-            Vec::new()
-        } else {
-            store::lock_counters(&mut tx, &keys).await?
-        };
-        let checks: Vec<Check> = policies
-            .iter()
-            .zip(&counters)
-            .zip(&holds)
-            .map(|((p, c), hold)| Check {
-                enforcement: p.enforcement,
-                limit: p.limit.value(),
-                used: c.used,
-                reserved: c.reserved,
-                hold: *hold,
-            })
-            .collect();
-        let (verdict, flags) = quota::decide(&checks);
-        let held_amount =
-            policies
-                .iter()
-                .zip(&holds)
-                .find_map(|(p, hold)| match (&p.limit, hold) {
-                    (Limit::Money { currency, .. }, Some(amount)) => {
-                        Some((*amount, currency.clone()))
-                    }
-                    _ => None,
-                });
-        let granted = !matches!(verdict, Verdict::Deny { .. });
-        let states: Vec<PolicyState> = policies
-            .iter()
-            .zip(&keys)
-            .zip(checks.iter().zip(&flags))
-            .map(|((p, k), (c, flag))| PolicyState {
-                policy: p.clone(),
-                window: k.window,
-                used: c.used,
-                reserved: c.reserved + if granted { c.taken() } else { Decimal::ZERO },
-                over_limit: *flag,
-                crossings: Vec::new(),
-            })
-            .collect();
-        let decision = match verdict {
-            Verdict::Deny { policy, reason } => {
-                tx.rollback().await?;
-                return Ok(ReserveOutcome {
-                    decision: Decision::Deny {
-                        reason,
-                        policy_id: Some(policies[policy].policy_id.clone()),
-                        message: denial_message(&states[policy], &input.tenant_id, &checks[policy]),
-                    },
-                    reservation_id: None,
-                    expires_at: None,
-                    policies: states,
-                    held_tokens,
-                    held_amount,
-                });
-            }
-            Verdict::Allow => Decision::Allow,
-            Verdict::AllowSoftLimit => Decision::AllowSoftLimit,
-        };
-        let reservation = Reservation {
-            tenant_id: input.tenant_id.clone(),
-            reservation_id: uuid::Uuid::now_v7().to_string(),
-            agent_id: input.agent_id.clone(),
-            service: input.service.clone(),
-            provider: input.provider.clone(),
-            model: input.model.clone(),
-            held_tokens,
-            soft_limited: matches!(decision, Decision::AllowSoftLimit),
-            state: ReservationState::Active,
-            expires_at: now,
-            settled_tokens: None,
-            settled_by_event: false,
-        };
-        let ttl = input
-            .ttl
-            .unwrap_or(self.settings.default_ttl)
-            .min(self.settings.max_ttl);
-        let new = NewReservation {
-            reservation: &reservation,
-            idempotency_key: input.idempotency_key.as_deref(),
-            ttl_micros: i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX),
-            holds: keys
-                .iter()
-                .zip(&checks)
-                .map(|(k, c)| (k.policy_id.as_str(), k.window, c.taken()))
-                .collect(),
-        };
-        let expires_at = match store::insert_reservation(&mut tx, &new).await {
-            Ok(at) => at,
-            // A concurrent retry with the same key won: answer what it answered.
-            Err(StoreError::AlreadyExists(_)) => {
-                tx.rollback().await?;
-                let key = input.idempotency_key.as_deref().unwrap_or_default();
-                let stored = store::reservation_by_key(&self.pool, &input.tenant_id, key)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound("reservation".into()))?;
+        // Twice at most: a key replayed from a batch whose first call was denied has nothing
+        // to replay, and is then decided on its own.
+        for _ in 0..2 {
+            if let Some(key) = &input.idempotency_key
+                && let Some(stored) =
+                    store::reservation_by_key(&self.pool, &input.tenant_id, key).await?
+            {
                 return self.replay(stored).await;
             }
-            Err(other) => return Err(other.into()),
-        };
-        tx.commit().await?;
-        Ok(ReserveOutcome {
-            decision,
-            reservation_id: Some(reservation.reservation_id),
-            expires_at: Some(expires_at),
-            policies: states,
-            held_tokens,
-            held_amount,
-        })
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let writer = &self.writers[reserve::writer_of(&input.tenant_id, self.writers.len())];
+            writer
+                .send(reserve::Job {
+                    input: input.clone(),
+                    held_tokens,
+                    reply,
+                })
+                .await
+                .map_err(|_| QuotaError::Stopped)?;
+            match answer.await.map_err(|_| QuotaError::Stopped)?? {
+                reserve::Reply::Decided(outcome) => return Ok(*outcome),
+                reserve::Reply::Replay => continue,
+            }
+        }
+        Err(QuotaError::Batch(
+            "a concurrent call with the same idempotency key was denied; retry".into(),
+        ))
     }
 
     /// The original answer to a retried Reserve, with the policies' current state.

@@ -752,57 +752,82 @@ pub struct NewReservation<'a> {
     pub holds: Vec<(&'a str, Span, Decimal)>,
 }
 
-/// Writes a reservation, its holds and their addition to `reserved` in one statement; returns
-/// its expiry (database clock, the one the expiry sweep compares with). A concurrent retry
-/// with the same idempotency key fails here with `AlreadyExists`.
-pub async fn insert_reservation(
+/// Writes reservations, their holds and the holds' addition to `reserved` in one statement;
+/// returns each one's expiry (database clock, the one the expiry sweep compares with), in
+/// input order. A concurrent Reserve with the same idempotency key fails the statement with
+/// `AlreadyExists`.
+pub async fn insert_reservations(
     conn: &mut PgConnection,
-    new: &NewReservation<'_>,
-) -> Result<DateTime<Utc>, StoreError> {
-    let r = new.reservation;
-    let expires_at: DateTime<Utc> = sqlx::query_scalar(
+    new: &[NewReservation<'_>],
+) -> Result<Vec<DateTime<Utc>>, StoreError> {
+    let r: Vec<&Reservation> = new.iter().map(|n| n.reservation).collect();
+    let held: Vec<i64> = r.iter().flat_map(|r| r.held_tokens.buckets()).collect();
+    let holds: Vec<(&Reservation, &(&str, Span, Decimal))> = new
+        .iter()
+        .flat_map(|n| n.holds.iter().map(move |h| (n.reservation, h)))
+        .collect();
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
         "WITH reservation AS (
              INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service,
                  provider, model, held_tokens, decision, state, idempotency_key, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'active', $9,
-                     now() + make_interval(secs => $10::double precision / 1000000))
-             RETURNING tenant_id, reservation_id, expires_at
+             SELECT u.tenant_id, u.reservation_id, u.agent_id, u.service, u.provider, u.model,
+                    $7[(u.i - 1) * 10 + 1 : u.i * 10], u.decision, 'active', u.idempotency_key,
+                    now() + make_interval(secs => u.ttl::double precision / 1000000)
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $8::text[], $9::text[], $10::int8[])
+                  WITH ORDINALITY AS u (tenant_id, reservation_id, agent_id, service, provider,
+                                        model, decision, idempotency_key, ttl, i)
+             RETURNING reservation_id, expires_at
          ), holds AS (
              INSERT INTO quota_holds (tenant_id, reservation_id, policy_id, window_start,
                                       window_end, amount)
-             SELECT $1, $2, * FROM unnest($11::text[], $12::timestamptz[], $13::timestamptz[],
-                                          $14::numeric[])
+             SELECT * FROM unnest($11::text[], $12::text[], $13::text[], $14::timestamptz[],
+                                  $15::timestamptz[], $16::numeric[])
          ), counters AS (
              UPDATE quota_counters c SET reserved = c.reserved + h.amount
-             FROM unnest($11::text[], $12::timestamptz[], $14::numeric[])
-                  AS h (policy_id, window_start, amount)
-             WHERE c.tenant_id = $1 AND c.policy_id = h.policy_id
+             FROM (SELECT tenant_id, policy_id, window_start, sum(amount) AS amount
+                   FROM unnest($11::text[], $13::text[], $14::timestamptz[], $16::numeric[])
+                        AS x (tenant_id, policy_id, window_start, amount)
+                   GROUP BY 1, 2, 3) h
+             WHERE c.tenant_id = h.tenant_id AND c.policy_id = h.policy_id
                AND c.window_start = h.window_start
          )
-         SELECT expires_at FROM reservation",
+         SELECT reservation_id, expires_at FROM reservation",
     )
-    .bind(&r.tenant_id)
-    .bind(&r.reservation_id)
-    .bind(&r.agent_id)
-    .bind(&r.service)
-    .bind(&r.provider)
-    .bind(&r.model)
-    .bind(r.held_tokens.buckets().to_vec())
-    .bind(if r.soft_limited {
-        "allow_soft_limit"
-    } else {
-        "allow"
-    })
-    .bind(new.idempotency_key)
-    .bind(new.ttl_micros)
-    .bind(new.holds.iter().map(|h| h.0).collect::<Vec<_>>())
-    .bind(new.holds.iter().map(|h| h.1.start).collect::<Vec<_>>())
-    .bind(new.holds.iter().map(|h| h.1.end).collect::<Vec<_>>())
-    .bind(new.holds.iter().map(|h| h.2).collect::<Vec<_>>())
-    .fetch_one(&mut *conn)
+    .bind(column(&r, |r| r.tenant_id.as_str()))
+    .bind(column(&r, |r| r.reservation_id.as_str()))
+    .bind(column(&r, |r| r.agent_id.as_str()))
+    .bind(column(&r, |r| r.service.as_deref()))
+    .bind(column(&r, |r| r.provider.as_str()))
+    .bind(column(&r, |r| r.model.as_str()))
+    .bind(held)
+    .bind(column(&r, |r| {
+        if r.soft_limited {
+            "allow_soft_limit"
+        } else {
+            "allow"
+        }
+    }))
+    .bind(column(new, |n| n.idempotency_key))
+    .bind(column(new, |n| n.ttl_micros))
+    .bind(column(&holds, |(r, _)| r.tenant_id.as_str()))
+    .bind(column(&holds, |(r, _)| r.reservation_id.as_str()))
+    .bind(column(&holds, |(_, h)| h.0))
+    .bind(column(&holds, |(_, h)| h.1.start))
+    .bind(column(&holds, |(_, h)| h.1.end))
+    .bind(column(&holds, |(_, h)| h.2))
+    .fetch_all(&mut *conn)
     .await
     .map_err(|e| StoreError::classify(e, "reservation idempotency key"))?;
-    Ok(expires_at)
+    let expiry: HashMap<String, DateTime<Utc>> = rows.into_iter().collect();
+    Ok(r.iter()
+        .map(|r| {
+            expiry
+                .get(&r.reservation_id)
+                .copied()
+                .unwrap_or(r.expires_at)
+        })
+        .collect())
 }
 
 /// A reservation's new state after a settlement or release.

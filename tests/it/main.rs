@@ -11,5 +11,6 @@ mod http;
 mod ingest;
 mod kafka;
 mod kafka_ingest;
+mod quota;
 mod tls;
 mod usage_support;

@@ -4,6 +4,7 @@ use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::admin_service_client::AdminServiceClient;
 use tokenmeter::proto::v1::price_book_service_client::PriceBookServiceClient;
+use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
 use tokenmeter::proto::v1::report_service_client::ReportServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic::transport::Channel;
@@ -56,6 +57,7 @@ pub struct Clients {
     pub admin: AdminServiceClient<Authed>,
     pub prices: PriceBookServiceClient<Authed>,
     pub reports: ReportServiceClient<Authed>,
+    pub quota: QuotaServiceClient<Authed>,
 }
 
 impl Clients {
@@ -71,7 +73,8 @@ impl Clients {
             usage: UsageServiceClient::new(channel.clone()),
             admin: AdminServiceClient::new(channel.clone()),
             prices: PriceBookServiceClient::new(channel.clone()),
-            reports: ReportServiceClient::new(channel),
+            reports: ReportServiceClient::new(channel.clone()),
+            quota: QuotaServiceClient::new(channel),
         }
     }
 
