@@ -54,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: PricesCommand,
     },
+    /// Manage quota policies and read their status (directly in the database).
+    Quota {
+        #[command(subcommand)]
+        command: crate::quota::cli::QuotaCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +128,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Prices {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,
+            Command::Quota { command } => {
+                let pool = store::connect(&settings.database).await?;
+                let result = crate::quota::cli::run(&pool, command).await;
+                pool.close().await;
+                result
+            }
         }
     })
 }

@@ -11,6 +11,7 @@
 //! is cached in a replica's memory, so adding replicas cannot add budget.
 
 pub mod alerts;
+pub mod cli;
 mod reserve;
 
 use std::collections::HashMap;
@@ -146,11 +147,8 @@ impl QuotaEngine {
         &self.pool
     }
 
-    /// Creates a policy; a money limit must be in the tenant's currency.
     pub async fn create_policy(&self, policy: &Policy) -> Result<Policy, QuotaError> {
-        let tenant = store::tenant(&self.pool, &policy.tenant_id).await?;
-        check_currency(policy, &tenant.currency)?;
-        Ok(store::insert_policy(&self.pool, policy).await?)
+        create_policy(&self.pool, policy).await
     }
 
     /// Applies `change` to the stored policy and writes it if nobody else did meanwhile.
@@ -263,38 +261,12 @@ impl QuotaEngine {
         })
     }
 
-    /// Every selected enabled policy of a tenant in its current window.
     pub async fn status(
         &self,
         tenant_id: &str,
         selection: Selection<'_>,
     ) -> Result<Vec<PolicyState>, QuotaError> {
-        let tenant = store::tenant(&self.pool, tenant_id).await?;
-        let mut conn = self.pool.acquire().await?;
-        let policies = store::enabled_policies(&mut conn, tenant_id, selection).await?;
-        drop(conn);
-        let now = Utc::now();
-        let keys: Vec<CounterKey> = policies
-            .iter()
-            .map(|p| counter_key(p, tenant.calendar.window_at(p.window, now)))
-            .collect();
-        let counters = store::read_counters(&self.pool, &keys).await?;
-        let mut crossings = store::crossings(&self.pool, &keys).await?;
-        Ok(policies
-            .into_iter()
-            .zip(keys)
-            .zip(counters)
-            .map(|((policy, key), c)| PolicyState {
-                over_limit: c.used + c.reserved > policy.limit.value(),
-                crossings: crossings
-                    .remove(&(key.policy_id.clone(), key.window.start))
-                    .unwrap_or_default(),
-                policy,
-                window: key.window,
-                used: c.used,
-                reserved: c.reserved,
-            })
-            .collect())
+        status(&self.pool, tenant_id, selection).await
     }
 
     /// Status of the policies a reservation applies to.
@@ -458,6 +430,47 @@ impl QuotaEngine {
         tx.commit().await?;
         Ok(due.len())
     }
+}
+
+/// Creates a policy; a money limit must be in the tenant's currency.
+pub async fn create_policy(pool: &PgPool, policy: &Policy) -> Result<Policy, QuotaError> {
+    let tenant = store::tenant(pool, &policy.tenant_id).await?;
+    check_currency(policy, &tenant.currency)?;
+    Ok(store::insert_policy(pool, policy).await?)
+}
+
+/// Every selected enabled policy of a tenant in its current window.
+pub async fn status(
+    pool: &PgPool,
+    tenant_id: &str,
+    selection: Selection<'_>,
+) -> Result<Vec<PolicyState>, QuotaError> {
+    let tenant = store::tenant(pool, tenant_id).await?;
+    let mut conn = pool.acquire().await?;
+    let policies = store::enabled_policies(&mut conn, tenant_id, selection).await?;
+    drop(conn);
+    let now = Utc::now();
+    let keys: Vec<CounterKey> = policies
+        .iter()
+        .map(|p| counter_key(p, tenant.calendar.window_at(p.window, now)))
+        .collect();
+    let counters = store::read_counters(pool, &keys).await?;
+    let mut crossings = store::crossings(pool, &keys).await?;
+    Ok(policies
+        .into_iter()
+        .zip(keys)
+        .zip(counters)
+        .map(|((policy, key), c)| PolicyState {
+            over_limit: c.used + c.reserved > policy.limit.value(),
+            crossings: crossings
+                .remove(&(key.policy_id.clone(), key.window.start))
+                .unwrap_or_default(),
+            policy,
+            window: key.window,
+            used: c.used,
+            reserved: c.reserved,
+        })
+        .collect())
 }
 
 fn check_currency(policy: &Policy, currency: &str) -> Result<(), FieldError> {
