@@ -125,7 +125,7 @@ pub struct QuotaEngine {
     pool: PgPool,
     ingestor: Arc<Ingestor>,
     settings: QuotaSettings,
-    writers: Vec<tokio::sync::mpsc::Sender<reserve::Job>>,
+    writers: Vec<tokio::sync::mpsc::Sender<reserve::Work>>,
 }
 
 impl QuotaEngine {
@@ -189,20 +189,6 @@ impl QuotaEngine {
         }
     }
 
-    /// The pricing catalog, read only when a money policy needs it.
-    async fn catalog_for(
-        &self,
-        policies: &[Policy],
-    ) -> Result<Option<Arc<PricingCatalog>>, QuotaError> {
-        if !policies
-            .iter()
-            .any(|p| matches!(p.limit, Limit::Money { .. }))
-        {
-            return Ok(None);
-        }
-        Ok(Some(self.ingestor.pricing().catalog().await?))
-    }
-
     /// Decides and, unless denied, holds the estimate on every applicable policy at once.
     /// A retry carrying an idempotency key already used gets the original answer.
     pub async fn reserve(&self, input: &ReserveInput) -> Result<ReserveOutcome, QuotaError> {
@@ -217,13 +203,12 @@ impl QuotaEngine {
                 return self.replay(stored).await;
             }
             let (reply, answer) = tokio::sync::oneshot::channel();
-            let writer = &self.writers[reserve::writer_of(&input.tenant_id, self.writers.len())];
-            writer
-                .send(reserve::Job {
+            self.writer(&input.tenant_id)
+                .send(reserve::Work::Reserve(reserve::Job {
                     input: input.clone(),
                     held_tokens,
                     reply,
-                })
+                }))
                 .await
                 .map_err(|_| QuotaError::Stopped)?;
             match answer.await.map_err(|_| QuotaError::Stopped)?? {
@@ -306,84 +291,29 @@ impl QuotaEngine {
     }
 
     /// Settles with actual counts alone (quota only, nothing billed). Counted even when the
-    /// hold already lapsed; idempotent for the same counts.
+    /// hold already lapsed; idempotent for the same counts. Decided by the tenant's writer, in
+    /// the same transaction as the Reserve calls waiting with it.
     pub async fn settle_counts(
         &self,
         tenant_id: &str,
         reservation_id: &str,
         actual: TokenCounts,
     ) -> Result<SettleOutcome, QuotaError> {
-        let mut tx = self.pool.begin().await?;
-        let reservation = store::lock_reservation(&mut tx, tenant_id, reservation_id).await?;
-        if let Some(previous) = reservation.settled_tokens {
-            tx.rollback().await?;
-            if previous != actual {
-                return Err(QuotaError::FailedPrecondition(format!(
-                    "reservation {reservation_id} is already settled at another amount"
-                )));
-            }
-            return Ok(SettleOutcome {
-                state: reservation.state,
-                settled_tokens: Some(previous),
-                policies: self.status_of(&reservation).await?,
-            });
-        }
-        let ids = [(tenant_id, reservation_id)];
-        let holds = store::holds_of(&mut tx, &ids).await?;
-        let policy_ids: Vec<String> = holds.iter().map(|h| h.counter.policy_id.clone()).collect();
-        let policies =
-            store::enabled_policies(&mut tx, tenant_id, Selection::Ids(&policy_ids)).await?;
-        let catalog = self.catalog_for(&policies).await?;
-        let priced = catalog.as_ref().and_then(|c| {
-            c.price(
-                tenant_id,
-                &reservation.provider,
-                &reservation.model,
-                Utc::now(),
-                &actual,
-            )
-            .ok()
-        });
-        let by_id: HashMap<&str, &Policy> =
-            policies.iter().map(|p| (p.policy_id.as_str(), p)).collect();
-        let active = reservation.state == ReservationState::Active;
-        let mut deltas: HashMap<CounterKey, Counter> = HashMap::new();
-        let mut settled: Vec<(&Hold, Decimal)> = Vec::new();
-        for hold in &holds {
-            let delta = deltas.entry(hold.counter.clone()).or_default();
-            if active {
-                delta.reserved -= hold.amount;
-            }
-            if let Some(policy) = by_id.get(hold.counter.policy_id.as_str()) {
-                let amount = policy.usage_amount(&actual, priced.as_ref());
-                delta.used += amount;
-                settled.push((hold, amount));
-            }
-        }
-        store::set_settled_amounts(&mut tx, &settled).await?;
-        let state = if active {
-            ReservationState::Settled
-        } else {
-            reservation.state
-        };
-        store::update_reservations(
-            &mut tx,
-            &[ReservationUpdate {
-                tenant_id,
-                reservation_id,
-                state,
-                settled_tokens: Some(actual),
-                settled_by_event: false,
-            }],
-        )
-        .await?;
-        apply_deltas(&mut tx, &deltas, &policies).await?;
-        tx.commit().await?;
-        Ok(SettleOutcome {
-            state,
-            settled_tokens: Some(actual),
-            policies: self.status_of(&reservation).await?,
-        })
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer(tenant_id)
+            .send(reserve::Work::Settle(reserve::SettleJob {
+                tenant_id: tenant_id.to_owned(),
+                reservation_id: reservation_id.to_owned(),
+                actual,
+                reply,
+            }))
+            .await
+            .map_err(|_| QuotaError::Stopped)?;
+        answer.await.map_err(|_| QuotaError::Stopped)?
+    }
+
+    fn writer(&self, tenant_id: &str) -> &tokio::sync::mpsc::Sender<reserve::Work> {
+        &self.writers[reserve::writer_of(tenant_id, self.writers.len())]
     }
 
     /// Frees an active reservation's holds; reports the state it ends in.
@@ -430,6 +360,20 @@ impl QuotaEngine {
         tx.commit().await?;
         Ok(due.len())
     }
+}
+
+/// The pricing catalog, read only when a money policy needs it.
+async fn catalog_for(
+    ingestor: &Ingestor,
+    policies: &[Policy],
+) -> Result<Option<Arc<PricingCatalog>>, QuotaError> {
+    if !policies
+        .iter()
+        .any(|p| matches!(p.limit, Limit::Money { .. }))
+    {
+        return Ok(None);
+    }
+    Ok(Some(ingestor.pricing().catalog().await?))
 }
 
 /// Creates a policy; a money limit must be in the tenant's currency.
