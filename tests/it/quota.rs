@@ -304,6 +304,40 @@ async fn a_settled_reservation_moves_from_reserved_to_used_and_an_event_replaces
 }
 
 #[tokio::test]
+async fn a_retried_reserve_holds_once_and_release_frees_the_hold() {
+    let app = spawn_app().await;
+    let (_, mut quota, tenant, _) = with_policy(&app, 1000, pb::QuotaEnforcement::Hard, &[]).await;
+
+    let mut keyed = reserve_request(&tenant, 70);
+    keyed.idempotency_key = Some("req-1".into());
+    let d = reserve(&mut quota, keyed.clone()).await;
+    let retried = reserve(&mut quota, keyed).await;
+    let held_once = used_reserved(&mut quota, &tenant).await;
+    let release = |reservation_id: String| pb::ReleaseRequest {
+        tenant_id: tenant.clone(),
+        reservation_id,
+    };
+    let released = quota
+        .release(release(d.reservation_id.clone()))
+        .await
+        .expect("release")
+        .into_inner();
+    let released_again = quota
+        .release(release(d.reservation_id.clone()))
+        .await
+        .expect("release again")
+        .into_inner();
+    let after_d = used_reserved(&mut quota, &tenant).await;
+
+    assert_eq!(retried.reservation_id, d.reservation_id);
+    assert_eq!(held_once, (0, 70));
+    assert_eq!(released.state(), pb::ReservationState::Released);
+    assert_eq!(released_again.state(), pb::ReservationState::Released);
+    assert_eq!(after_d, (0, 0));
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn usage_without_a_reservation_counts_and_a_soft_limit_allows_and_flags() {
     let app = spawn_app().await;
     let (mut api, mut quota, tenant, _) =
