@@ -13,9 +13,9 @@ use tonic::Code;
 
 use crate::helpers::{
     ADMIN_KEY, Authed, TestApp, authed, create_database, create_topic, spawn_app, spawn_app_with,
-    spawn_serve,
+    spawn_serve, tokenmeter_command,
 };
-use crate::kafka_ingest::read_all;
+use crate::kafka_ingest::{consume, produce, producer, read_all};
 use crate::usage_support::{Clients, event, hour, ts, unique};
 
 pub fn quota_client(channel: tonic::transport::Channel) -> QuotaServiceClient<Authed> {
@@ -300,6 +300,47 @@ async fn a_settled_reservation_moves_from_reserved_to_used_and_an_event_replaces
     assert_eq!(again.into_inner().state(), pb::ReservationState::Settled);
     assert_eq!(other.code(), Code::FailedPrecondition);
     assert_eq!(after_c, (650, 0));
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_usage_event_consumed_from_kafka_settles_its_reservation() {
+    let (topic, dlq, group) = (
+        create_topic(1).await,
+        create_topic(1).await,
+        unique("group"),
+    );
+    let app = spawn_app_with(|s| consume(s, &topic, &dlq, &group)).await;
+    let (_, mut quota, tenant, _) = with_policy(&app, 1000, pb::QuotaEnforcement::Hard, &[]).await;
+    let held = reserve(&mut quota, reserve_request(&tenant, 500)).await;
+    let mut usage = usage_now(&tenant, 200);
+    usage.reservation_id = Some(held.reservation_id.clone());
+
+    produce(
+        &producer(),
+        &topic,
+        &tenant,
+        &usage.encode_to_vec(),
+        &[("content-type", "application/x-protobuf")],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while used_reserved(&mut quota, &tenant).await != (200, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not settled: {:?}",
+            used_reserved(&mut quota, &tenant).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM quota_reservations WHERE reservation_id = $1")
+            .bind(&held.reservation_id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("reservation");
+
+    assert_eq!(state, "settled");
     app.stop().await.expect("clean shutdown");
 }
 
@@ -657,4 +698,83 @@ async fn policies_are_validated_retried_idempotently_and_updated_by_revision() {
     assert_eq!(listed.len(), 1);
     assert_eq!(gone.code(), Code::NotFound);
     app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn quota_commands_create_list_show_and_delete_policies() {
+    let url = create_database().await;
+    let run = |args: &[&str]| {
+        let output = tokenmeter_command()
+            .args(args)
+            .env("TOKENMETER_DATABASE__URL", &url)
+            .output()
+            .expect("run tokenmeter");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert!(run(&["migrate"]).0);
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    sqlx::query("INSERT INTO tenants (tenant_id, name, currency) VALUES ('acme', 'Acme', 'USD')")
+        .execute(&pool)
+        .await
+        .expect("tenant");
+
+    let created = run(&[
+        "quota",
+        "create",
+        "--tenant",
+        "acme",
+        "--window",
+        "day",
+        "--tokens",
+        "1000",
+        "--enforcement",
+        "hard",
+        "--thresholds",
+        "8000,10000",
+        "--id",
+        "daily",
+    ]);
+    let bad_window = run(&[
+        "quota",
+        "create",
+        "--tenant",
+        "acme",
+        "--window",
+        "fortnight",
+        "--tokens",
+        "1000",
+        "--enforcement",
+        "hard",
+    ]);
+    let listed = run(&["quota", "list", "--tenant", "acme"]);
+    let status = run(&["quota", "status", "--tenant", "acme"]);
+    let deleted = run(&["quota", "delete", "--tenant", "acme", "--policy", "daily"]);
+    let after = run(&["quota", "list", "--tenant", "acme"]);
+
+    assert!(created.0, "{}", created.2);
+    assert!(
+        created
+            .1
+            .starts_with("daily\ttenant acme\tday\t1000 tokens\thard"),
+        "{}",
+        created.1
+    );
+    assert!(!bad_window.0);
+    assert!(bad_window.2.contains("--window"), "{}", bad_window.2);
+    assert_eq!(listed.1, created.1);
+    assert!(
+        status
+            .1
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("daily\t0\t0\t1000\t")),
+        "{}",
+        status.1
+    );
+    assert_eq!(deleted.1.trim(), "deleted daily");
+    assert_eq!(after.1, "");
 }
