@@ -192,7 +192,15 @@ impl Writers {
             let holds = store::holds_of(&mut tx, &locked).await?;
             (reservations, holds)
         };
-        let policies = store::enabled_policies(&mut tx, tenant_id, Selection::Every).await?;
+        let mut policies = store::enabled_policies(&mut tx, tenant_id, Selection::Every).await?;
+        // Only the counters this batch touches are locked: the policies of its callers and
+        // those its settlements held on.
+        policies.retain(|p| {
+            inputs
+                .iter()
+                .any(|(i, _)| p.scope.covers(&i.agent_id, i.service.as_deref()))
+                || holds.iter().any(|h| h.counter.policy_id == p.policy_id)
+        });
         let catalog = catalog_for(&self.ingestor, &policies).await?;
         let pricing = catalog.as_ref().and_then(|c| c.tenant(tenant_id));
         let keys: Vec<CounterKey> = policies

@@ -379,6 +379,55 @@ async fn a_retried_reserve_holds_once_and_release_frees_the_hold() {
 }
 
 #[tokio::test]
+async fn agent_and_service_policies_limit_only_their_subject() {
+    let app = spawn_app().await;
+    let (_, mut quota, tenant, _) =
+        with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    let scoped = |scope| pb::QuotaPolicy {
+        subject: Some(pb::QuotaSubject {
+            tenant_id: tenant.clone(),
+            scope: Some(scope),
+        }),
+        ..token_policy(&tenant, 50, pb::QuotaEnforcement::Hard, &[])
+    };
+    let agent_policy = create(
+        &mut quota,
+        scoped(pb::quota_subject::Scope::AgentId("agent-7".into())),
+    )
+    .await;
+    let service_policy = create(
+        &mut quota,
+        scoped(pb::quota_subject::Scope::Service("travel".into())),
+    )
+    .await;
+    let call = |agent: &str, service: Option<&str>| pb::ReserveRequest {
+        agent_id: agent.to_owned(),
+        service: service.map(str::to_owned),
+        ..reserve_request(&tenant, 100)
+    };
+
+    let other_agent = reserve(&mut quota, call("agent-1", None)).await;
+    let limited_agent = reserve(&mut quota, call("agent-7", None)).await;
+    let limited_service = reserve(&mut quota, call("agent-1", Some("travel"))).await;
+
+    assert_eq!(other_agent.decision(), pb::QuotaDecision::Allow);
+    assert_eq!(other_agent.policies.len(), 1);
+    assert_eq!(limited_agent.decision(), pb::QuotaDecision::Deny);
+    assert_eq!(
+        limited_agent.denial.expect("denial").policy_id,
+        agent_policy
+    );
+    assert_eq!(limited_service.decision(), pb::QuotaDecision::Deny);
+    assert_eq!(
+        limited_service.denial.expect("denial").policy_id,
+        service_policy
+    );
+    // Denied calls held nothing, on any policy.
+    assert_eq!(tokens(limited_agent.policies[0].reserved.as_ref()), 100);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn usage_without_a_reservation_counts_and_a_soft_limit_allows_and_flags() {
     let app = spawn_app().await;
     let (mut api, mut quota, tenant, _) =
