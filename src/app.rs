@@ -17,7 +17,7 @@ use crate::grpc::{self, ApiState};
 use crate::ingest::{IngestMetrics, Ingestor};
 use crate::kafka::consumer::{ConsumerError, ConsumerMetrics, UsageConsumer};
 use crate::kafka::{KafkaProbe, ProbeError};
-use crate::quota::QuotaEngine;
+use crate::quota::{QuotaEngine, QuotaMetrics};
 use crate::store::{self, StoreError};
 use crate::telemetry::Metrics;
 
@@ -79,6 +79,7 @@ impl Application {
             pool.clone(),
             ingestor.clone(),
             settings.quota.clone(),
+            QuotaMetrics::register(&metrics.registry)?,
         ));
         let kafka = if settings.kafka.enabled {
             let probe = KafkaProbe::new(&settings.kafka)?;
@@ -206,6 +207,7 @@ impl Application {
                 self.pool.clone(),
                 &self.settings.kafka,
                 &alerts.topic,
+                self.quota.metrics().clone(),
             )
             .map_err(AppError::AlertProducer)?;
             let (interval, token) = (alerts.interval, shutdown.clone());

@@ -17,6 +17,7 @@ use crate::config::KafkaSettings;
 use crate::grpc::convert::timestamp;
 use crate::grpc::quota::{enforcement_to_proto, quantity, subject_to_proto, window_to_proto};
 use crate::proto::v1 as pb;
+use crate::quota::QuotaMetrics;
 use crate::store::StoreError;
 use crate::store::quotas::{self as store, PendingAlert};
 
@@ -68,19 +69,26 @@ pub fn to_proto(alert: &PendingAlert) -> pb::QuotaAlertEvent {
 }
 
 pub struct AlertPublisher {
+    metrics: QuotaMetrics,
     pool: PgPool,
     producer: FutureProducer,
     topic: String,
 }
 
 impl AlertPublisher {
-    pub fn new(pool: PgPool, kafka: &KafkaSettings, topic: &str) -> Result<Self, KafkaError> {
+    pub fn new(
+        pool: PgPool,
+        kafka: &KafkaSettings,
+        topic: &str,
+        metrics: QuotaMetrics,
+    ) -> Result<Self, KafkaError> {
         let producer: FutureProducer = crate::kafka::client_config(kafka)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .create()?;
         Ok(Self {
+            metrics,
             pool,
             producer,
             topic: topic.to_owned(),
@@ -115,6 +123,7 @@ impl AlertPublisher {
         }
         store::mark_published(&mut tx, &pending).await?;
         tx.commit().await?;
+        self.metrics.alerts_published(pending.len());
         Ok(pending.len())
     }
 }

@@ -121,7 +121,60 @@ pub struct SettleOutcome {
     pub policies: Vec<PolicyState>,
 }
 
+/// Counters of the quota engine (no tenant labels: bounded series only).
+#[derive(Clone)]
+pub struct QuotaMetrics {
+    decisions: prometheus::IntCounterVec,
+    expired: prometheus::IntCounter,
+    alerts_published: prometheus::IntCounter,
+}
+
+impl QuotaMetrics {
+    pub fn register(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let decisions = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tokenmeter_quota_decisions_total",
+                "Reserve decisions by outcome (allow, allow_soft_limit, deny)",
+            ),
+            &["decision"],
+        )?;
+        let expired = prometheus::IntCounter::new(
+            "tokenmeter_quota_holds_expired_total",
+            "Reservations whose hold lapsed at its TTL and was reclaimed",
+        )?;
+        let alerts_published = prometheus::IntCounter::new(
+            "tokenmeter_quota_alerts_published_total",
+            "Threshold alerts sent to Kafka from the outbox",
+        )?;
+        registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(expired.clone()))?;
+        registry.register(Box::new(alerts_published.clone()))?;
+        for decision in ["allow", "allow_soft_limit", "deny"] {
+            decisions.with_label_values(&[decision]);
+        }
+        Ok(Self {
+            decisions,
+            expired,
+            alerts_published,
+        })
+    }
+
+    fn decided(&self, decision: &Decision) {
+        let label = match decision {
+            Decision::Allow => "allow",
+            Decision::AllowSoftLimit => "allow_soft_limit",
+            Decision::Deny { .. } => "deny",
+        };
+        self.decisions.with_label_values(&[label]).inc();
+    }
+
+    pub fn alerts_published(&self, n: usize) {
+        self.alerts_published.inc_by(n as u64);
+    }
+}
+
 pub struct QuotaEngine {
+    metrics: QuotaMetrics,
     pool: PgPool,
     ingestor: Arc<Ingestor>,
     settings: QuotaSettings,
@@ -130,13 +183,23 @@ pub struct QuotaEngine {
 
 impl QuotaEngine {
     /// Starts the reserve writers (on the current Tokio runtime); they stop with the engine.
-    pub fn new(pool: PgPool, ingestor: Arc<Ingestor>, settings: QuotaSettings) -> Self {
+    pub fn new(
+        pool: PgPool,
+        ingestor: Arc<Ingestor>,
+        settings: QuotaSettings,
+        metrics: QuotaMetrics,
+    ) -> Self {
         Self {
+            metrics,
             writers: reserve::start(pool.clone(), ingestor.clone(), settings.clone()),
             pool,
             ingestor,
             settings,
         }
+    }
+
+    pub fn metrics(&self) -> &QuotaMetrics {
+        &self.metrics
     }
 
     pub fn ingestor(&self) -> &Arc<Ingestor> {
@@ -212,7 +275,10 @@ impl QuotaEngine {
                 .await
                 .map_err(|_| QuotaError::Stopped)?;
             match answer.await.map_err(|_| QuotaError::Stopped)?? {
-                reserve::Reply::Decided(outcome) => return Ok(*outcome),
+                reserve::Reply::Decided(outcome) => {
+                    self.metrics.decided(&outcome.decision);
+                    return Ok(*outcome);
+                }
                 reserve::Reply::Replay => continue,
             }
         }
@@ -358,6 +424,7 @@ impl QuotaEngine {
         let deltas = released(&store::holds_of(&mut tx, &ids).await?);
         store::add_to_counters(&mut tx, &deltas).await?;
         tx.commit().await?;
+        self.metrics.expired.inc_by(due.len() as u64);
         Ok(due.len())
     }
 }

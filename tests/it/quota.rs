@@ -445,6 +445,19 @@ async fn usage_without_a_reservation_counts_and_a_soft_limit_allows_and_flags() 
     assert_eq!(tokens(over.policies[0].used.as_ref()), 90);
     assert_eq!(tokens(over.policies[0].reserved.as_ref()), 30);
     assert_eq!(tokens(over.policies[0].remaining.as_ref()), -20);
+    let metrics = reqwest::get(app.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    for line in [
+        "tokenmeter_quota_decisions_total{decision=\"allow\"} 1",
+        "tokenmeter_quota_decisions_total{decision=\"allow_soft_limit\"} 1",
+        "tokenmeter_quota_decisions_total{decision=\"deny\"} 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} missing");
+    }
     app.stop().await.expect("clean shutdown");
 }
 
