@@ -19,6 +19,7 @@ use crate::ingest::transactions::TransactionRecorder;
 use crate::ingest::{IngestMetrics, Ingestor};
 use crate::kafka::consumer::{ConsumerError, ConsumerMetrics, UsageConsumer};
 use crate::kafka::{KafkaProbe, ProbeError};
+use crate::quota::{QuotaEngine, QuotaMetrics};
 use crate::store::{self, StoreError};
 use crate::telemetry::Metrics;
 
@@ -43,6 +44,8 @@ pub enum AppError {
     Grpc(#[from] grpc::GrpcError),
     #[error("admin http server failed: {0}")]
     AdminHttp(std::io::Error),
+    #[error("cannot create the quota alert producer: {0}")]
+    AlertProducer(rdkafka::error::KafkaError),
     #[error("a server task panicked: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -53,6 +56,7 @@ pub struct Application {
     metrics: Metrics,
     ingestor: Arc<Ingestor>,
     transactions: Arc<TransactionRecorder>,
+    quota: Arc<QuotaEngine>,
     kafka: Option<KafkaProbe>,
     consumer: Option<UsageConsumer>,
     grpc_listener: Option<TcpListener>,
@@ -80,6 +84,12 @@ impl Application {
             &settings.ingest,
             &metrics.registry,
         )?);
+        let quota = Arc::new(QuotaEngine::new(
+            pool.clone(),
+            ingestor.clone(),
+            settings.quota.clone(),
+            QuotaMetrics::register(&metrics.registry)?,
+        ));
         let kafka = if settings.kafka.enabled {
             let probe = KafkaProbe::new(&settings.kafka)?;
             // Kafka being down is not fatal at start: /readyz reports it until it answers.
@@ -118,6 +128,7 @@ impl Application {
             metrics,
             ingestor,
             transactions,
+            quota,
             kafka,
             consumer,
             grpc_listener,
@@ -169,6 +180,7 @@ impl Application {
                     self.settings.auth.cache_ttl,
                 )),
                 billing: billing.clone(),
+                quota: self.quota.clone(),
             };
             let tls = self.grpc_tls.clone();
             tasks.spawn(async move {
@@ -196,6 +208,30 @@ impl Application {
             let token = shutdown.clone();
             tasks.spawn(async move {
                 run_consumer(consumer, token).await;
+                Ok(())
+            });
+        }
+
+        if !self.settings.quota.expiry_interval.is_zero() {
+            let (engine, token) = (self.quota.clone(), shutdown.clone());
+            let interval = self.settings.quota.expiry_interval;
+            tasks.spawn(async move {
+                crate::quota::run_expiry(engine, interval, token).await;
+                Ok(())
+            });
+        }
+        if self.settings.kafka.enabled && self.settings.quota.alerts.enabled {
+            let alerts = &self.settings.quota.alerts;
+            let publisher = crate::quota::alerts::AlertPublisher::new(
+                self.pool.clone(),
+                &self.settings.kafka,
+                &alerts.topic,
+                self.quota.metrics().clone(),
+            )
+            .map_err(AppError::AlertProducer)?;
+            let (interval, token) = (alerts.interval, shutdown.clone());
+            tasks.spawn(async move {
+                crate::quota::alerts::run_publisher(publisher, interval, token).await;
                 Ok(())
             });
         }

@@ -55,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: PricesCommand,
     },
+    /// Manage quota policies and read their status (directly in the database).
+    Quota {
+        #[command(subcommand)]
+        command: crate::quota::cli::QuotaCommand,
+    },
     /// Billing: finalize the invoices of a period (directly in the database, as the operator).
     Bill {
         #[command(subcommand)]
@@ -150,6 +155,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,
             Command::Bill { command } => bill(settings, command).await,
+            Command::Quota { command } => {
+                let pool = store::connect(&settings.database).await?;
+                let result = crate::quota::cli::run(&pool, command).await;
+                pool.close().await;
+                result
+            }
         }
     })
 }

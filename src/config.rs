@@ -31,6 +31,7 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub auth: AuthSettings,
     pub billing: BillingSettings,
+    pub quota: QuotaSettings,
     pub log: LogSettings,
     /// How long in-flight work may take to drain after SIGTERM / Ctrl-C.
     #[serde(with = "humantime_serde")]
@@ -160,6 +161,42 @@ pub struct IngestSettings {
     pub default_currency: String,
     /// The price book of tenants that do not name one.
     pub default_price_book_id: String,
+}
+
+/// Reservations and quota alerts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettings {
+    /// TTL of a hold when Reserve names none.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Longer requested TTLs are clamped to this.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// How often lapsed holds are reclaimed: the most a hold outlives its TTL. 0s turns the
+    /// sweep off on this replica (another one must run it).
+    #[serde(with = "humantime_serde")]
+    pub expiry_interval: Duration,
+    /// Most reservations one sweep transaction expires.
+    pub expiry_batch: i64,
+    /// Reserve writer tasks per replica; each owns a share of the tenants and decides the
+    /// calls waiting for it in one transaction.
+    pub writers: usize,
+    /// Most Reserve calls decided in one transaction.
+    pub max_batch: usize,
+    pub alerts: QuotaAlertSettings,
+}
+
+/// The publisher of threshold alerts (outbox table `quota_alerts` → Kafka).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaAlertSettings {
+    /// Publish on this replica (needs kafka.enabled). Crossings are recorded either way.
+    pub enabled: bool,
+    pub topic: String,
+    /// How often the outbox is polled.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 /// A setting that must never be printed: `Debug` shows `***`.
@@ -300,6 +337,28 @@ impl Settings {
             ));
         }
         self.kafka.consumer.validate(self.kafka.enabled)?;
+        if self.quota.default_ttl.is_zero() || self.quota.default_ttl > self.quota.max_ttl {
+            return Err(invalid(
+                "quota.default_ttl",
+                "must be above 0s and at most quota.max_ttl",
+            ));
+        }
+        if self.quota.writers == 0 || self.quota.max_batch == 0 {
+            return Err(invalid(
+                if self.quota.writers == 0 {
+                    "quota.writers"
+                } else {
+                    "quota.max_batch"
+                },
+                "must be at least 1",
+            ));
+        }
+        if self.quota.expiry_batch < 1 {
+            return Err(invalid("quota.expiry_batch", "must be at least 1"));
+        }
+        if self.quota.alerts.enabled && self.quota.alerts.topic.trim().is_empty() {
+            return Err(invalid("quota.alerts.topic", "is required"));
+        }
         if let Some(key) = self
             .kafka
             .client

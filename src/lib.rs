@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod kafka;
 pub mod loadgen;
 pub mod pricebook_import;
+pub mod quota;
 pub mod store;
 pub mod telemetry;
 

@@ -8,6 +8,7 @@ pub mod money;
 pub mod normalize;
 pub mod period;
 pub mod pricing;
+pub mod quota;
 pub mod rollup;
 pub mod tenant;
 pub mod tiers;

@@ -54,7 +54,7 @@ pub fn normalize(usage: &Usage) -> Result<TokenCounts, FieldError> {
 }
 
 /// Already disjoint buckets; [`TokenCounts::new`] names the offending class.
-fn buckets(t: &pb::TokenCounts) -> Result<TokenCounts, FieldError> {
+pub fn buckets(t: &pb::TokenCounts) -> Result<TokenCounts, FieldError> {
     TokenCounts::new([
         t.input,
         t.cache_read,

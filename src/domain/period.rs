@@ -141,7 +141,7 @@ fn last_day_of_month(year: i32, month: u32) -> u32 {
 
 /// Local midnight of `date` as an instant. Where a DST change skips midnight (some zones
 /// switch at 00:00), the day starts at the first local time that exists.
-fn local_midnight(zone: Tz, date: NaiveDate) -> DateTime<Utc> {
+pub(crate) fn local_midnight(zone: Tz, date: NaiveDate) -> DateTime<Utc> {
     let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
     (0..=24)
         .find_map(|minutes_in| {

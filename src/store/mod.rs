@@ -6,6 +6,7 @@ pub mod invoices;
 pub mod keys;
 pub mod offsets;
 pub mod pricing;
+pub mod quotas;
 pub mod reports;
 pub mod retention;
 pub mod tenants;

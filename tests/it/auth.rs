@@ -7,6 +7,7 @@ use tonic::Code;
 
 use crate::billing::month;
 use crate::helpers::spawn_app;
+use crate::quota::{create, quota_client, reserve, reserve_request, token_policy};
 use crate::usage_support::{Clients, event, hour, ts, unique};
 
 /// Issues a key through the API with the admin key.
@@ -37,14 +38,19 @@ async fn key(
     (response.api_key.expect("key").key_id, response.secret)
 }
 
-/// Invoices of the tenant under test: one finalized, one finalized to void.
-struct Invoices {
+/// What the RPCs act on for the tenant under test: one finalized invoice, one finalized to
+/// void, a quota policy and a reservation.
+struct Fixture {
     finalized: String,
     to_void: String,
+    policy_id: String,
+    reservation_id: String,
 }
 
 /// Calls one RPC for `tenant` and returns its status code.
-async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -> Code {
+async fn call(api: &mut Clients, rpc: &str, tenant: &str, fixture: &Fixture) -> Code {
+    let policy_id = fixture.policy_id.clone();
+    let reservation_id = fixture.reservation_id.clone();
     let result = match rpc {
         "PreviewInvoice" => api
             .invoices
@@ -66,7 +72,7 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -
             .invoices
             .get_invoice(pb::GetInvoiceRequest {
                 tenant_id: tenant.to_owned(),
-                invoice_id: invoices.finalized.clone(),
+                invoice_id: fixture.finalized.clone(),
             })
             .await
             .map(|_| ()),
@@ -74,7 +80,7 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -
             .invoices
             .finalize_invoice(pb::FinalizeInvoiceRequest {
                 tenant_id: tenant.to_owned(),
-                invoice_id: invoices.finalized.clone(),
+                invoice_id: fixture.finalized.clone(),
                 ignore_grace_period: true,
             })
             .await
@@ -83,7 +89,7 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -
             .invoices
             .void_invoice(pb::VoidInvoiceRequest {
                 tenant_id: tenant.to_owned(),
-                invoice_id: invoices.to_void.clone(),
+                invoice_id: fixture.to_void.clone(),
                 reason: "auth test".into(),
             })
             .await
@@ -196,6 +202,87 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -
             })
             .await
             .map(|_| ()),
+        "CreateQuotaPolicy" => api
+            .quota
+            .create_quota_policy(pb::CreateQuotaPolicyRequest {
+                policy: Some(token_policy(tenant, 10, pb::QuotaEnforcement::Soft, &[])),
+            })
+            .await
+            .map(|_| ()),
+        "GetQuotaPolicy" => api
+            .quota
+            .get_quota_policy(pb::GetQuotaPolicyRequest {
+                tenant_id: tenant.to_owned(),
+                policy_id,
+            })
+            .await
+            .map(|_| ()),
+        "ListQuotaPolicies" => api
+            .quota
+            .list_quota_policies(pb::ListQuotaPoliciesRequest {
+                tenant_id: tenant.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        "UpdateQuotaPolicy" => api
+            .quota
+            .update_quota_policy(pb::UpdateQuotaPolicyRequest {
+                policy: Some(pb::QuotaPolicy {
+                    policy_id,
+                    name: "renamed".into(),
+                    ..token_policy(tenant, 10, pb::QuotaEnforcement::Hard, &[])
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["name".into()],
+                }),
+                expected_revision: None,
+            })
+            .await
+            .map(|_| ()),
+        "Reserve" => api
+            .quota
+            .reserve(reserve_request(tenant, 1))
+            .await
+            .map(|_| ()),
+        "Settle" => api
+            .quota
+            .settle(pb::SettleRequest {
+                tenant_id: tenant.to_owned(),
+                reservation_id,
+                actual: Some(pb::settle_request::Actual::ActualTokens(pb::TokenCounts {
+                    input: 1,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .map(|_| ()),
+        "Release" => api
+            .quota
+            .release(pb::ReleaseRequest {
+                tenant_id: tenant.to_owned(),
+                reservation_id,
+            })
+            .await
+            .map(|_| ()),
+        "GetQuotaStatus" => api
+            .quota
+            .get_quota_status(pb::GetQuotaStatusRequest {
+                tenant_id: tenant.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        // Last: the policy the others use goes away.
+        "DeleteQuotaPolicy" => api
+            .quota
+            .delete_quota_policy(pb::DeleteQuotaPolicyRequest {
+                tenant_id: tenant.to_owned(),
+                policy_id,
+                expected_revision: None,
+            })
+            .await
+            .map(|_| ()),
         other => panic!("unknown rpc {other}"),
     };
     match result {
@@ -204,25 +291,36 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str, invoices: &Invoices) -
     }
 }
 
-/// (rpc, the scope it needs)
-const RPCS: &[(&str, pb::ApiKeyScope)] = &[
-    ("IngestUsage", pb::ApiKeyScope::Ingest),
-    ("ValidateUsage", pb::ApiKeyScope::Ingest),
-    ("QueryUsage", pb::ApiKeyScope::Read),
-    ("GetAttribution", pb::ApiKeyScope::Read),
-    ("CreateTenantPriceOverride", pb::ApiKeyScope::Admin),
-    ("ListTenantPriceOverrides", pb::ApiKeyScope::Read),
-    ("GetTenant", pb::ApiKeyScope::Admin),
+use pb::ApiKeyScope::{Admin, Ingest, Quota, Read};
+
+/// (rpc, the scopes that each allow it)
+const RPCS: &[(&str, &[pb::ApiKeyScope])] = &[
+    ("IngestUsage", &[Ingest]),
+    ("ValidateUsage", &[Ingest]),
+    ("QueryUsage", &[Read]),
+    ("GetAttribution", &[Read]),
+    ("CreateTenantPriceOverride", &[Admin]),
+    ("ListTenantPriceOverrides", &[Read]),
+    ("GetTenant", &[Admin]),
     // Recorded before it is read.
-    ("RecordTransactionEvents", pb::ApiKeyScope::Ingest),
-    ("GetTransaction", pb::ApiKeyScope::Read),
-    ("ListTransactions", pb::ApiKeyScope::Read),
-    ("PreviewInvoice", pb::ApiKeyScope::Read),
-    ("ListInvoices", pb::ApiKeyScope::Read),
-    ("GetInvoice", pb::ApiKeyScope::Read),
-    ("FinalizeInvoice", pb::ApiKeyScope::Admin),
-    ("VoidInvoice", pb::ApiKeyScope::Admin),
-    ("ClosePeriod", pb::ApiKeyScope::Admin),
+    ("RecordTransactionEvents", &[Ingest]),
+    ("GetTransaction", &[Read]),
+    ("ListTransactions", &[Read]),
+    ("PreviewInvoice", &[Read]),
+    ("ListInvoices", &[Read]),
+    ("GetInvoice", &[Read]),
+    ("FinalizeInvoice", &[Admin]),
+    ("VoidInvoice", &[Admin]),
+    ("ClosePeriod", &[Admin]),
+    ("CreateQuotaPolicy", &[Admin]),
+    ("GetQuotaPolicy", &[Read]),
+    ("ListQuotaPolicies", &[Read]),
+    ("UpdateQuotaPolicy", &[Admin]),
+    ("Reserve", &[Quota]),
+    ("Settle", &[Quota]),
+    ("Release", &[Quota]),
+    ("GetQuotaStatus", &[Quota, Read]),
+    ("DeleteQuotaPolicy", &[Admin]),
 ];
 
 /// Finalizes an invoice of `tenant` for the month `months_ago` back (with one event in it).
@@ -271,10 +369,6 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
         pb::ApiKeyScope::Admin,
     ];
     let (_, of_b) = key(&mut admin, &all_scopes, &[&b]).await;
-    let invoices = Invoices {
-        finalized: finalized_invoice(&mut admin, &a, 1).await,
-        to_void: finalized_invoice(&mut admin, &a, 2).await,
-    };
     let (revoked_id, revoked) = key(&mut admin, &all_scopes, &[&a]).await;
     admin
         .admin
@@ -290,11 +384,27 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
     .await
     .expect("expire key");
 
-    for (rpc, scope) in RPCS {
-        let others: Vec<pb::ApiKeyScope> =
-            all_scopes.iter().copied().filter(|s| s != scope).collect();
+    let mut quota = quota_client(channel.clone());
+    let fixture = Fixture {
+        finalized: finalized_invoice(&mut admin, &a, 1).await,
+        to_void: finalized_invoice(&mut admin, &a, 2).await,
+        policy_id: create(
+            &mut quota,
+            token_policy(&a, 1000, pb::QuotaEnforcement::Hard, &[]),
+        )
+        .await,
+        reservation_id: reserve(&mut quota, reserve_request(&a, 5))
+            .await
+            .reservation_id,
+    };
+
+    for (rpc, scopes) in RPCS {
+        let others: Vec<pb::ApiKeyScope> = all_scopes
+            .iter()
+            .copied()
+            .filter(|s| !scopes.contains(s))
+            .collect();
         let (_, unscoped) = key(&mut admin, &others, &[&a]).await;
-        let (_, scoped) = key(&mut admin, &[*scope], &[&a]).await;
         let cases = [
             ("no key", None, Code::Unauthenticated),
             ("malformed key", Some("tm_nothing"), Code::Unauthenticated),
@@ -314,17 +424,20 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
         for (case, secret, expected) in cases {
             let mut api = Clients::with_key(channel.clone(), secret);
             assert_eq!(
-                call(&mut api, rpc, &a, &invoices).await,
+                call(&mut api, rpc, &a, &fixture).await,
                 expected,
                 "{rpc} with {case}"
             );
         }
-        let mut allowed = Clients::with_key(channel.clone(), Some(&scoped));
-        assert_eq!(
-            call(&mut allowed, rpc, &a, &invoices).await,
-            Code::Ok,
-            "{rpc} with its own scope"
-        );
+        for scope in *scopes {
+            let (_, scoped) = key(&mut admin, &[*scope], &[&a]).await;
+            let mut allowed = Clients::with_key(channel.clone(), Some(&scoped));
+            assert_eq!(
+                call(&mut allowed, rpc, &a, &fixture).await,
+                Code::Ok,
+                "{rpc} with the {scope:?} scope"
+            );
+        }
     }
 
     // Refused calls left nothing behind: only the allowed ingest, override and lifecycle
@@ -346,8 +459,15 @@ async fn every_rpc_refuses_missing_revoked_expired_unscoped_and_foreign_keys() {
             .fetch_one(&app.pool)
             .await
             .expect("count");
-    // Plus the two usage events behind the invoices of the setup.
-    assert_eq!((events, overrides, lifecycle), (1 + 2, 1, 1));
+    let policies: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM quota_policies WHERE tenant_id = $1")
+            .bind(&a)
+            .fetch_one(&app.pool)
+            .await
+            .expect("count");
+    // Plus the two usage events behind the invoices of the setup; the allowed create added one
+    // policy and the allowed delete removed the fixture's.
+    assert_eq!((events, overrides, lifecycle, policies), (1 + 2, 1, 1, 1));
     app.stop().await.expect("clean shutdown");
 }
 

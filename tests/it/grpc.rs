@@ -1,6 +1,6 @@
 //! The gRPC surface: health, reflection, and the not-yet-implemented contract.
 
-use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
+use tokenmeter::proto::v1::export_service_client::ExportServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -95,13 +95,13 @@ async fn reflection_lists_every_tokenmeter_service() {
 #[tokio::test]
 async fn rpcs_that_have_not_landed_answer_unimplemented() {
     let app = spawn_app().await;
-    let mut quota = QuotaServiceClient::new(crate::helpers::authed(
+    let mut exports = ExportServiceClient::new(crate::helpers::authed(
         app.channel().await,
         crate::helpers::ADMIN_KEY,
     ));
 
-    let status = quota
-        .reserve(tokenmeter::proto::v1::ReserveRequest::default())
+    let status = exports
+        .export_invoices(tokenmeter::proto::v1::ExportInvoicesRequest::default())
         .await
         .expect_err("not implemented yet");
 

@@ -14,6 +14,7 @@ mod ingest;
 mod kafka;
 mod kafka_ingest;
 mod kafka_loadgen;
+mod quota;
 mod tls;
 mod transactions;
 mod usage_support;

@@ -5,6 +5,7 @@ use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::admin_service_client::AdminServiceClient;
 use tokenmeter::proto::v1::invoice_service_client::InvoiceServiceClient;
 use tokenmeter::proto::v1::price_book_service_client::PriceBookServiceClient;
+use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
 use tokenmeter::proto::v1::report_service_client::ReportServiceClient;
 use tokenmeter::proto::v1::transaction_service_client::TransactionServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
@@ -60,6 +61,7 @@ pub struct Clients {
     pub reports: ReportServiceClient<Authed>,
     pub transactions: TransactionServiceClient<Authed>,
     pub invoices: InvoiceServiceClient<Authed>,
+    pub quota: QuotaServiceClient<Authed>,
 }
 
 impl Clients {
@@ -77,7 +79,8 @@ impl Clients {
             prices: PriceBookServiceClient::new(channel.clone()),
             reports: ReportServiceClient::new(channel.clone()),
             transactions: TransactionServiceClient::new(channel.clone()),
-            invoices: InvoiceServiceClient::new(channel),
+            invoices: InvoiceServiceClient::new(channel.clone()),
+            quota: QuotaServiceClient::new(channel),
         }
     }
 

@@ -1,0 +1,369 @@
+//! Load for `benches/quota_reserve.sh`: Reserve then Settle over gRPC from a separate process,
+//! against hard daily token budgets it creates, and the figures: decisions/s, Reserve latency
+//! percentiles (measured from each call's scheduled start, so a stalled server is not hidden
+//! by a stalled client), and the overspend — granted holds above a budget, which must be 0.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use tokenmeter::grpc::auth::Bearer;
+use tokenmeter::proto::v1 as pb;
+use tokenmeter::proto::v1::admin_service_client::AdminServiceClient;
+use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
+use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// What one caller talks to.
+struct Client {
+    quota: QuotaServiceClient<Authed>,
+    usage: UsageServiceClient<Authed>,
+    settle: SettleMode,
+}
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// gRPC endpoint of the server under test.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// API key with admin and quota scopes (the server's bootstrap key in the script).
+    #[arg(long, env = "QUOTA_BENCH_API_KEY")]
+    api_key: String,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// gRPC connections the callers share.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Offered Reserve calls per second over all callers; 0 = as fast as answers come.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// How long to run.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Tenants, each with one hard daily budget.
+    #[arg(long, default_value_t = 8)]
+    tenants: usize,
+    /// Each tenant's budget, in tokens. Sized so it runs out during the run, the budgets are
+    /// what the overspend check is about.
+    #[arg(long, default_value_t = 2_000_000)]
+    budget: i64,
+    /// Tokens asked per Reserve (and settled at that amount).
+    #[arg(long, default_value_t = 100)]
+    tokens: i64,
+    /// How an allowed call is settled: `event` (IngestUsage of its usage event carrying the
+    /// reservation id, what a gateway does), `counts` (Settle with actual tokens) or `none`.
+    #[arg(long, default_value = "event")]
+    settle: SettleMode,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SettleMode {
+    Event,
+    Counts,
+    None,
+}
+
+#[derive(Default)]
+struct Tally {
+    reserve_micros: Vec<u32>,
+    settle_micros: Vec<u32>,
+    allowed: u64,
+    denied: u64,
+    errors: u64,
+    /// Granted tokens per tenant.
+    granted: Vec<i64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bearer = Bearer::new(Some(&args.api_key)).context("api key is not ascii")?;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let channel = Endpoint::from_shared(args.target.clone())?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("connect to {}", args.target))?;
+        channels.push(InterceptedService::new(channel, bearer.clone()));
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let tenants: Vec<String> = (0..args.tenants)
+        .map(|i| format!("qb-{}-{i}", &run[..8]))
+        .collect();
+    setup(&channels[0], &tenants, args.budget).await?;
+
+    let deadline = Instant::now() + args.duration;
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    let tenants = Arc::new(tenants);
+    for worker in 0..args.concurrency {
+        let channel = channels[worker % channels.len()].clone();
+        let client = Client {
+            quota: QuotaServiceClient::new(channel.clone()),
+            usage: UsageServiceClient::new(channel),
+            settle: args.settle,
+        };
+        let tenants = tenants.clone();
+        let (tokens, concurrency, rate) = (args.tokens, args.concurrency, args.rate);
+        workers.push(tokio::spawn(async move {
+            call_loop(
+                client,
+                &tenants,
+                worker,
+                concurrency,
+                rate,
+                tokens,
+                deadline,
+            )
+            .await
+        }));
+    }
+    let mut tally = Tally {
+        granted: vec![0; tenants.len()],
+        ..Default::default()
+    };
+    for worker in workers {
+        let part = worker.await?;
+        tally.reserve_micros.extend(part.reserve_micros);
+        tally.settle_micros.extend(part.settle_micros);
+        tally.allowed += part.allowed;
+        tally.denied += part.denied;
+        tally.errors += part.errors;
+        for (sum, add) in tally.granted.iter_mut().zip(part.granted) {
+            *sum += add;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+
+    let mut status_client = QuotaServiceClient::new(channels[0].clone());
+    let mut stored_overspend = 0;
+    for tenant in tenants.iter() {
+        let policies = status_client
+            .get_quota_status(pb::GetQuotaStatusRequest {
+                tenant_id: tenant.clone(),
+                all_policies: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .policies;
+        for p in policies {
+            let remaining = match p.remaining.and_then(|q| q.value) {
+                Some(pb::quota_quantity::Value::Tokens(n)) => n,
+                _ => 0,
+            };
+            stored_overspend += (-remaining).max(0);
+        }
+    }
+    let overspend: i64 = tally.granted.iter().map(|g| (g - args.budget).max(0)).sum();
+    tally.reserve_micros.sort_unstable();
+    tally.settle_micros.sort_unstable();
+    let decisions = tally.allowed + tally.denied;
+    let pct = |v: &[u32], p: f64| -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let i = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+        f64::from(v[i]) / 1000.0
+    };
+    let budget_used =
+        tally.granted.iter().sum::<i64>() as f64 / (args.budget as f64 * tenants.len() as f64);
+    println!(
+        "{}",
+        serde_json::json!({
+            "concurrency": args.concurrency,
+            "offered_rate": args.rate,
+            "elapsed_s": elapsed,
+            "decisions": decisions,
+            "allowed": tally.allowed,
+            "denied": tally.denied,
+            "errors": tally.errors,
+            "decisions_per_s": decisions as f64 / elapsed,
+            "reserve_ms": {
+                "p50": pct(&tally.reserve_micros, 0.50),
+                "p90": pct(&tally.reserve_micros, 0.90),
+                "p99": pct(&tally.reserve_micros, 0.99),
+                "max": pct(&tally.reserve_micros, 1.0),
+            },
+            "settle_ms": {
+                "p50": pct(&tally.settle_micros, 0.50),
+                "p99": pct(&tally.settle_micros, 0.99),
+            },
+            "budget_used": budget_used,
+            "overspend_tokens": overspend,
+            "stored_overspend_tokens": stored_overspend,
+        })
+    );
+    if overspend > 0 || stored_overspend > 0 {
+        anyhow::bail!("overspend: {overspend} granted tokens above the budgets");
+    }
+    Ok(())
+}
+
+/// Tenants and their hard daily budgets.
+async fn setup(
+    channel: &InterceptedService<Channel, Bearer>,
+    tenants: &[String],
+    budget: i64,
+) -> anyhow::Result<()> {
+    let mut admin = AdminServiceClient::new(channel.clone());
+    let mut quota = QuotaServiceClient::new(channel.clone());
+    for tenant in tenants {
+        admin
+            .create_tenant(pb::CreateTenantRequest {
+                tenant: Some(pb::Tenant {
+                    tenant_id: tenant.clone(),
+                    name: tenant.clone(),
+                    currency: "USD".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .context("create tenant")?;
+        quota
+            .create_quota_policy(pb::CreateQuotaPolicyRequest {
+                policy: Some(pb::QuotaPolicy {
+                    subject: Some(pb::QuotaSubject {
+                        tenant_id: tenant.clone(),
+                        scope: None,
+                    }),
+                    name: "bench budget".into(),
+                    window: pb::QuotaWindow::Day as i32,
+                    limit: Some(pb::QuotaLimit {
+                        kind: Some(pb::quota_limit::Kind::Tokens(pb::TokenLimit {
+                            limit: budget,
+                            token_classes: vec![],
+                        })),
+                    }),
+                    enforcement: pb::QuotaEnforcement::Hard as i32,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .context("create policy")?;
+    }
+    Ok(())
+}
+
+/// Settles an allowed call the way `--settle` says.
+async fn settle(
+    client: &mut Client,
+    tenant: &str,
+    reservation_id: String,
+    tokens: i64,
+) -> Result<(), tonic::Status> {
+    let counts = pb::TokenCounts {
+        input: tokens,
+        ..Default::default()
+    };
+    match client.settle {
+        SettleMode::None => Ok(()),
+        SettleMode::Counts => client
+            .quota
+            .settle(pb::SettleRequest {
+                tenant_id: tenant.to_owned(),
+                reservation_id,
+                actual: Some(pb::settle_request::Actual::ActualTokens(counts)),
+            })
+            .await
+            .map(|_| ()),
+        SettleMode::Event => client
+            .usage
+            .ingest_usage(pb::IngestUsageRequest {
+                events: vec![pb::UsageEvent {
+                    event_id: reservation_id.clone(),
+                    source: "quota-bench".into(),
+                    tenant_id: tenant.to_owned(),
+                    agent_id: "agent-0".into(),
+                    provider: "openai".into(),
+                    model: "gpt-4.1-mini".into(),
+                    occurred_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+                    reservation_id: Some(reservation_id),
+                    usage: Some(pb::usage_event::Usage::Tokens(counts)),
+                    ..Default::default()
+                }],
+                omit_accepted_results: true,
+            })
+            .await
+            .map(|_| ()),
+    }
+}
+
+async fn call_loop(
+    mut client: Client,
+    tenants: &[String],
+    worker: usize,
+    concurrency: usize,
+    rate: u64,
+    tokens: i64,
+    deadline: Instant,
+) -> Tally {
+    let mut tally = Tally {
+        granted: vec![0; tenants.len()],
+        ..Default::default()
+    };
+    // Open loop: this worker's share of the rate, each call at its own slot.
+    let period = (rate > 0).then(|| Duration::from_secs_f64(concurrency as f64 / rate as f64));
+    let mut next = Instant::now()
+        + period.map_or(Duration::ZERO, |p| {
+            p.mul_f64(worker as f64 / concurrency as f64)
+        });
+    let mut n = worker;
+    while next < deadline {
+        if period.is_some() {
+            tokio::time::sleep_until(next.into()).await;
+        }
+        let scheduled = if period.is_some() {
+            next
+        } else {
+            Instant::now()
+        };
+        let tenant = n % tenants.len();
+        n += concurrency;
+        let request = pb::ReserveRequest {
+            tenant_id: tenants[tenant].clone(),
+            agent_id: format!("agent-{}", worker % 16),
+            provider: "openai".into(),
+            model: "gpt-4.1-mini".into(),
+            estimate: Some(pb::reserve_request::Estimate::Tokens(pb::TokenCounts {
+                input: tokens,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let answer = client.quota.reserve(request).await;
+        tally
+            .reserve_micros
+            .push(u32::try_from(scheduled.elapsed().as_micros()).unwrap_or(u32::MAX));
+        match answer.map(|r| r.into_inner()) {
+            Ok(r) if r.decision() == pb::QuotaDecision::Deny => tally.denied += 1,
+            Ok(r) => {
+                tally.allowed += 1;
+                tally.granted[tenant] += tokens;
+                let settle_start = Instant::now();
+                let settled = settle(&mut client, &tenants[tenant], r.reservation_id, tokens).await;
+                if !matches!(client.settle, SettleMode::None) {
+                    tally.settle_micros.push(
+                        u32::try_from(settle_start.elapsed().as_micros()).unwrap_or(u32::MAX),
+                    );
+                }
+                if settled.is_err() {
+                    tally.errors += 1;
+                }
+            }
+            Err(_) => tally.errors += 1,
+        }
+        if let Some(period) = period {
+            next += period;
+        } else {
+            next = Instant::now();
+        }
+    }
+    tally
+}
