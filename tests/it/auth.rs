@@ -569,7 +569,7 @@ async fn keys_never_reach_the_logs_even_at_debug_level() {
     let mut server =
         crate::helpers::spawn_serve(&url, &[("TOKENMETER_LOG__FILTER", "debug")]).await;
     // Drain stderr while the server runs, so a full pipe never blocks its logging.
-    let mut stderr = server.child.stderr.take().expect("piped stderr");
+    let mut stderr = server.child().stderr.take().expect("piped stderr");
     let logs = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = stderr.read_to_string(&mut text);
@@ -601,8 +601,8 @@ async fn keys_never_reach_the_logs_even_at_debug_level() {
         .await
         .expect("revoke");
 
-    server.child.kill().expect("stop");
-    server.child.wait().expect("reap");
+    server.child().kill().expect("stop");
+    server.child().wait().expect("reap");
     let logs = logs.join().expect("log reader");
     assert!(
         logs.contains("grpc listening") && logs.lines().count() > 5,

@@ -97,7 +97,7 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
 #[tokio::test]
 async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
     let url = create_database().await;
-    let mut child = crate::helpers::spawn_serve(&url, &[]).await.child;
+    let mut child = crate::helpers::spawn_serve(&url, &[]).await.take_child();
     assert!(table_names(&url).await.contains(&"tenants".to_owned()));
 
     let killed = Command::new("kill")
@@ -313,6 +313,6 @@ async fn keys_created_on_the_command_line_work_until_revoked() {
         tonic::Code::Unauthenticated
     );
     let mut server = server;
-    server.child.kill().expect("stop");
-    server.child.wait().expect("reap");
+    server.child().kill().expect("stop");
+    server.child().wait().expect("reap");
 }

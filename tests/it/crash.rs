@@ -67,8 +67,8 @@ async fn a_killed_server_loses_nothing_it_acknowledged_and_counts_nothing_twice(
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    server.child.kill().expect("kill -9");
-    server.child.wait().expect("reap");
+    server.child().kill().expect("kill -9");
+    server.child().wait().expect("reap");
     for writer in writers {
         writer.await.expect("writer");
     }
@@ -133,7 +133,7 @@ async fn a_killed_server_loses_nothing_it_acknowledged_and_counts_nothing_twice(
     assert_eq!(rows[0].event_count, events);
     assert_eq!(rows[0].tokens.expect("tokens").input, expected_input);
     let mut restarted = restarted;
-    restarted.child.kill().expect("stop");
-    restarted.child.wait().expect("reap");
+    restarted.child().kill().expect("stop");
+    restarted.child().wait().expect("reap");
     pool.close().await;
 }

@@ -164,14 +164,33 @@ pub async fn create_topic(partitions: i32) -> String {
     name
 }
 
-/// A `tokenmeter serve` child process on free ports, for tests that kill or signal it.
+/// A `tokenmeter serve` child process on free ports, for tests that kill or signal it. Dropping
+/// it kills and reaps the process, so a test that ends (or fails) early leaves no server behind.
 pub struct ServeProcess {
-    pub child: std::process::Child,
+    child: Option<std::process::Child>,
     pub grpc_port: u16,
     pub admin_port: u16,
 }
 
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl ServeProcess {
+    pub fn child(&mut self) -> &mut std::process::Child {
+        self.child.as_mut().expect("the child was taken")
+    }
+
+    /// Hands the process over to a test that manages its whole life (e.g. a graceful stop).
+    pub fn take_child(&mut self) -> std::process::Child {
+        self.child.take().expect("the child was taken")
+    }
+
     /// A connected channel to this server's gRPC port.
     pub async fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.grpc_port))
@@ -241,7 +260,7 @@ pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> Serv
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ServeProcess {
-        child,
+        child: Some(child),
         grpc_port,
         admin_port,
     }

@@ -581,8 +581,8 @@ async fn a_consumer_killed_mid_stream_resumes_from_postgres_and_counts_every_eve
         assert!(std::time::Instant::now() < deadline, "no progress: {done}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    first.child.kill().expect("kill -9");
-    first.child.wait().expect("reap");
+    first.child().kill().expect("kill -9");
+    first.child().wait().expect("reap");
     let at_kill = stored_messages(&pool, &group).await;
     assert!(
         at_kill < total,
@@ -597,8 +597,8 @@ async fn a_consumer_killed_mid_stream_resumes_from_postgres_and_counts_every_eve
         .await
         .expect("count");
     assert_eq!(stored, 20_000);
-    second.child.kill().expect("stop");
-    second.child.wait().expect("reap");
+    second.child().kill().expect("stop");
+    second.child().wait().expect("reap");
     pool.close().await;
 }
 
@@ -639,8 +639,8 @@ async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_e
     .await;
     assert!(consumed > 0.0, "second member consumed nothing");
     for server in [&mut first, &mut second] {
-        server.child.kill().expect("stop");
-        server.child.wait().expect("reap");
+        server.child().kill().expect("stop");
+        server.child().wait().expect("reap");
     }
     pool.close().await;
 }
