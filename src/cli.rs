@@ -55,6 +55,10 @@ enum Command {
         #[command(subcommand)]
         command: PricesCommand,
     },
+    /// Finance exports: a CSV or JSON Lines file of invoices, invoice lines, usage,
+    /// attribution or transactions, and manifest.json (row count, totals per currency, SHA-256,
+    /// watermark), directly from the database.
+    Export(crate::export_cli::ExportArgs),
     /// Billing: finalize the invoices of a period (directly in the database, as the operator).
     Bill {
         #[command(subcommand)]
@@ -150,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 command: PricesCommand::Import(args),
             } => import_prices(settings, args).await,
             Command::Bill { command } => bill(settings, command).await,
+            Command::Export(args) => crate::export_cli::export(settings, args).await,
         }
     })
 }

@@ -10,7 +10,7 @@ use crate::helpers::spawn_app;
 use crate::usage_support::{Clients, event, hour, ts, unique};
 
 /// Issues a key through the API with the admin key.
-async fn key(
+pub async fn key(
     admin: &mut Clients,
     scopes: &[pb::ApiKeyScope],
     tenants: &[&str],
