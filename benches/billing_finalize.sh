@@ -10,6 +10,7 @@
 # Environment (all optional):
 #   TENANTS=10000  MODELS_PER_TENANT=3  HOURS_PER_DAY=1 (rollup rows per model × class × day)
 #   KEEP_DATABASES=1 (do not drop the database)  SKIP_BUILD=1 (use the existing binary)
+#   BENCH_DB=name (the scratch database; benches/export_invoice_lines.sh reuses it)
 #
 # Exit status: non-zero if anything fails or the invoices are wrong; missing the target is
 # reported, not fatal. Figures are kept under target/bench/.
@@ -57,7 +58,7 @@ done < <(compgen -e | grep '^TOKENMETER_' || true)
 
 pg_version="$(psql_q "$base_url" -c 'SHOW server_version')"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-bench_db="tm_bench_billing_$(date +%s)_$$"
+bench_db="${BENCH_DB:-tm_bench_billing_$(date +%s)_$$}"
 bench_url="${base_url%/*}/$bench_db"
 out_dir="target/bench"
 mkdir -p "$out_dir"

@@ -60,6 +60,10 @@ enum Command {
         #[command(subcommand)]
         command: crate::quota::cli::QuotaCommand,
     },
+    /// Finance exports: a CSV or JSON Lines file of invoices, invoice lines, usage,
+    /// attribution or transactions, and manifest.json (row count, totals per currency, SHA-256,
+    /// watermark), directly from the database.
+    Export(crate::export_cli::ExportArgs),
     /// Billing: finalize the invoices of a period (directly in the database, as the operator).
     Bill {
         #[command(subcommand)]
@@ -161,6 +165,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pool.close().await;
                 result
             }
+            Command::Export(args) => crate::export_cli::export(settings, args).await,
         }
     })
 }

@@ -8,6 +8,8 @@ pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod export;
+pub mod export_cli;
 pub mod grpc;
 pub mod ingest;
 pub mod kafka;

@@ -75,6 +75,23 @@ fn tenants_of(caller: &Principal, named: &[String]) -> Option<Vec<String>> {
     }
 }
 
+/// The `states` filter of a request; each must be DRAFT, FINALIZED or VOID.
+pub(crate) fn states_from_proto(numbers: &[i32]) -> Result<Vec<InvoiceState>, Status> {
+    numbers
+        .iter()
+        .enumerate()
+        .map(|(i, n)| match pb::InvoiceState::try_from(*n) {
+            Ok(pb::InvoiceState::Draft) => Ok(InvoiceState::Draft),
+            Ok(pb::InvoiceState::Finalized) => Ok(InvoiceState::Finalized),
+            Ok(pb::InvoiceState::Void) => Ok(InvoiceState::Void),
+            _ => Err(invalid_field(
+                &format!("states[{i}]"),
+                "must be an invoice state",
+            )),
+        })
+        .collect()
+}
+
 fn state_to_proto(state: InvoiceState) -> pb::InvoiceState {
     match state {
         InvoiceState::Draft => pb::InvoiceState::Draft,
@@ -207,20 +224,7 @@ impl InvoiceService for InvoiceApi {
         caller
             .require(Scope::Read, request.tenant_ids.iter().map(String::as_str))
             .map_err(denied)?;
-        let states = request
-            .states
-            .iter()
-            .enumerate()
-            .map(|(i, n)| match pb::InvoiceState::try_from(*n) {
-                Ok(pb::InvoiceState::Draft) => Ok(InvoiceState::Draft),
-                Ok(pb::InvoiceState::Finalized) => Ok(InvoiceState::Finalized),
-                Ok(pb::InvoiceState::Void) => Ok(InvoiceState::Void),
-                _ => Err(invalid_field(
-                    &format!("states[{i}]"),
-                    "must be an invoice state",
-                )),
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
+        let states = states_from_proto(&request.states)?;
         let filter = ListFilter {
             tenant_ids: tenants_of(&caller, &request.tenant_ids),
             period_label: label(&request.period, "period")?.map(|l| l.to_string()),

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod convert;
+pub mod exports;
 pub mod invoices;
 pub mod metrics;
 pub mod pricebook;
@@ -29,7 +30,7 @@ use crate::ingest::Ingestor;
 use crate::ingest::transactions::TransactionRecorder;
 use crate::proto::v1::{
     admin_service_server::AdminServiceServer,
-    export_service_server::{ExportService, ExportServiceServer},
+    export_service_server::ExportServiceServer,
     invoice_service_server::InvoiceServiceServer,
     price_book_service_server::PriceBookServiceServer,
     quota_service_server::QuotaServiceServer,
@@ -39,6 +40,7 @@ use crate::proto::v1::{
 };
 use crate::telemetry::Metrics;
 use admin::AdminApi;
+use exports::ExportApi;
 use invoices::InvoiceApi;
 use metrics::GrpcMetricsLayer;
 use pricebook::PriceBookApi;
@@ -58,9 +60,6 @@ pub struct ApiState {
     pub billing: Arc<crate::billing::Billing>,
     pub quota: Arc<crate::quota::QuotaEngine>,
 }
-
-pub struct ExportApi;
-impl ExportService for ExportApi {}
 
 /// Full names of the tokenmeter services, as health checks and reflection know them.
 pub fn service_names() -> Vec<String> {
@@ -261,7 +260,10 @@ pub async fn serve(
             ReportServiceServer::new(ReportApi::new(state.pool.clone()))
                 .max_decoding_message_size(limit),
         )
-        .add_service(ExportServiceServer::new(ExportApi).max_decoding_message_size(limit))
+        .add_service(
+            ExportServiceServer::new(ExportApi::new(state.pool.clone()))
+                .max_decoding_message_size(limit),
+        )
         .add_service(
             AdminServiceServer::new(AdminApi::new(state.pool.clone()))
                 .max_decoding_message_size(limit),

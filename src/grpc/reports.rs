@@ -205,7 +205,7 @@ pub fn token_counts(buckets: &[i64; 10]) -> pb::TokenCounts {
 
 /// The tenants a report covers: those named (each needing READ), or with none named every
 /// tenant the key is bound to; `None` when that is no tenant at all.
-fn readable_tenants(
+pub(crate) fn readable_tenants(
     caller: &crate::domain::auth::Principal,
     named: &[String],
 ) -> Result<Option<Vec<String>>, Status> {
@@ -217,6 +217,28 @@ fn readable_tenants(
         (true, TenantBinding::Only(bound)) => Some(bound.iter().cloned().collect()),
         _ => Some(named.to_vec()),
     })
+}
+
+/// The attribution dimensions of `group_by`, each named once or more.
+pub(crate) fn attribution_grouping(group_by: &[i32]) -> Result<attribution::Grouping, Status> {
+    let mut grouping = attribution::Grouping::default();
+    for (i, number) in group_by.iter().enumerate() {
+        let slot = match pb::AttributionDimension::try_from(*number) {
+            Ok(pb::AttributionDimension::Tenant) => &mut grouping.tenant,
+            Ok(pb::AttributionDimension::Agent) => &mut grouping.agent,
+            Ok(pb::AttributionDimension::Service) => &mut grouping.service,
+            Ok(pb::AttributionDimension::Provider) => &mut grouping.provider,
+            Ok(pb::AttributionDimension::Model) => &mut grouping.model,
+            _ => {
+                return Err(invalid_field(
+                    &format!("group_by[{i}]"),
+                    "must be an attribution dimension",
+                ));
+            }
+        };
+        *slot = true;
+    }
+    Ok(grouping)
 }
 
 fn attribution_row(
@@ -290,23 +312,7 @@ impl ReportService for ReportApi {
         if window == Window::Hour {
             return Err(invalid_field("window", "must be NONE, DAY or MONTH"));
         }
-        let mut grouping = attribution::Grouping::default();
-        for (i, number) in request.group_by.iter().enumerate() {
-            let slot = match pb::AttributionDimension::try_from(*number) {
-                Ok(pb::AttributionDimension::Tenant) => &mut grouping.tenant,
-                Ok(pb::AttributionDimension::Agent) => &mut grouping.agent,
-                Ok(pb::AttributionDimension::Service) => &mut grouping.service,
-                Ok(pb::AttributionDimension::Provider) => &mut grouping.provider,
-                Ok(pb::AttributionDimension::Model) => &mut grouping.model,
-                _ => {
-                    return Err(invalid_field(
-                        &format!("group_by[{i}]"),
-                        "must be an attribution dimension",
-                    ));
-                }
-            };
-            *slot = true;
-        }
+        let grouping = attribution_grouping(&request.group_by)?;
         let filter = request.filter.unwrap_or_default();
         let models = attribution::ModelFilter {
             providers: filter.providers.clone(),
@@ -324,7 +330,12 @@ impl ReportService for ReportApi {
             models: filter.models,
         };
         let with_shares = grouping.by_model() || !models.is_empty();
-        let facts = store::attribution::facts(&self.pool, &query, with_shares)
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| from_store(e.into()))?;
+        let facts = store::attribution::facts(&mut conn, &query, with_shares)
             .await
             .map_err(from_store)?;
         let rows = attribution::attribute(

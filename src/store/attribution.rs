@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::{PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::StoreError;
 use super::reports::{Bucket, Window};
@@ -37,15 +37,15 @@ pub struct Facts {
 }
 
 pub async fn facts(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     query: &AttributionQuery,
     with_shares: bool,
 ) -> Result<Facts, StoreError> {
     let mut facts = Facts::default();
-    usage(pool, query, &mut facts).await?;
-    lifecycle(pool, query, &mut facts).await?;
+    usage(conn, query, &mut facts).await?;
+    lifecycle(conn, query, &mut facts).await?;
     if with_shares {
-        shares(pool, query, &mut facts).await?;
+        shares(conn, query, &mut facts).await?;
     }
     Ok(facts)
 }
@@ -73,7 +73,7 @@ fn tenants(sql: &mut QueryBuilder<Postgres>, column: &str, query: &AttributionQu
 }
 
 async fn usage(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     query: &AttributionQuery,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
@@ -113,7 +113,7 @@ async fn usage(
     any_of(&mut sql, "r.provider", &query.providers);
     any_of(&mut sql, "r.model", &query.models);
     sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10");
-    for row in sql.build().fetch_all(pool).await? {
+    for row in sql.build().fetch_all(&mut *conn).await? {
         let start: DateTime<Utc> = row.try_get("bucket_start")?;
         facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
         let transaction: String = row.try_get("transaction_id")?;
@@ -146,7 +146,7 @@ async fn usage(
 /// it; only a transaction's first completion counts (later ones are anomalies). Money-less
 /// events are in the tenant's billing currency.
 async fn lifecycle(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     query: &AttributionQuery,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
@@ -216,7 +216,7 @@ async fn lifecycle(
     sql.push(") SELECT * FROM facts WHERE true");
     any_of(&mut sql, "agent_id", &query.agent_ids);
     any_of(&mut sql, "service", &query.services);
-    for row in sql.build().fetch_all(pool).await? {
+    for row in sql.build().fetch_all(&mut *conn).await? {
         let start: DateTime<Utc> = row.try_get("bucket_start")?;
         facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
         let kind = match row.try_get::<i16, _>("kind")? {
@@ -243,7 +243,7 @@ async fn lifecycle(
 
 /// All-time spend per model of every transaction with a lifecycle event in the range.
 async fn shares(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     query: &AttributionQuery,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
@@ -260,7 +260,7 @@ async fn shares(
     tenants(&mut sql, "tenant_id", query);
     sql.push(") GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4");
     let rows: Vec<(String, String, String, String, Decimal)> =
-        sql.build_query_as().fetch_all(pool).await?;
+        sql.build_query_as().fetch_all(&mut *conn).await?;
     facts.shares = rows
         .into_iter()
         .map(

@@ -2,6 +2,7 @@
 //! this module, grouped by table family.
 
 pub mod attribution;
+pub mod exports;
 pub mod invoices;
 pub mod keys;
 pub mod offsets;

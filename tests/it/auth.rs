@@ -11,7 +11,7 @@ use crate::quota::{create, quota_client, reserve, reserve_request, token_policy}
 use crate::usage_support::{Clients, event, hour, ts, unique};
 
 /// Issues a key through the API with the admin key.
-async fn key(
+pub async fn key(
     admin: &mut Clients,
     scopes: &[pb::ApiKeyScope],
     tenants: &[&str],

@@ -524,7 +524,7 @@ async fn the_database_rejects_any_change_to_a_finalized_invoice_or_its_lines() {
 }
 
 /// The URL of the database `app` runs on, for a second replica or the CLI.
-async fn database_url(app: &TestApp) -> String {
+pub async fn database_url(app: &TestApp) -> String {
     let name: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&app.pool)
         .await

@@ -1,6 +1,5 @@
-//! The gRPC surface: health, reflection, and the not-yet-implemented contract.
+//! The gRPC surface: health, reflection, and the limits every service shares.
 
-use tokenmeter::proto::v1::export_service_client::ExportServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -89,23 +88,6 @@ async fn reflection_lists_every_tokenmeter_service() {
             "{expected} missing from {names:?}"
         );
     }
-    app.stop().await.expect("clean shutdown");
-}
-
-#[tokio::test]
-async fn rpcs_that_have_not_landed_answer_unimplemented() {
-    let app = spawn_app().await;
-    let mut exports = ExportServiceClient::new(crate::helpers::authed(
-        app.channel().await,
-        crate::helpers::ADMIN_KEY,
-    ));
-
-    let status = exports
-        .export_invoices(tokenmeter::proto::v1::ExportInvoicesRequest::default())
-        .await
-        .expect_err("not implemented yet");
-
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
     app.stop().await.expect("clean shutdown");
 }
 

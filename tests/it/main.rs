@@ -7,6 +7,7 @@ mod billing;
 mod cli;
 mod crash;
 mod exactly_once;
+mod exports;
 mod grpc;
 mod helpers;
 mod http;
