@@ -29,14 +29,11 @@ use crate::config::IngestSettings;
 use crate::ingest::Ingestor;
 use crate::ingest::transactions::TransactionRecorder;
 use crate::proto::v1::{
-    admin_service_server::AdminServiceServer,
-    export_service_server::ExportServiceServer,
+    admin_service_server::AdminServiceServer, export_service_server::ExportServiceServer,
     invoice_service_server::InvoiceServiceServer,
-    price_book_service_server::PriceBookServiceServer,
-    quota_service_server::QuotaServiceServer,
+    price_book_service_server::PriceBookServiceServer, quota_service_server::QuotaServiceServer,
     report_service_server::ReportServiceServer,
-    transaction_service_server::TransactionServiceServer,
-    usage_service_server::UsageServiceServer,
+    transaction_service_server::TransactionServiceServer, usage_service_server::UsageServiceServer,
 };
 use crate::telemetry::Metrics;
 use admin::AdminApi;

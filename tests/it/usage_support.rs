@@ -3,6 +3,7 @@
 use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::admin_service_client::AdminServiceClient;
+use tokenmeter::proto::v1::export_service_client::ExportServiceClient;
 use tokenmeter::proto::v1::invoice_service_client::InvoiceServiceClient;
 use tokenmeter::proto::v1::price_book_service_client::PriceBookServiceClient;
 use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
@@ -62,6 +63,7 @@ pub struct Clients {
     pub transactions: TransactionServiceClient<Authed>,
     pub invoices: InvoiceServiceClient<Authed>,
     pub quota: QuotaServiceClient<Authed>,
+    pub exports: ExportServiceClient<Authed>,
 }
 
 impl Clients {
@@ -80,6 +82,7 @@ impl Clients {
             reports: ReportServiceClient::new(channel.clone()),
             transactions: TransactionServiceClient::new(channel.clone()),
             invoices: InvoiceServiceClient::new(channel.clone()),
+            exports: ExportServiceClient::new(channel.clone()),
             quota: QuotaServiceClient::new(channel),
         }
     }
