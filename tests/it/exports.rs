@@ -502,3 +502,192 @@ async fn a_key_bound_to_one_tenant_cannot_export_another() {
     );
     scenario.app.stop().await.expect("clean shutdown");
 }
+
+/// One order of `tenant` last month: started, completed for 42.50 USD, refunded 5.00, and one
+/// call of 1,000,000 input tokens spent on it.
+async fn refunded_order(scenario: &mut Scenario, tenant: &str) {
+    let at = |days| Some(ts(month(1).start + Duration::days(days)));
+    let lifecycle = |id: &str, days, kind| pb::TransactionEvent {
+        event_id: id.to_owned(),
+        source: "shop".to_owned(),
+        tenant_id: tenant.to_owned(),
+        transaction_id: "order-1".to_owned(),
+        agent_id: "agent-1".to_owned(),
+        service: "delivery".to_owned(),
+        occurred_at: at(days),
+        kind: Some(kind),
+        attributes: Default::default(),
+    };
+    let usd = |amount: &str| {
+        Some(pb::Money {
+            amount: amount.to_owned(),
+            currency: "USD".to_owned(),
+        })
+    };
+    use pb::transaction_event::Kind;
+    scenario
+        .api
+        .transactions
+        .record_transaction_events(pb::RecordTransactionEventsRequest {
+            events: vec![
+                lifecycle("o1-start", 4, Kind::Started(pb::TransactionStarted {})),
+                lifecycle(
+                    "o1-done",
+                    4,
+                    Kind::Completed(pb::TransactionCompleted {
+                        revenue: usd("42.50"),
+                    }),
+                ),
+                lifecycle(
+                    "o1-refund",
+                    5,
+                    Kind::Refunded(pb::TransactionRefunded {
+                        amount: usd("5.00"),
+                        reason: "late".to_owned(),
+                    }),
+                ),
+            ],
+            omit_accepted_results: false,
+        })
+        .await
+        .expect("record lifecycle");
+    let response = scenario
+        .api
+        .ingest(vec![pb::UsageEvent {
+            event_id: unique("e"),
+            source: "export-test".into(),
+            tenant_id: tenant.to_owned(),
+            agent_id: "agent-1".into(),
+            transaction_id: Some("order-1".into()),
+            service: Some("delivery".into()),
+            provider: "openai".into(),
+            model: "gpt-4.1-mini".into(),
+            occurred_at: at(4),
+            usage: Some(pb::usage_event::Usage::Tokens(pb::TokenCounts {
+                input: 1_000_000,
+                ..Default::default()
+            })),
+            ..Default::default()
+        }])
+        .await;
+    assert_eq!(response.results[0].status(), pb::IngestStatus::Accepted);
+}
+
+#[tokio::test]
+async fn attribution_and_transaction_exports_carry_the_figures_the_reports_give() {
+    let mut scenario = Scenario::new().await;
+    let tenant = scenario.tenants[0].clone();
+    refunded_order(&mut scenario, &tenant).await;
+    let mut exports = ExportServiceClient::new(authed(scenario.app.channel().await, ADMIN_KEY));
+    let only = [tenant.clone()];
+
+    let (files, manifest) = stream(
+        exports
+            .export_transactions(pb::ExportTransactionsRequest {
+                selection: Some(selection(&only, pb::ExportFormat::Csv)),
+                lifecycle_events: false,
+            })
+            .await
+            .expect("export transactions")
+            .into_inner(),
+    )
+    .await;
+    let (_, rows) = csv_rows(files.values().next().expect("a file"));
+    assert_eq!(manifest.row_count, 1);
+    let order = &rows[0];
+    let stored = scenario
+        .api
+        .transactions
+        .get_transaction(pb::GetTransactionRequest {
+            tenant_id: tenant.clone(),
+            transaction_id: "order-1".into(),
+            include_events: false,
+        })
+        .await
+        .expect("get transaction")
+        .into_inner()
+        .transaction
+        .expect("transaction");
+    let amount = |m: &Option<pb::Money>| dec(&m.as_ref().expect("money").amount);
+    assert_eq!(order["transaction_id"], "order-1");
+    assert_eq!(order["state"], "refunded");
+    assert_eq!(dec(&order["revenue"]), amount(&stored.revenue));
+    assert_eq!(dec(&order["refunds"]), amount(&stored.refunded));
+    assert_eq!(dec(&order["net_revenue"]), amount(&stored.net_revenue));
+    assert_eq!(dec(&order["net_revenue"]), dec("42.50") - dec("5.00"));
+    assert_eq!(order["event_count"], "3");
+
+    let (files, manifest) = stream(
+        exports
+            .export_attribution(pb::ExportAttributionRequest {
+                selection: Some(selection(&only, pb::ExportFormat::Csv)),
+                window: pb::TimeBucket::None as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("export attribution")
+            .into_inner(),
+    )
+    .await;
+    let (_, rows) = csv_rows(files.values().next().expect("a file"));
+    assert_eq!(manifest.row_count, 1);
+    let exported = &rows[0];
+    let report = scenario
+        .api
+        .reports
+        .get_attribution(pb::GetAttributionRequest {
+            tenant_ids: vec![tenant.clone()],
+            time_range: Some(pb::TimeRange {
+                start: Some(ts(month(1).start)),
+                end: Some(ts(month(1).end)),
+            }),
+            window: pb::TimeBucket::None as i32,
+            group_by: vec![pb::AttributionDimension::Tenant as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("attribution")
+        .into_inner()
+        .rows;
+    assert_eq!(report.len(), 1);
+    let reported = &report[0];
+    for (column, value) in [
+        ("revenue", &reported.revenue),
+        ("refunds", &reported.refunds),
+        ("net_revenue", &reported.net_revenue),
+        ("spend", &reported.spend),
+        ("cost", &reported.cost),
+        ("gross_margin", &reported.gross_margin),
+        ("token_margin", &reported.token_margin),
+        ("refunded_spend", &reported.refunded_spend),
+        ("unattributed_spend", &reported.unattributed_spend),
+    ] {
+        assert_eq!(dec(&exported[column]), dec(value), "{column}");
+    }
+    for (column, value) in [
+        ("transactions_started", reported.transactions_started),
+        ("transactions_completed", reported.transactions_completed),
+        ("transactions_refunded", reported.transactions_refunded),
+        ("total_tokens", reported.total_tokens),
+        ("unattributed_tokens", reported.unattributed_tokens),
+    ] {
+        assert_eq!(exported[column], value.to_string(), "{column}");
+    }
+    // By hand: the order's call is 1,000,000 input tokens at 0.40 per million, refunded since;
+    // the scenario's call is unattributed: 1,234,567 input at 0.40 and 176,366 output at 1.60.
+    let order_spend = dec("0.40");
+    let unattributed = dec("1234567") * dec("0.40") / dec("1000000")
+        + dec("176366") * dec("1.60") / dec("1000000");
+    assert_eq!(dec(&exported["refunded_spend"]), order_spend);
+    assert_eq!(dec(&exported["unattributed_spend"]), unattributed);
+    assert_eq!(dec(&exported["spend"]), order_spend + unattributed);
+    assert_eq!(dec(&exported["net_revenue"]), dec("37.50"));
+    assert_eq!(
+        (
+            exported["transactions_completed"].as_str(),
+            exported["transactions_refunded"].as_str()
+        ),
+        ("1", "1")
+    );
+    scenario.app.stop().await.expect("clean shutdown");
+}
