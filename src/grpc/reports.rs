@@ -323,8 +323,7 @@ impl ReportService for ReportApi {
             providers: filter.providers,
             models: filter.models,
         };
-        let with_shares = grouping.by_model() || !models.is_empty();
-        let facts = store::attribution::facts(&self.pool, &query, with_shares)
+        let facts = store::attribution::facts(&self.pool, &query, grouping)
             .await
             .map_err(from_store)?;
         let rows = attribution::attribute(
