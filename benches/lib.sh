@@ -38,10 +38,13 @@ else
   PSQL="$(command -v psql || find /usr/lib/postgresql -path '*/bin/psql' 2>/dev/null | sort -V | tail -1)"
 fi
 [[ -x "$PSQL" ]] || die "psql not found"
-if kafka_answers; then
-  log "using the Kafka broker that answers at $kafka_brokers"
-else
-  deploy/local/kafka.sh start
+# A bench that runs the server without Kafka sets BENCH_NEEDS_KAFKA=0 before sourcing this.
+if [[ "${BENCH_NEEDS_KAFKA:-1}" == 1 ]]; then
+  if kafka_answers; then
+    log "using the Kafka broker that answers at $kafka_brokers"
+  else
+    deploy/local/kafka.sh start
+  fi
 fi
 pg_version="$(psql_q "$base_url" -c 'SHOW server_version')"
 kafka_version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' deploy/local/kafka/pom.xml | head -1)"

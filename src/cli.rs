@@ -45,6 +45,10 @@ enum Command {
     /// ground truth it prints (a load generator and an end-to-end check), or produce it to a
     /// Kafka topic (--kafka-topic) and print the ground truth to check the consumer against.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Drive realistic traffic (tenants, agents, services, two providers, two currencies,
+    /// completed, failed and refunded transactions) through a running server, then print a
+    /// draft invoice and the token-to-revenue attribution per agent and service.
+    Demo(crate::demo::DemoArgs),
     /// Issue, list and revoke API keys (directly in the database, as the operator).
     Keys {
         #[command(subcommand)]
@@ -154,6 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Migrate => migrate(settings).await,
             Command::Retention => retention(settings).await,
             Command::Loadgen(args) => crate::loadgen::run(args).await,
+            Command::Demo(args) => crate::demo::run(args).await,
             Command::Keys { command } => keys(settings, command).await,
             Command::Prices {
                 command: PricesCommand::Import(args),

@@ -31,7 +31,9 @@ impl Grouping {
     }
 }
 
-/// Usage of one (bucket, tenant, agent, service, provider, model, currency, transaction).
+/// Usage of one (bucket, tenant, agent, service, provider, model, currency) spent on
+/// transactions now in one state, or on none. Which transactions does not matter here: only
+/// their state decides where the spend counts (failed, refunded, unattributed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageFact {
     pub bucket: DateTime<Utc>,
@@ -41,9 +43,7 @@ pub struct UsageFact {
     pub provider: String,
     pub model: String,
     pub currency: String,
-    /// `None`: usage with no transaction (unattributed).
-    pub transaction_id: Option<String>,
-    /// The transaction's state now (`None` for unattributed usage).
+    /// The transactions' state now; `None` for usage with no transaction (unattributed).
     pub state: Option<State>,
     pub tokens: [i64; 10],
     pub spend: Decimal,
@@ -62,16 +62,22 @@ pub enum LifecycleKind {
     Reversed,
 }
 
-/// One lifecycle event, with the transaction's agent and service where the event lacks them.
+/// One lifecycle event, with the transaction's agent and service where the event lacks them;
+/// or, when rows are not split by model, the events of one row and kind added up by the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LifecycleFact {
     pub bucket: DateTime<Utc>,
     pub tenant_id: String,
     pub agent_id: String,
     pub service: String,
+    /// The event's transaction; empty for an added-up fact.
     pub transaction_id: String,
+    /// Distinct transactions the fact stands for: 1 for one event, the row's count of distinct
+    /// transactions with this kind of event for an added-up fact.
+    pub transactions: i64,
     pub kind: LifecycleKind,
-    /// Revenue of a completion, refunded amount, or the net revenue a reversal takes back.
+    /// Revenue of a completion, refunded amount, or the net revenue a reversal takes back
+    /// (their sum for an added-up fact).
     pub amount: Decimal,
     /// The money's currency; for money-less events the tenant's billing currency.
     pub currency: String,
@@ -302,7 +308,7 @@ pub fn attribute(
             let kind = fact.kind as u8;
             let first = counted.insert((row_key.clone(), &fact.transaction_id, kind));
             let row = rows.entry(row_key).or_default();
-            let count = i64::from(first);
+            let count = if first { fact.transactions } else { 0 };
             match fact.kind {
                 LifecycleKind::Started => row.started += count,
                 LifecycleKind::Completed => {
@@ -381,7 +387,6 @@ mod tests {
             provider: "openai".into(),
             model: model.into(),
             currency: "USD".into(),
-            transaction_id: transaction.map(|(t, _)| t.to_owned()),
             state: transaction.map(|(_, s)| s),
             tokens,
             spend,
@@ -398,6 +403,7 @@ mod tests {
             agent_id: "courier-bot".into(),
             service: "food-delivery".into(),
             transaction_id: transaction.into(),
+            transactions: 1,
             kind,
             amount,
             currency: "USD".into(),
@@ -468,6 +474,30 @@ mod tests {
         assert_eq!(row.tokens_per_completed(), Some(dec!(55000)));
         // 25.00 × 1000 ÷ 55,000 = 0.454545… → 0.454545
         assert_eq!(row.revenue_per_1k_tokens(), Some(dec!(0.454545)));
+    }
+
+    #[test]
+    fn added_up_lifecycle_facts_count_the_transactions_they_stand_for() {
+        let added_up = |kind, transactions, amount| LifecycleFact {
+            transaction_id: String::new(),
+            transactions,
+            ..lifecycle("", kind, amount)
+        };
+        let rows = attribute(
+            &[],
+            &[
+                added_up(LifecycleKind::Completed, 3, dec!(90.00)),
+                added_up(LifecycleKind::Refunded, 2, dec!(15.00)),
+            ],
+            &[],
+            Grouping::default(),
+            &ModelFilter::default(),
+        );
+
+        let row = rows.values().next().unwrap();
+        assert_eq!((row.completed, row.refunded), (3, 2));
+        // 90.00 − 15.00
+        assert_eq!(row.net_revenue(), dec!(75.00));
     }
 
     #[test]

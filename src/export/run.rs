@@ -272,7 +272,6 @@ async fn attribution_rows(
     };
     let mut grouping = *grouping;
     grouping.tenant = true;
-    let with_shares = grouping.by_model() || !models.is_empty();
     // Tenants sharing a range and zone are read together.
     let mut groups: Vec<(&TenantRange, Vec<String>)> = Vec::new();
     for range in ranges.iter().filter(|r| selected.contains(&r.tenant_id)) {
@@ -304,7 +303,7 @@ async fn attribution_rows(
             providers: filters.providers.clone(),
             models: filters.models.clone(),
         };
-        let facts = crate::store::attribution::facts(conn, &query, with_shares).await?;
+        let facts = crate::store::attribution::facts(conn, &query, grouping).await?;
         let attributed = attribution::attribute(
             &facts.usage,
             &facts.lifecycle,

@@ -329,13 +329,12 @@ impl ReportService for ReportApi {
             providers: filter.providers,
             models: filter.models,
         };
-        let with_shares = grouping.by_model() || !models.is_empty();
         let mut conn = self
             .pool
             .acquire()
             .await
             .map_err(|e| from_store(e.into()))?;
-        let facts = store::attribution::facts(&mut conn, &query, with_shares)
+        let facts = store::attribution::facts(&mut conn, &query, grouping)
             .await
             .map_err(from_store)?;
         let rows = attribution::attribute(

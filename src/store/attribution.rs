@@ -1,6 +1,11 @@
-//! The facts an attribution report is built from: usage from the rollups (with each
-//! transaction's current state), lifecycle events in the range, and each transaction's spend
-//! per model. `domain::attribution` turns them into rows.
+//! The facts an attribution report is built from: usage from the rollups (added up per state
+//! of the transactions it was spent on), lifecycle events in the range, and each transaction's
+//! spend per model. `domain::attribution` turns them into rows.
+//!
+//! Postgres adds up as much as the report allows, so that what crosses the wire grows with the
+//! rows of the report rather than with the transactions behind them: usage per group and
+//! transaction state always, lifecycle events per row and kind unless rows are split by model
+//! (a model's share of a transaction's revenue needs each event on its own).
 
 use std::collections::BTreeMap;
 
@@ -10,7 +15,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::StoreError;
 use super::reports::{Bucket, Window};
-use crate::domain::attribution::{LifecycleFact, LifecycleKind, ModelSpend, UsageFact};
+use crate::domain::attribution::{Grouping, LifecycleFact, LifecycleKind, ModelSpend, UsageFact};
 use crate::domain::transaction::State;
 
 #[derive(Debug, Clone)]
@@ -36,14 +41,18 @@ pub struct Facts {
     pub bucket_ends: BTreeMap<DateTime<Utc>, DateTime<Utc>>,
 }
 
+/// The facts of a report grouped as `grouping` says. Shares are loaded (and lifecycle events
+/// kept one by one) when rows are split by model or the query filters by provider or model.
 pub async fn facts(
     conn: &mut PgConnection,
     query: &AttributionQuery,
-    with_shares: bool,
+    grouping: Grouping,
 ) -> Result<Facts, StoreError> {
+    let with_shares =
+        grouping.by_model() || !query.providers.is_empty() || !query.models.is_empty();
     let mut facts = Facts::default();
     usage(conn, query, &mut facts).await?;
-    lifecycle(conn, query, &mut facts).await?;
+    lifecycle(conn, query, (!with_shares).then_some(grouping), &mut facts).await?;
     if with_shares {
         shares(conn, query, &mut facts).await?;
     }
@@ -90,7 +99,8 @@ async fn usage(
     sql.push(
         " AS bucket_end, r.tenant_id::text AS tenant_id, r.agent_id::text AS agent_id,
           r.service::text AS service, r.provider::text AS provider, r.model::text AS model,
-          r.currency::text AS currency, r.transaction_id::text AS transaction_id, s.state",
+          r.currency::text AS currency,
+          CASE WHEN r.transaction_id = '' THEN NULL ELSE coalesce(s.state, 1::int2) END AS state",
     );
     for class in 1..=10 {
         sql.push(format_args!(
@@ -112,11 +122,10 @@ async fn usage(
     any_of(&mut sql, "r.service", &query.services);
     any_of(&mut sql, "r.provider", &query.providers);
     any_of(&mut sql, "r.model", &query.models);
-    sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10");
+    sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9");
     for row in sql.build().fetch_all(&mut *conn).await? {
         let start: DateTime<Utc> = row.try_get("bucket_start")?;
         facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
-        let transaction: String = row.try_get("transaction_id")?;
         let state: Option<i16> = row.try_get("state")?;
         let mut tokens = [0i64; 10];
         for (i, slot) in tokens.iter_mut().enumerate() {
@@ -130,8 +139,7 @@ async fn usage(
             provider: row.try_get("provider")?,
             model: row.try_get("model")?,
             currency: row.try_get("currency")?,
-            state: (!transaction.is_empty()).then(|| State::from_number(state.unwrap_or(1))),
-            transaction_id: Some(transaction).filter(|t| !t.is_empty()),
+            state: state.map(State::from_number),
             tokens,
             spend: row.try_get("spend")?,
             cost: row.try_get("cost")?,
@@ -142,27 +150,30 @@ async fn usage(
     Ok(())
 }
 
-/// Lifecycle events in the range. A reversal takes back the revenue net of the refunds before
+/// The first non-null `column` of the event's transaction, looked up only for the events that
+/// lack it (most carry their agent and service).
+fn transaction_first(column: &str) -> String {
+    format!(
+        "coalesce(e.{column}, (SELECT f.{column} FROM transaction_events f
+                               WHERE f.tenant_id = e.tenant_id
+                                 AND f.transaction_id = e.transaction_id
+                                 AND f.{column} IS NOT NULL
+                               ORDER BY f.occurred_at, f.event_id LIMIT 1), '')::text"
+    )
+}
+
+/// Lifecycle events in the range, one by one, or added up per row and kind when `added_up`
+/// gives the grouping of the rows. A reversal takes back the revenue net of the refunds before
 /// it; only a transaction's first completion counts (later ones are anomalies). Money-less
 /// events are in the tenant's billing currency.
 async fn lifecycle(
     conn: &mut PgConnection,
     query: &AttributionQuery,
+    added_up: Option<Grouping>,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
-        "WITH tx AS (
-             SELECT tenant_id, transaction_id,
-                    (array_agg(agent_id ORDER BY occurred_at, event_id)
-                        FILTER (WHERE agent_id IS NOT NULL))[1] AS agent_id,
-                    (array_agg(service ORDER BY occurred_at, event_id)
-                        FILTER (WHERE service IS NOT NULL))[1] AS service
-             FROM transaction_events WHERE true",
-    );
-    tenants(&mut sql, "tenant_id", query);
-    sql.push(
-        " GROUP BY tenant_id, transaction_id),
-         first_completion AS (
+        "WITH first_completion AS (
              SELECT DISTINCT ON (tenant_id, transaction_id) tenant_id, transaction_id, event_id,
                     amount, currency
              FROM transaction_events WHERE kind = 2",
@@ -178,8 +189,13 @@ async fn lifecycle(
     bucket(query).push(&mut sql, "e.occurred_at", true);
     sql.push(
         " AS bucket_end, e.tenant_id::text AS tenant_id,
-                coalesce(e.agent_id, tx.agent_id, '')::text AS agent_id,
-                coalesce(e.service, tx.service, '')::text AS service,
+                ",
+    );
+    sql.push(transaction_first("agent_id"));
+    sql.push(" AS agent_id, ");
+    sql.push(transaction_first("service"));
+    sql.push(
+        " AS service,
                 e.transaction_id::text AS transaction_id, e.kind,
                 CASE WHEN e.kind = 4 THEN e.amount
                      WHEN e.kind = 2 THEN e.amount
@@ -193,7 +209,6 @@ async fn lifecycle(
                      WHEN e.kind = 5 THEN coalesce(c.currency, t.currency)
                      ELSE t.currency END::text AS currency
              FROM transaction_events e
-             JOIN tx ON tx.tenant_id = e.tenant_id AND tx.transaction_id = e.transaction_id
              JOIN tenants t ON t.tenant_id = e.tenant_id
              LEFT JOIN first_completion c
                ON c.tenant_id = e.tenant_id AND c.transaction_id = e.transaction_id
@@ -213,9 +228,34 @@ async fn lifecycle(
         any_of(&mut sql, "r.model", &query.models);
         sql.push(")");
     }
-    sql.push(") SELECT * FROM facts WHERE true");
+    match added_up {
+        None => {
+            sql.push(") SELECT *, 1::int8 AS transactions FROM facts WHERE true");
+        }
+        Some(grouping) => {
+            let dimension = |grouped: bool, column: &str| {
+                if grouped {
+                    column.to_owned()
+                } else {
+                    format!("''::text AS {column}")
+                }
+            };
+            sql.push(format_args!(
+                ") SELECT bucket_start, bucket_end, {}, {}, {}, ''::text AS transaction_id, kind,
+                          sum(amount) AS amount, currency,
+                          count(DISTINCT transaction_id)::int8 AS transactions
+                   FROM facts WHERE true",
+                dimension(grouping.tenant, "tenant_id"),
+                dimension(grouping.agent, "agent_id"),
+                dimension(grouping.service, "service"),
+            ));
+        }
+    }
     any_of(&mut sql, "agent_id", &query.agent_ids);
     any_of(&mut sql, "service", &query.services);
+    if added_up.is_some() {
+        sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 9");
+    }
     for row in sql.build().fetch_all(&mut *conn).await? {
         let start: DateTime<Utc> = row.try_get("bucket_start")?;
         facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
@@ -233,6 +273,7 @@ async fn lifecycle(
             agent_id: row.try_get("agent_id")?,
             service: row.try_get("service")?,
             transaction_id: row.try_get("transaction_id")?,
+            transactions: row.try_get("transactions")?,
             kind,
             amount: amount.unwrap_or_default(),
             currency: row.try_get("currency")?,

@@ -234,3 +234,113 @@ async fn every_attribution_figure_matches_the_hand_computed_scenario() {
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     app.stop().await.expect("clean stop");
 }
+
+/// The figures a row adds up, to compare rows of different groupings.
+fn totals(row: &pb::AttributionRow) -> (i64, i64, i64, i64, Decimal, Decimal, Decimal, Decimal) {
+    (
+        row.transactions_started,
+        row.transactions_completed,
+        row.transactions_failed,
+        row.transactions_refunded,
+        decimal(&row.revenue),
+        decimal(&row.refunds),
+        decimal(&row.spend),
+        decimal(&row.failed_spend) + decimal(&row.refunded_spend),
+    )
+}
+
+#[tokio::test]
+async fn rows_per_agent_and_per_model_add_up_to_the_tenant_total() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let book = unique("usd");
+    api.version(
+        &book,
+        "USD",
+        hour(72),
+        &[
+            ("gpt-4.1-mini", pb::TokenClass::Input, "2.00", "1.50"),
+            ("gpt-4.1-mini", pb::TokenClass::Output, "8.00", "6.00"),
+            ("gpt-4.1", pb::TokenClass::Input, "4.00", "3.00"),
+            ("gpt-4.1", pb::TokenClass::Output, "16.00", "12.00"),
+        ],
+    )
+    .await;
+    let a = api.tenant("USD", "UTC", Some(&book)).await;
+    let on = |id: &str, transaction: &str, model: &str, input: i64| pb::UsageEvent {
+        model: model.to_owned(),
+        ..usage(&a, id, Some(transaction), input, 1_000)
+    };
+    // o1 on two models, completed 30.00 and refunded twice; o2 on one model, failed.
+    api.ingest(vec![
+        on("u1", "o1", "gpt-4.1-mini", 100_000),
+        on("u2", "o1", "gpt-4.1", 50_000),
+        on("u3", "o2", "gpt-4.1-mini", 10_000),
+    ])
+    .await;
+    let refund = |id: &str, minutes: i64| {
+        let kind = pb::transaction_event::Kind::Refunded(pb::TransactionRefunded {
+            amount: Some(pb::Money {
+                amount: "2.50".into(),
+                currency: "USD".into(),
+            }),
+            reason: "late".into(),
+        });
+        lifecycle_of(&a, "o1", id, minutes, kind)
+    };
+    let failed = pb::transaction_event::Kind::Failed(pb::TransactionFailed {
+        reason: "no courier".into(),
+    });
+    api.transactions
+        .record_transaction_events(pb::RecordTransactionEventsRequest {
+            events: vec![
+                started(&a, "o1", "a1"),
+                completed_in(&a, "o1", "a2", "30.00", "USD"),
+                refund("a3", 40),
+                refund("a4", 45),
+                started(&a, "o2", "a5"),
+                lifecycle_of(&a, "o2", "a6", 30, failed),
+            ],
+            omit_accepted_results: false,
+        })
+        .await
+        .expect("record");
+
+    let total = api.attribution(&a, &[]).await;
+    let by_agent = api
+        .attribution(&a, &[pb::AttributionDimension::Agent])
+        .await;
+    let by_model = api
+        .attribution(&a, &[pb::AttributionDimension::Model])
+        .await;
+
+    // Two refund events of one transaction: one refunded transaction, 5.00 refunded.
+    // Spend: o1 0.20 + 0.008 + 0.20 + 0.016; o2 0.02 + 0.008 → 0.452, of which o2's 0.028
+    // failed and o1's 0.424 refunded.
+    assert_eq!(total.len(), 1, "{total:?}");
+    assert_eq!(
+        totals(&total[0]),
+        (
+            2,
+            1,
+            1,
+            1,
+            dec!(30.00),
+            dec!(5.00),
+            dec!(0.452),
+            dec!(0.452)
+        )
+    );
+    assert_eq!(by_agent.len(), 1, "{by_agent:?}");
+    assert_eq!(totals(&by_agent[0]), totals(&total[0]));
+    // Per model, money adds up to the total; o1's counts appear on both of its models.
+    assert_eq!(by_model.len(), 2, "{by_model:?}");
+    let sum = |f: fn(&pb::AttributionRow) -> &String| -> Decimal {
+        by_model.iter().map(|r| decimal(f(r))).sum()
+    };
+    assert_eq!(sum(|r| &r.revenue), dec!(30.00));
+    assert_eq!(sum(|r| &r.refunds), dec!(5.00));
+    assert_eq!(sum(|r| &r.spend), dec!(0.452));
+    assert!(by_model.iter().all(|r| r.transactions_completed == 1));
+    app.stop().await.expect("clean stop");
+}

@@ -6,6 +6,7 @@ mod auth;
 mod billing;
 mod cli;
 mod crash;
+mod demo;
 mod exactly_once;
 mod exports;
 mod grpc;

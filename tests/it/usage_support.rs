@@ -55,6 +55,14 @@ pub fn event(tenant: &str, id: &str, input: i64, output: i64) -> pb::UsageEvent 
     }
 }
 
+/// From 48 hours before the current hour to the end of the current hour.
+pub fn last_two_days() -> pb::TimeRange {
+    pb::TimeRange {
+        start: Some(ts(hour(48))),
+        end: Some(ts(hour(-1))),
+    }
+}
+
 pub struct Clients {
     pub usage: UsageServiceClient<Authed>,
     pub admin: AdminServiceClient<Authed>,
@@ -161,14 +169,30 @@ impl Clients {
     ) -> Vec<pb::UsageRow> {
         self.query(pb::QueryUsageRequest {
             tenant_ids: vec![tenant.to_owned()],
-            time_range: Some(pb::TimeRange {
-                start: Some(ts(hour(48))),
-                end: Some(ts(hour(-1))),
-            }),
+            time_range: Some(last_two_days()),
             group_by: group_by.iter().map(|d| *d as i32).collect(),
             ..Default::default()
         })
         .await
+    }
+
+    /// Attribution of one tenant over the last two days, grouped as asked, in one bucket.
+    pub async fn attribution(
+        &mut self,
+        tenant: &str,
+        group_by: &[pb::AttributionDimension],
+    ) -> Vec<pb::AttributionRow> {
+        self.reports
+            .get_attribution(pb::GetAttributionRequest {
+                tenant_ids: vec![tenant.to_owned()],
+                time_range: Some(last_two_days()),
+                group_by: group_by.iter().map(|d| *d as i32).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("attribution")
+            .into_inner()
+            .rows
     }
 
     pub async fn query(&mut self, request: pb::QueryUsageRequest) -> Vec<pb::UsageRow> {
