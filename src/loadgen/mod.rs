@@ -125,8 +125,7 @@ pub struct LoadgenArgs {
     #[arg(long, value_parser = parse_run_id)]
     pub run_id: Option<String>,
 
-    /// API key sent as `authorization: Bearer <key>`. (Not TOKENMETER_API_KEY: every
-    /// TOKENMETER_* variable is read as a server setting, and unknown settings are rejected.)
+    /// API key sent as `authorization: Bearer <key>`.
     #[arg(long, env = "LOADGEN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
