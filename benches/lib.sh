@@ -71,6 +71,18 @@ free_port() {
 }
 
 dbs_created=()
+# drop_db NAME: WITH (FORCE) ends our own leftover sessions, but Postgres 15 refuses it while an
+# autovacuum worker is in the database (it runs as no role we may signal) — common right after
+# millions of inserts. A plain DROP cancels autovacuum itself, so it is the fallback.
+drop_db() {
+  psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)" 2>/dev/null && return 0
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$1\"" && return 0
+    sleep "$attempt"
+  done
+  return 1
+}
 create_db() {
   psql_q "$base_url" -c "CREATE DATABASE \"$1\""
   dbs_created+=("$1")
@@ -135,7 +147,7 @@ cleanup() {
     ((${#dbs_created[@]})) && log "kept databases: ${dbs_created[*]}"
   else
     for db in "${dbs_created[@]}"; do
-      psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null \
+      drop_db "$db" >/dev/null \
         || log "could not drop database $db"
     done
   fi
@@ -233,7 +245,7 @@ copy_baseline() {
     psql_q "$url" -c "\\copy (SELECT ${referenced_cols[$table]} FROM $table) TO '$scratch/$table.bin' WITH (FORMAT binary)"
   done <<<"$referenced"
   if [[ "${KEEP_DATABASES:-0}" != 1 ]]; then
-    psql_q "$base_url" -c "DROP DATABASE \"${url##*/}\" WITH (FORCE)" >/dev/null
+    drop_db "${url##*/}" >/dev/null || die "could not drop database ${url##*/}"
   fi
 
   create_db "$copy_db"
