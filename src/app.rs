@@ -312,23 +312,24 @@ async fn run_retention(
     retention: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+    crate::periodic::every(interval, std::time::Duration::ZERO, shutdown, || {
+        let pool = pool.clone();
+        async move {
+            let cutoff = retention_cutoff(chrono::Utc::now(), retention);
+            match store::retention::apply(&pool, cutoff).await {
+                Ok(report) if !report.dropped_partitions.is_empty() => tracing::info!(
+                    partitions = ?report.dropped_partitions,
+                    keys = report.deleted_keys,
+                    "retention applied"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention pass failed; retrying next interval")
+                }
+            }
         }
-        let cutoff = retention_cutoff(chrono::Utc::now(), retention);
-        match store::retention::apply(&pool, cutoff).await {
-            Ok(report) if !report.dropped_partitions.is_empty() => tracing::info!(
-                partitions = ?report.dropped_partitions,
-                keys = report.deleted_keys,
-                "retention applied"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "retention pass failed; retrying next interval"),
-        }
-    }
+    })
+    .await;
 }
 
 /// The oldest instant still retained.

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod ingest;
 pub mod kafka;
 pub mod loadgen;
+pub mod periodic;
 pub mod pricebook_import;
 pub mod quota;
 pub mod store;

@@ -735,12 +735,9 @@ pub async fn run_close_job(billing: Arc<Billing>, shutdown: tokio_util::sync::Ca
     let interval = billing.settings().close_interval;
     // The first tick waits a whole interval, so a freshly started instance does not race an
     // operator who is about to close by hand.
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    crate::periodic::every(interval, interval, shutdown, || {
+        let billing = billing.clone();
+        async move {
         let now = Utc::now();
         let current = BillingCalendar {
             zone: chrono_tz::UTC,
@@ -769,7 +766,9 @@ pub async fn run_close_job(billing: Arc<Billing>, shutdown: tokio_util::sync::Ca
                 }
             }
         }
-    }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

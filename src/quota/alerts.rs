@@ -135,16 +135,16 @@ pub async fn run_publisher(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
+    let publisher = std::sync::Arc::new(publisher);
+    crate::periodic::every(interval, Duration::ZERO, shutdown, || {
+        let publisher = publisher.clone();
+        async move {
+            match publisher.publish_once().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(alerts = n, "quota alerts published"),
+                Err(e) => tracing::warn!(error = %e, "quota alert publishing failed; retrying"),
+            }
         }
-        match publisher.publish_once().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(alerts = n, "quota alerts published"),
-            Err(e) => tracing::warn!(error = %e, "quota alert publishing failed; retrying"),
-        }
-    }
+    })
+    .await;
 }

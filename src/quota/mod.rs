@@ -708,12 +708,9 @@ pub async fn run_expiry(
     interval: Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
+    crate::periodic::every(interval, Duration::ZERO, shutdown, || {
+        let engine = engine.clone();
+        async move {
         loop {
             match engine.expire_due().await {
                 Ok(n) if usize::try_from(engine.settings.expiry_batch).is_ok_and(|b| n >= b) => {
@@ -731,5 +728,7 @@ pub async fn run_expiry(
                 }
             }
         }
-    }
+        }
+    })
+    .await;
 }
