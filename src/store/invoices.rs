@@ -387,9 +387,18 @@ pub async fn lock_one(
     tenant_id: &str,
     invoice_id: &str,
 ) -> Result<InvoiceRecord, StoreError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM invoices WHERE tenant_id = $1 AND invoice_id = $2 FOR UPDATE"
-    );
+    one(conn, tenant_id, invoice_id, " FOR UPDATE").await
+}
+
+/// One invoice of a tenant; `locking` is empty or a locking clause.
+async fn one(
+    conn: &mut PgConnection,
+    tenant_id: &str,
+    invoice_id: &str,
+    locking: &'static str,
+) -> Result<InvoiceRecord, StoreError> {
+    let sql =
+        format!("SELECT {COLUMNS} FROM invoices WHERE tenant_id = $1 AND invoice_id = $2{locking}");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(tenant_id)
         .bind(invoice_id)
@@ -650,14 +659,7 @@ pub async fn get(
     tenant_id: &str,
     invoice_id: &str,
 ) -> Result<InvoiceRecord, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM invoices WHERE tenant_id = $1 AND invoice_id = $2");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(tenant_id)
-        .bind(invoice_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("invoice {invoice_id:?}")))?;
-    from_row(&row)
+    one(conn, tenant_id, invoice_id, "").await
 }
 
 /// Live invoice states of a period for many tenants (tenant → state).
