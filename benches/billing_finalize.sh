@@ -22,70 +22,17 @@ MODELS_PER_TENANT="${MODELS_PER_TENANT:-3}"
 HOURS_PER_DAY="${HOURS_PER_DAY:-1}"
 TARGET_SECONDS=10
 
-log() { echo "bench: $*" >&2; }
-die() { echo "bench: error: $*" >&2; exit 1; }
+# The close runs without a server, so Kafka is not needed.
+BENCH_NEEDS_KAFKA=0
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
-# shellcheck source=deploy/local/deps.sh
-source deploy/local/deps.sh
-
-# --- machine ------------------------------------------------------------------------------------
-cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
-[[ -n "$cpu_model" ]] || cpu_model="$(uname -m)"
-mem_total_kib="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
-machine="nproc $(nproc), CPU ${cpu_model}, memory $(awk -v k="$mem_total_kib" 'BEGIN {printf "%.1f GiB", k / 1048576}'), kernel $(uname -r)"
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then commit="$commit (with uncommitted changes)"; fi
-
-# --- dependencies and build ------------------------------------------------------------------
-PSQL="$(command -v psql || find /usr/lib/postgresql -path '*/bin/psql' 2>/dev/null | sort -V | tail -1)"
-[[ -x "$PSQL" ]] || die "psql not found"
-psql_q() { "$PSQL" "$1" -X -v ON_ERROR_STOP=1 -qtA "${@:2}"; }
-base_url="$(deploy/local/postgres.sh url)"
-# A Postgres already serving that URL (another checkout's cluster, CI's) is used as it is.
-psql_q "$base_url" -c 'SELECT 1' >/dev/null 2>&1 || deploy/local/postgres.sh start
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-  cargo build --release --locked
-fi
-bin=target/release/tokenmeter
-[[ -x "$bin" ]] || die "$bin is missing; build it with cargo build --release --locked"
-# The binary reads every TOKENMETER_* variable as a setting and rejects unknown ones, so the
-# deploy scripts' own variables are hidden from it.
-tm_env=()
-while read -r name; do
-  rest="${name#TOKENMETER_}"
-  [[ "$rest" == *__* || "$rest" == SHUTDOWN_GRACE ]] || tm_env+=(-u "$name")
-done < <(compgen -e | grep '^TOKENMETER_' || true)
-
-pg_version="$(psql_q "$base_url" -c 'SHOW server_version')"
-stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 bench_db="${BENCH_DB:-tm_bench_billing_$(date +%s)_$$}"
-bench_url="${base_url%/*}/$bench_db"
-out_dir="target/bench"
-mkdir -p "$out_dir"
+bench_url="$(url_for "$bench_db")"
 figures_txt="$out_dir/billing_finalize-$stamp.txt"
 
-cleanup() {
-  local rc=$?
-  if [[ "${KEEP_DATABASES:-0}" == 1 ]]; then
-    log "kept database $bench_db"
-  else
-    # Autovacuum may still be analyzing the fresh tables, and only a superuser may end it.
-    local dropped=0
-    for _ in $(seq 1 30); do
-      if psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$bench_db\" WITH (FORCE)" >/dev/null 2>&1; then
-        dropped=1; break
-      fi
-      sleep 2
-    done
-    ((dropped)) || log "could not drop database $bench_db"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-psql_q "$base_url" -c "CREATE DATABASE \"$bench_db\""
-env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn "$bin" migrate
+create_db "$bench_db"
+TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn tm migrate
 
 # The last whole calendar month (UTC): ended, so it can be closed.
 period="$(date -u -d "$(date -u +%Y-%m-01) -1 month" +%Y-%m)"
@@ -161,8 +108,8 @@ log "seeded $rollup_rows rollup rows in ${seed_s}s"
 # Other work on the box moves this figure a lot on 2 cores: the load average is printed with it.
 load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 started=$(date +%s.%N)
-env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn \
-  "$bin" bill close --period "$period" --ignore-grace-period
+TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn \
+  tm bill close --period "$period" --ignore-grace-period
 elapsed="$(echo "$(date +%s.%N) - $started" | bc)"
 
 # --- checks -------------------------------------------------------------------------------------

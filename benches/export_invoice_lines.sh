@@ -13,48 +13,23 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 FORMAT="${FORMAT:-csv}"
-log() { echo "bench: $*" >&2; }
-die() { echo "bench: error: $*" >&2; exit 1; }
+BENCH_NEEDS_KAFKA=0
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
-PSQL="$(command -v psql || find /usr/lib/postgresql -path '*/bin/psql' 2>/dev/null | sort -V | tail -1)"
-[[ -x "$PSQL" ]] || die "psql not found"
-psql_q() { "$PSQL" "$1" -X -v ON_ERROR_STOP=1 -qtA "${@:2}"; }
-base_url="$(deploy/local/postgres.sh url)"
-export BENCH_DB="tm_bench_export_$(date +%s)_$$"
-bench_url="${base_url%/*}/$BENCH_DB"
-scratch="$(mktemp -d)"
-cleanup() {
-  local rc=$?
-  rm -rf "$scratch"
-  for _ in $(seq 1 30); do
-    psql_q "$base_url" -c "DROP DATABASE IF EXISTS \"$BENCH_DB\" WITH (FORCE)" >/dev/null 2>&1 && break
-    sleep 2
-  done
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-KEEP_DATABASES=1 benches/billing_finalize.sh >&2
-bin=target/release/tokenmeter
-tm_env=()
-while read -r name; do
-  rest="${name#TOKENMETER_}"
-  [[ "$rest" == *__* || "$rest" == SHUTDOWN_GRACE ]] || tm_env+=(-u "$name")
-done < <(compgen -e | grep '^TOKENMETER_' || true)
-
+BENCH_DB="tm_bench_export_$(date +%s)_$$"
+export BENCH_DB
+bench_url="$(url_for "$BENCH_DB")"
+# billing_finalize.sh creates and keeps it; this script's cleanup drops it.
+dbs_created+=("$BENCH_DB")
+KEEP_DATABASES=1 SKIP_BUILD=1 benches/billing_finalize.sh >&2
 period="$(date -u -d "$(date -u +%Y-%m-01) -1 month" +%Y-%m)"
-cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)"
-machine="nproc $(nproc), CPU ${cpu_model:-$(uname -m)}, memory $(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo), kernel $(uname -r)"
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-pg_version="$(psql_q "$base_url" -c 'SHOW server_version')"
-stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 
 run_export() {
   local out="$scratch/$1" started elapsed
   started=$(date +%s.%N)
-  env "${tm_env[@]}" TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn \
-    "$bin" export invoice-lines --period "$period" --format "$FORMAT" --out "$out" 2>/dev/null
+  TOKENMETER_DATABASE__URL="$bench_url" TOKENMETER_LOG__FILTER=warn \
+    tm export invoice-lines --period "$period" --format "$FORMAT" --out "$out" 2>/dev/null
   elapsed="$(echo "$(date +%s.%N) - $started" | bc)"
   echo "$elapsed"
 }
