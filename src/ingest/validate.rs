@@ -130,6 +130,7 @@ pub fn validate_transaction(
                 format!("longer than {} bytes", limits.max_attribute_value_bytes),
             ));
         }
+        storable_text(field, text)?;
         Ok(text.to_owned())
     };
     let lifecycle = match event.kind.as_ref() {
@@ -275,16 +276,33 @@ fn attributes(
                 ),
             ));
         }
+        if key.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "attributes",
+                format!("key {key:?} contains control characters"),
+            ));
+        }
         if value.len() > limits.max_attribute_value_bytes {
             return Err(FieldError::new(
                 format!("attributes.{key}"),
                 format!("longer than {} bytes", limits.max_attribute_value_bytes),
             ));
         }
+        storable_text(&format!("attributes.{key}"), value)?;
         attributes.insert(key.clone(), value.clone());
     }
 
     Ok(attributes)
+}
+
+/// Free text (attribute values, reasons) may hold newlines and tabs, but not NUL: Postgres
+/// stores neither `\0` in `text` nor `\u0000` in `jsonb`, and one such value would fail the
+/// whole batch it is written with, again on every retry.
+fn storable_text(field: &str, text: &str) -> Result<(), FieldError> {
+    if text.contains('\0') {
+        return Err(FieldError::new(field, "contains a NUL character"));
+    }
+    Ok(())
 }
 
 /// Tenant ids: 1-64 characters of `[A-Za-z0-9._-]` (matches the `tenants` table check).
@@ -457,6 +475,26 @@ mod tests {
                     reason: String::new(),
                 })),
                 "refunded.amount.amount",
+            ),
+            (
+                lifecycle_event(Kind::Failed(pb::TransactionFailed {
+                    reason: "timeout\0".into(),
+                })),
+                "failed.reason",
+            ),
+            (
+                pb::TransactionEvent {
+                    attributes: [("note".to_owned(), "\0".to_owned())].into(),
+                    ..lifecycle_event(Kind::Started(pb::TransactionStarted {}))
+                },
+                "attributes.note",
+            ),
+            (
+                pb::TransactionEvent {
+                    attributes: [("no\nte".to_owned(), "x".to_owned())].into(),
+                    ..lifecycle_event(Kind::Started(pb::TransactionStarted {}))
+                },
+                "attributes",
             ),
         ];
         for (event, field) in cases {

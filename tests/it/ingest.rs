@@ -107,6 +107,8 @@ async fn invalid_events_get_field_and_reason_and_the_valid_ones_are_still_accept
     future.occurred_at = Some(ts(hour(-3)));
     let mut too_many = event(&tenant, "attrs", 1, 1);
     too_many.attributes = (0..40).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+    let mut nul = event(&tenant, "nul", 1, 1);
+    nul.attributes.insert("note".into(), "a\0b".into());
     let mut cached_over_prompt = event(&tenant, "openai", 0, 0);
     cached_over_prompt.usage = Some(pb::usage_event::Usage::OpenaiChat(pb::OpenAiChatUsage {
         prompt_tokens: 100,
@@ -125,6 +127,7 @@ async fn invalid_events_get_field_and_reason_and_the_valid_ones_are_still_accept
             no_usage,
             future,
             too_many,
+            nul,
             cached_over_prompt,
             event(&tenant, "good", 7, 3),
         ])
@@ -143,6 +146,7 @@ async fn invalid_events_get_field_and_reason_and_the_valid_ones_are_still_accept
             (Invalid, "usage"),
             (Invalid, "occurred_at"),
             (Invalid, "attributes"),
+            (Invalid, "attributes.note"),
             (Invalid, "openai_chat.prompt_tokens_details.cached_tokens"),
             (Accepted, ""),
         ]
@@ -151,7 +155,7 @@ async fn invalid_events_get_field_and_reason_and_the_valid_ones_are_still_accept
         response
             .results
             .iter()
-            .take(6)
+            .take(7)
             .all(|r| !r.reason.is_empty())
     );
     let rows = api.usage(&tenant, &[]).await;

@@ -297,6 +297,11 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
         )
         .await,
     );
+    // A NUL in free text, which Postgres cannot store: it must be dead-lettered, not fail
+    // (and retry forever) the batch it arrives in.
+    let mut nul = event(&tenants[1], "ev-nul", 1, 1);
+    nul.attributes.insert("note".into(), "a\0b".into());
+    let with_nul = record(produce(&producer, &topic, &tenants[1], &nul.encode_to_vec(), &[]).await);
 
     wait_for_positions(&app.pool, &group, &end).await;
 
@@ -331,8 +336,8 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
             .expect("conflicts");
     assert_eq!(conflicts, vec![("ev-1".to_owned(), "kafka".to_owned())]);
 
-    // Exactly the three poison messages are dead-lettered, each saying why and where from.
-    let letters = read_all(&dlq, 3).await;
+    // Exactly the four poison messages are dead-lettered, each saying why and where from.
+    let letters = read_all(&dlq, 4).await;
     let mut by_offset: BTreeMap<(i32, i64), &rdkafka::message::OwnedMessage> = BTreeMap::new();
     for letter in &letters {
         let partition: i32 = header(letter, "tokenmeter.dlq.partition")
@@ -396,6 +401,13 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
     assert!(header(validate, "tokenmeter.dlq.reason").is_some_and(|r| !r.is_empty()));
     assert_eq!(header(validate, "trace-id").as_deref(), Some("abc"));
     assert_eq!(validate.payload(), Some(&negative.encode_to_vec()[..]));
+    let nul_letter = by_offset
+        .get(&with_nul)
+        .expect("event with a NUL dead-lettered");
+    assert_eq!(
+        header(nul_letter, "tokenmeter.dlq.field").as_deref(),
+        Some("attributes.note")
+    );
 
     let metrics = reqwest::get(app.admin_url("/metrics"))
         .await
@@ -405,7 +417,7 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
         .expect("body");
     for line in [
         "tokenmeter_kafka_dead_letters_total{stage=\"decode\"} 2",
-        "tokenmeter_kafka_dead_letters_total{stage=\"validate\"} 1",
+        "tokenmeter_kafka_dead_letters_total{stage=\"validate\"} 2",
         "tokenmeter_ingest_events_total{channel=\"kafka\",outcome=\"conflict\"} 1",
         "tokenmeter_kafka_consumer_running 1",
     ] {
