@@ -20,6 +20,10 @@ pub const FULL_BPS: i32 = 10_000;
 pub const MAX_THRESHOLD_BPS: i32 = 100_000;
 /// Most thresholds per policy, so a crossing writes a bounded number of alert rows.
 pub const MAX_THRESHOLDS: usize = 16;
+/// Bounds of a money limit, so limit × threshold and used × 10,000 stay far inside the exact
+/// decimal range; "unlimited" is no policy, not a huge one.
+pub const MAX_MONEY_LIMIT: Decimal = rust_decimal::dec!(1_000_000_000_000_000);
+pub const MAX_MONEY_LIMIT_SCALE: u32 = 6;
 
 /// The calendar span a policy sums usage over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +144,14 @@ impl Limit {
                     return Err(FieldError::new(
                         format!("{field}.money.amount"),
                         "must be positive",
+                    ));
+                }
+                if *amount >= MAX_MONEY_LIMIT || amount.scale() > MAX_MONEY_LIMIT_SCALE {
+                    return Err(FieldError::new(
+                        format!("{field}.money.amount"),
+                        format!(
+                            "must be below {MAX_MONEY_LIMIT} with at most {MAX_MONEY_LIMIT_SCALE} decimals"
+                        ),
                     ));
                 }
             }
@@ -397,14 +409,17 @@ pub fn decide(checks: &[Check]) -> (Verdict, Vec<bool>) {
 
 /// Thresholds (basis points of `limit`) that `used` reaches for the first time in a move from
 /// `before` to `after`.
+/// Overflow-free: an amount whose scaled value exceeds the decimal range is past every mark.
 pub fn crossed(thresholds: &[i32], limit: Decimal, before: Decimal, after: Decimal) -> Vec<i32> {
     let full = Decimal::from(FULL_BPS);
+    let reaches =
+        |amount: Decimal, mark: Decimal| amount.checked_mul(full).is_none_or(|a| a >= mark);
     thresholds
         .iter()
         .copied()
-        .filter(|bps| {
-            let mark = limit * Decimal::from(*bps);
-            before * full < mark && mark <= after * full
+        .filter(|bps| match limit.checked_mul(Decimal::from(*bps)) {
+            Some(mark) => !reaches(before, mark) && reaches(after, mark),
+            None => false,
         })
         .collect()
 }
@@ -774,6 +789,15 @@ mod tests {
             crossed(&thresholds, dec!(1000), dec!(800), dec!(800)),
             Vec::<i32>::new()
         );
+        // Amounts beyond the decimal range once scaled by 10,000 are past every mark.
+        assert_eq!(
+            crossed(&[MAX_THRESHOLD_BPS], Decimal::MAX, dec!(0), Decimal::MAX),
+            Vec::<i32>::new()
+        );
+        assert_eq!(
+            crossed(&thresholds, dec!(1000), dec!(0), Decimal::MAX),
+            vec![5000, 8000, 10000]
+        );
     }
 
     #[test]
@@ -803,6 +827,19 @@ mod tests {
             negative.validate("policy.limit").expect_err("neg").field,
             "policy.limit.money.amount"
         );
+        for amount in [MAX_MONEY_LIMIT, dec!(0.0000001)] {
+            let out_of_bounds = Limit::Money {
+                amount,
+                currency: "USD".into(),
+            };
+            assert_eq!(
+                out_of_bounds
+                    .validate("policy.limit")
+                    .expect_err("bounds")
+                    .field,
+                "policy.limit.money.amount"
+            );
+        }
         assert_eq!(
             normalize_thresholds(&[8000, 0], "t")
                 .expect_err("zero")

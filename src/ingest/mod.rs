@@ -7,9 +7,11 @@ pub mod transactions;
 pub mod validate;
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
+use futures::FutureExt;
 use prometheus::{IntCounterVec, Opts, Registry};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -290,10 +292,20 @@ async fn write_groups(pipeline: Arc<Pipeline>, mut jobs: mpsc::Receiver<Job>, ma
                 events.extend(job.events);
                 replies.push(job.reply);
             }
-            match pipeline
-                .process(&events, channel, None, async |_| Ok(()))
-                .await
-            {
+            // A panic fails this group like a storage error (nothing of it was committed:
+            // the dropped transaction rolls back) instead of ending the writer, which would
+            // leave every later call routed to it answered "shutting down".
+            let written =
+                AssertUnwindSafe(pipeline.process(&events, channel, None, async |_| Ok(())))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(IngestError::Group(format!(
+                            "ingest group panicked: {}",
+                            panic_message(panic.as_ref())
+                        )))
+                    });
+            match written {
                 Ok(outcomes) => {
                     let mut outcomes = outcomes.into_iter();
                     for (reply, length) in replies.into_iter().zip(lengths) {
@@ -310,6 +322,15 @@ async fn write_groups(pipeline: Arc<Pipeline>, mut jobs: mpsc::Receiver<Job>, ma
             }
         }
     }
+}
+
+/// The text a panic was raised with, when it has one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 /// One event of a dry run: the outcome ingest would give it, with its normalized tokens and

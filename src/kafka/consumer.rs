@@ -506,7 +506,20 @@ impl UsageConsumer {
             tracing::error!(error = %e, "kafka poll thread failed");
         }
         // The poll loop dropped the lane senders: writers finish what they hold, then end.
-        while writers.join_next().await.is_some() {}
+        // A lane that panicked ended the poll loop early (its channel closed); that is a stop
+        // to report, not a quiet end: retrying its batch would panic again.
+        while let Some(ended) = writers.join_next().await {
+            if let Err(e) = ended
+                && e.is_panic()
+            {
+                let panic = e.into_panic();
+                self.status.stop_with(format!(
+                    "a batch writer panicked: {}",
+                    crate::ingest::panic_message(panic.as_ref())
+                ));
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
         metrics.running.set(0);
         let consumer = self.consumer;
         drop(self.writer);
