@@ -453,7 +453,11 @@ impl PricingCatalog {
         at: DateTime<Utc>,
         tokens: &TokenCounts,
     ) -> Result<PricedUsage, PricingError> {
-        let version = self.version_at(&tenant.price_book_id, at);
+        // A book in another currency than the tenant's would bill its figures as the tenant's
+        // money (USD prices as EUR): such usage is unpriced, counted and visible as such.
+        let version = self
+            .version_at(&tenant.price_book_id, at)
+            .filter(|v| v.currency == tenant.currency);
         let rates = version.and_then(|v| self.model_rates(&v.version_id, provider, model));
         let mut priced = PricedUsage {
             currency: tenant.currency.clone(),
@@ -638,6 +642,30 @@ mod tests {
         assert_eq!(priced.unpriced_tokens, 150);
         assert_eq!(priced.billed, Decimal::ZERO);
         assert_eq!(priced.charges, [None; 10]);
+    }
+
+    #[test]
+    fn a_book_in_another_currency_leaves_the_usage_unpriced() {
+        let euro_tenant = TenantPricing {
+            currency: "EUR".into(),
+            price_book_id: "default".into(),
+        };
+
+        let priced = catalog(vec![])
+            .price_for(
+                "acme-eu",
+                &euro_tenant,
+                "openai",
+                "gpt-4.1-mini",
+                at(2),
+                &tokens(100, 50, 0),
+            )
+            .expect("priced");
+
+        assert_eq!(priced.currency, "EUR");
+        assert_eq!(priced.version_id, None);
+        assert_eq!(priced.unpriced_tokens, 150);
+        assert_eq!(priced.billed, Decimal::ZERO);
     }
 
     #[test]

@@ -19,11 +19,38 @@ use crate::store;
 
 pub struct AdminApi {
     pool: PgPool,
+    /// The book of tenants that name none (`ingest.default_price_book_id`).
+    default_price_book_id: String,
 }
 
 impl AdminApi {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(pool: PgPool, default_price_book_id: String) -> Self {
+        Self {
+            pool,
+            default_price_book_id,
+        }
+    }
+
+    /// A tenant is billed in its currency from its book's prices, so the two must agree; a
+    /// book with no version yet is checked when priced (usage in a mismatch stays unpriced).
+    async fn check_book_currency(&self, tenant: &Tenant) -> Result<(), Status> {
+        let book = tenant
+            .price_book_id
+            .as_deref()
+            .unwrap_or(&self.default_price_book_id);
+        let currency = store::pricing::book_currency(&self.pool, book)
+            .await
+            .map_err(from_store)?;
+        match currency {
+            Some(currency) if currency != tenant.currency => Err(invalid_field(
+                "tenant.price_book_id",
+                &format!(
+                    "book {book:?} prices in {currency}, the tenant is billed in {}; name a book in {}",
+                    tenant.currency, tenant.currency
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -184,6 +211,7 @@ impl AdminService for AdminApi {
             .tenant
             .ok_or_else(|| invalid_field("tenant", "is required"))?;
         let tenant = tenant_from_proto(&given)?;
+        self.check_book_currency(&tenant).await?;
         let created = match store::tenants::create(&self.pool, &tenant).await {
             Ok(created) => created,
             // Idempotent replay: the same content again returns the existing tenant.

@@ -262,8 +262,11 @@ pub async fn serve(
                 .max_decoding_message_size(limit),
         )
         .add_service(
-            AdminServiceServer::new(AdminApi::new(state.pool.clone()))
-                .max_decoding_message_size(limit),
+            AdminServiceServer::new(AdminApi::new(
+                state.pool.clone(),
+                state.ingest.default_price_book_id.clone(),
+            ))
+            .max_decoding_message_size(limit),
         )
         .serve_with_incoming_shutdown(no_delay(TcpListenerStream::new(listener)), drain)
         .await?;

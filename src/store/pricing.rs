@@ -175,6 +175,20 @@ pub async fn load_catalog(pool: &PgPool, default_book: &str) -> Result<PricingCa
     Ok(PricingCatalog::new(versions, tenants, overrides))
 }
 
+/// The currency a book prices in (all its versions share it); `None` for a book with no
+/// version yet.
+pub async fn book_currency(
+    conn: impl sqlx::PgExecutor<'_>,
+    price_book_id: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT currency::text FROM price_book_versions WHERE price_book_id = $1 LIMIT 1",
+    )
+    .bind(price_book_id)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Creates a version with its rates. The book's currency may not change between versions,
 /// and two versions of a book cannot start at the same instant.
 pub async fn insert_version(
@@ -188,12 +202,7 @@ pub async fn insert_version(
         .bind(&version.price_book_id)
         .execute(&mut *tx)
         .await?;
-    let existing: Option<String> = sqlx::query_scalar(
-        "SELECT currency::text FROM price_book_versions WHERE price_book_id = $1 LIMIT 1",
-    )
-    .bind(&version.price_book_id)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let existing = book_currency(&mut *tx, &version.price_book_id).await?;
     if let Some(currency) = existing.filter(|c| *c != version.currency) {
         return Err(StoreError::Invalid {
             field: "version.currency".into(),

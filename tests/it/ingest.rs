@@ -355,6 +355,50 @@ async fn tenant_overrides_change_the_price_but_not_the_cost() {
 }
 
 #[tokio::test]
+async fn a_book_in_another_currency_is_refused_for_a_tenant_and_never_prices_its_usage() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let rates = [("gpt-4.1-mini", pb::TokenClass::Input, "0.40", "0.30")];
+    let dollar_book = unique("book").to_lowercase();
+    api.version(&dollar_book, "USD", hour(48), &rates).await;
+
+    let refused = api
+        .admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                tenant_id: unique("t"),
+                name: "euro".into(),
+                currency: "EUR".into(),
+                price_book_id: dollar_book.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("a EUR tenant on a USD book");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("tenant.price_book_id:") && refused.message().contains("USD"),
+        "{}",
+        refused.message()
+    );
+
+    // A book that had no version when the tenant was made, and is then priced in dollars:
+    // the tenant's usage is unpriced, not billed as euros at dollar prices.
+    let later_book = unique("book").to_lowercase();
+    let tenant = api.tenant("EUR", "UTC", Some(&later_book)).await;
+    api.version(&later_book, "USD", hour(48), &rates).await;
+    let response = api.ingest(vec![event(&tenant, "e", 1_000_000, 0)]).await;
+
+    assert_eq!(statuses(&response), vec![Accepted]);
+    assert!(response.results[0].unpriced);
+    let row = &api.usage(&tenant, &[]).await[0];
+    assert_eq!(row.currency, "EUR");
+    assert_eq!(row.unpriced_tokens, 1_000_000);
+    assert_eq!(dec(&row.billed_amount), Decimal::ZERO);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn an_unknown_model_is_stored_counted_and_surfaced_as_unpriced() {
     let app = spawn_app().await;
     let mut api = Clients::new(app.channel().await);
