@@ -20,6 +20,13 @@ psql "$TOKENMETER_TEST_DATABASE_URL" -qtA -c \
   "SELECT format('DROP DATABASE IF EXISTS %I;', datname) FROM pg_database WHERE datname LIKE 'tm\_test\_%'" \
   | psql "$TOKENMETER_TEST_DATABASE_URL" -q >/dev/null
 
+# The alert rules' unit tests need promtool (Debian package prometheus), which the service
+# itself does not: run them where it is installed rather than pull a Prometheus server in.
+if command -v promtool >/dev/null 2>&1; then
+  promtool test rules deploy/prometheus/alerts.test.yml
+else
+  echo "test.sh: promtool not installed; skipping deploy/prometheus/alerts.test.yml" >&2
+fi
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"
