@@ -20,6 +20,9 @@ const DEFAULTS: &str = include_str!("../config/default.toml");
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "TOKENMETER_";
 
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+const MAX_FUTURE_SKEW: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// All settings of the service.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,6 +329,23 @@ impl Settings {
                 "database.min_connections",
                 "must not exceed database.max_connections",
             ));
+        }
+        if !crate::domain::tenant::is_currency_code(&self.ingest.default_currency) {
+            return Err(invalid(
+                "ingest.default_currency",
+                "must be an ISO 4217 currency with minor units, such as USD",
+            ));
+        }
+        // Bounds that keep `now ± duration` inside the calendar (a typo like "300000years"
+        // would otherwise fail every event).
+        if self.ingest.retention.is_zero() || self.ingest.retention > MAX_RETENTION {
+            return Err(invalid(
+                "ingest.retention",
+                "must be above 0s and at most 100 years",
+            ));
+        }
+        if self.ingest.max_future_skew > MAX_FUTURE_SKEW {
+            return Err(invalid("ingest.max_future_skew", "must be at most 1 year"));
         }
         if self.grpc.max_message_bytes < 1024 {
             return Err(invalid("grpc.max_message_bytes", "must be at least 1024"));
@@ -726,6 +746,22 @@ mod tests {
                 "billing.number_prefix",
             ),
             (vec![("TOKENMETER_LOG__FORMAT", "xml")], "log.format"),
+            (
+                vec![("TOKENMETER_INGEST__DEFAULT_CURRENCY", "usd")],
+                "ingest.default_currency",
+            ),
+            (
+                vec![("TOKENMETER_INGEST__DEFAULT_CURRENCY", "XAU")],
+                "ingest.default_currency",
+            ),
+            (
+                vec![("TOKENMETER_INGEST__RETENTION", "300000years")],
+                "ingest.retention",
+            ),
+            (
+                vec![("TOKENMETER_INGEST__MAX_FUTURE_SKEW", "2years")],
+                "ingest.max_future_skew",
+            ),
             (
                 vec![("TOKENMETER_SHUTDOWN_GRACE", "soon")],
                 "shutdown_grace",

@@ -88,7 +88,9 @@ pub struct Tenant {
     pub updated_at: DateTime<Utc>,
 }
 
-/// ISO 4217-shaped: three upper-case ASCII letters.
+/// An ISO 4217 currency that can be invoiced (it has minor units): the same rule as billing,
+/// so a tenant, book, limit or revenue in "ABC" or "XAU" is refused when it arrives rather
+/// than failing the invoice a month later.
 pub fn is_currency_code(code: &str) -> bool {
-    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
+    super::money::Currency::from_code(code).is_some()
 }

@@ -113,7 +113,7 @@ fn tenant_from_proto(tenant: &pb::Tenant) -> Result<Tenant, Status> {
     if !is_currency_code(&tenant.currency) {
         return Err(invalid_field(
             "tenant.currency",
-            "must be an upper-case ISO 4217 code such as USD",
+            "must be an ISO 4217 currency with minor units, such as USD",
         ));
     }
     let billing_timezone = if tenant.billing_timezone.is_empty() {

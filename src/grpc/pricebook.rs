@@ -58,7 +58,7 @@ pub fn version_from_proto(
     if !is_currency_code(&version.currency) {
         return Err(FieldError::new(
             "version.currency",
-            "must be an upper-case ISO 4217 code such as USD",
+            "must be an ISO 4217 currency with minor units, such as USD",
         ));
     }
     let field = "version.effective_from";

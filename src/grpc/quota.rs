@@ -237,7 +237,7 @@ fn limit_from_proto(limit: Option<&pb::QuotaLimit>) -> Result<Limit, FieldError>
             if !is_currency_code(&m.currency) {
                 return Err(FieldError::new(
                     "policy.limit.money.currency",
-                    "must be an ISO 4217 code like \"USD\"",
+                    "must be an ISO 4217 currency with minor units, such as USD",
                 ));
             }
             Limit::Money {

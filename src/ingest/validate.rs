@@ -204,10 +204,10 @@ fn money(
         ));
     }
     let currency = &money.currency;
-    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+    if !crate::domain::tenant::is_currency_code(currency) {
         return Err(FieldError::new(
             format!("{field}.currency"),
-            "must be an ISO 4217 code like \"USD\"",
+            "must be an ISO 4217 currency with minor units, such as USD",
         ));
     }
     Ok((amount, currency.clone()))
@@ -465,6 +465,15 @@ mod tests {
                     revenue: Some(pb::Money {
                         amount: "1".into(),
                         currency: "usd".into(),
+                    }),
+                })),
+                "completed.revenue.currency",
+            ),
+            (
+                lifecycle_event(Kind::Completed(pb::TransactionCompleted {
+                    revenue: Some(pb::Money {
+                        amount: "1".into(),
+                        currency: "XAU".into(),
                     }),
                 })),
                 "completed.revenue.currency",
