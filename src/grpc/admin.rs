@@ -197,6 +197,50 @@ fn tenant_from_proto(tenant: &pb::Tenant) -> Result<Tenant, Status> {
     })
 }
 
+/// The settings UpdateTenant may change; an empty mask means all of them.
+const UPDATABLE: &[&str] = &[
+    "name",
+    "currency",
+    "billing_timezone",
+    "billing_anchor_day",
+    "tax_rate_percent",
+    "rounding_mode",
+    "price_book_id",
+    "status",
+    "labels",
+];
+
+/// Copies the masked fields of `given` onto `merged` (the stored tenant as a proto), which is
+/// then validated whole, exactly as CreateTenant validates.
+fn apply_tenant_update(
+    merged: &mut pb::Tenant,
+    given: &pb::Tenant,
+    paths: &[String],
+) -> Result<(), Status> {
+    let all: Vec<String> = UPDATABLE.iter().map(|p| (*p).to_owned()).collect();
+    let paths = if paths.is_empty() { &all[..] } else { paths };
+    for path in paths {
+        match path.as_str() {
+            "name" => merged.name.clone_from(&given.name),
+            "currency" => merged.currency.clone_from(&given.currency),
+            "billing_timezone" => merged.billing_timezone.clone_from(&given.billing_timezone),
+            "billing_anchor_day" => merged.billing_anchor_day = given.billing_anchor_day,
+            "tax_rate_percent" => merged.tax_rate_percent.clone_from(&given.tax_rate_percent),
+            "rounding_mode" => merged.rounding_mode = given.rounding_mode,
+            "price_book_id" => merged.price_book_id.clone_from(&given.price_book_id),
+            "status" => merged.status = given.status,
+            "labels" => merged.labels.clone_from(&given.labels),
+            other => {
+                return Err(invalid_field(
+                    "update_mask",
+                    &format!("{other:?} is not an updatable field"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_tenant(
@@ -250,6 +294,74 @@ impl AdminService for AdminApi {
             .map_err(from_store)?;
         Ok(Response::new(pb::GetTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
+        }))
+    }
+
+    async fn update_tenant(
+        &self,
+        request: Request<pb::UpdateTenantRequest>,
+    ) -> Result<Response<pb::UpdateTenantResponse>, Status> {
+        let request_tenant = request
+            .get_ref()
+            .tenant
+            .as_ref()
+            .map(|t| t.tenant_id.clone())
+            .unwrap_or_default();
+        principal(&request)?
+            .require(Scope::Admin, [request_tenant.as_str()])
+            .map_err(denied)?;
+        let request = request.into_inner();
+        let given = request
+            .tenant
+            .ok_or_else(|| invalid_field("tenant", "is required"))?;
+        let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+
+        let mut tx = self.pool.begin().await.map_err(|e| from_store(e.into()))?;
+        let stored = store::tenants::lock(&mut tx, &given.tenant_id)
+            .await
+            .map_err(from_store)?;
+        let mut merged = tenant_to_proto(&stored);
+        apply_tenant_update(&mut merged, &given, &paths)?;
+        let updated = Tenant {
+            created_at: stored.created_at,
+            updated_at: stored.updated_at,
+            ..tenant_from_proto(&merged)?
+        };
+        if updated == stored {
+            return Ok(Response::new(pb::UpdateTenantResponse {
+                tenant: Some(tenant_to_proto(&stored)),
+            }));
+        }
+        let recut = [
+            ("currency", updated.currency != stored.currency),
+            (
+                "billing_timezone",
+                updated.billing_timezone != stored.billing_timezone,
+            ),
+            (
+                "billing_anchor_day",
+                updated.billing_anchor_day != stored.billing_anchor_day,
+            ),
+        ];
+        if let Some((field, _)) = recut.iter().find(|(_, changed)| *changed)
+            && store::tenants::has_history(&mut tx, &stored.tenant_id)
+                .await
+                .map_err(from_store)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "tenant.{field}: cannot change once the tenant has usage, transactions, quota \
+                 policies or invoices (they are kept in its currency and cut by its calendar)"
+            )));
+        }
+        if updated.currency != stored.currency || updated.price_book_id != stored.price_book_id {
+            self.check_book_currency(&updated).await?;
+        }
+        let saved = store::tenants::update(&mut tx, &updated)
+            .await
+            .map_err(from_store)?;
+        tx.commit().await.map_err(|e| from_store(e.into()))?;
+        Ok(Response::new(pb::UpdateTenantResponse {
+            tenant: Some(tenant_to_proto(&saved)),
         }))
     }
 

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::{PgPool, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, PgPool, Postgres, Row};
 
 use super::StoreError;
 use crate::domain::tenant::{RoundingMode, Tenant, TenantStatus};
@@ -32,14 +34,9 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<Tenant, StoreError> {
     })
 }
 
-pub async fn create(pool: &PgPool, tenant: &Tenant) -> Result<Tenant, StoreError> {
-    let sql = format!(
-        "INSERT INTO tenants (tenant_id, name, currency, billing_timezone, billing_anchor_day,
-             tax_rate_percent, rounding_mode, price_book_id, status, labels)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
-         RETURNING {COLUMNS}"
-    );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+/// `sql` with the tenant's id and settings bound as $1..$10 (the order of the INSERT).
+fn with_settings(sql: String, tenant: &Tenant) -> Query<'_, Postgres, PgArguments> {
+    sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&tenant.tenant_id)
         .bind(&tenant.name)
         .bind(&tenant.currency)
@@ -50,9 +47,58 @@ pub async fn create(pool: &PgPool, tenant: &Tenant) -> Result<Tenant, StoreError
         .bind(&tenant.price_book_id)
         .bind(tenant.status.as_str())
         .bind(serde_json::to_string(&tenant.labels).unwrap_or_else(|_| "{}".into()))
+}
+
+pub async fn create(pool: &PgPool, tenant: &Tenant) -> Result<Tenant, StoreError> {
+    let sql = format!(
+        "INSERT INTO tenants (tenant_id, name, currency, billing_timezone, billing_anchor_day,
+             tax_rate_percent, rounding_mode, price_book_id, status, labels)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
+         RETURNING {COLUMNS}"
+    );
+    let row = with_settings(sql, tenant)
         .fetch_one(pool)
         .await
         .map_err(|e| StoreError::classify(e, &format!("tenant {:?}", tenant.tenant_id)))?;
+    from_row(&row)
+}
+
+/// The tenant, locked until `conn`'s transaction ends (for a read-modify-write update).
+pub async fn lock(conn: &mut PgConnection, tenant_id: &str) -> Result<Tenant, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM tenants WHERE tenant_id = $1 FOR UPDATE");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(tenant_id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
+    from_row(&row)
+}
+
+/// Whether anything was recorded or billed for the tenant: usage, lifecycle events, quota
+/// policies or invoices — all kept in its currency and cut by its calendar.
+pub async fn has_history(conn: &mut PgConnection, tenant_id: &str) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM usage_rollups WHERE tenant_id = $1)
+             OR EXISTS (SELECT 1 FROM usage_event_keys WHERE tenant_id = $1)
+             OR EXISTS (SELECT 1 FROM transaction_events WHERE tenant_id = $1)
+             OR EXISTS (SELECT 1 FROM quota_policies WHERE tenant_id = $1)
+             OR EXISTS (SELECT 1 FROM invoices WHERE tenant_id = $1)",
+    )
+    .bind(tenant_id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// Writes every mutable setting of `tenant`.
+pub async fn update(conn: &mut PgConnection, tenant: &Tenant) -> Result<Tenant, StoreError> {
+    let sql = format!(
+        "UPDATE tenants SET name = $2, currency = $3, billing_timezone = $4,
+             billing_anchor_day = $5, tax_rate_percent = $6, rounding_mode = $7,
+             price_book_id = $8, status = $9, labels = $10::jsonb, updated_at = now()
+         WHERE tenant_id = $1
+         RETURNING {COLUMNS}"
+    );
+    let row = with_settings(sql, tenant).fetch_one(conn).await?;
     from_row(&row)
 }
 

@@ -161,6 +161,20 @@ async fn call(api: &mut Clients, rpc: &str, tenant: &str, fixture: &Fixture) -> 
             })
             .await
             .map(|_| ()),
+        "UpdateTenant" => api
+            .admin
+            .update_tenant(pb::UpdateTenantRequest {
+                tenant: Some(pb::Tenant {
+                    tenant_id: tenant.to_owned(),
+                    name: unique("name"),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["name".into()],
+                }),
+            })
+            .await
+            .map(|_| ()),
         "GetAttribution" => api
             .reports
             .get_attribution(pb::GetAttributionRequest {
@@ -388,6 +402,7 @@ const RPCS: &[(&str, &[pb::ApiKeyScope])] = &[
     ("CreateTenantPriceOverride", &[Admin]),
     ("ListTenantPriceOverrides", &[Read]),
     ("GetTenant", &[Admin]),
+    ("UpdateTenant", &[Admin]),
     // Recorded before it is read.
     ("RecordTransactionEvents", &[Ingest]),
     ("GetTransaction", &[Read]),

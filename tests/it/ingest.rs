@@ -654,6 +654,93 @@ async fn validate_usage_answers_like_ingest_would_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn update_tenant_changes_only_the_masked_settings_and_guards_what_history_depends_on() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let mut quota = crate::quota::quota_client(app.channel().await);
+    let tenant = api.tenant("USD", "UTC", None).await;
+    let update = |given: pb::Tenant, paths: &[&str]| pb::UpdateTenantRequest {
+        tenant: Some(given),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        }),
+    };
+    let given = pb::Tenant {
+        tenant_id: tenant.clone(),
+        name: "Acme GmbH".into(),
+        currency: "EUR".into(),
+        billing_timezone: "Europe/Berlin".into(),
+        labels: [("tier".to_owned(), "gold".to_owned())].into(),
+        status: pb::TenantStatus::Suspended as i32,
+        ..Default::default()
+    };
+
+    // Only name and labels are masked: currency, zone and status stay as they were.
+    let renamed = api
+        .admin
+        .update_tenant(update(given.clone(), &["name", "labels"]))
+        .await
+        .expect("update")
+        .into_inner()
+        .tenant
+        .expect("tenant");
+    assert_eq!(renamed.name, "Acme GmbH");
+    assert_eq!(renamed.labels.get("tier").map(String::as_str), Some("gold"));
+    assert_eq!(
+        (renamed.currency.as_str(), renamed.billing_timezone.as_str()),
+        ("USD", "UTC")
+    );
+    assert_eq!(renamed.status(), pb::TenantStatus::Active);
+    let instant = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+    assert!(instant(&renamed.updated_at) > instant(&renamed.created_at));
+
+    let unknown = api
+        .admin
+        .update_tenant(update(given.clone(), &["tenant_id"]))
+        .await
+        .expect_err("tenant_id is not updatable");
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+    assert!(unknown.message().starts_with("update_mask:"));
+
+    // With no history yet, the calendar may still change; once usage exists it may not.
+    let rezoned = api
+        .admin
+        .update_tenant(update(given.clone(), &["billing_timezone"]))
+        .await
+        .expect("rezone")
+        .into_inner()
+        .tenant
+        .expect("tenant");
+    assert_eq!(rezoned.billing_timezone, "Europe/Berlin");
+    api.ingest(vec![event(&tenant, "e", 10, 1)]).await;
+    for path in ["currency", "billing_anchor_day"] {
+        let mut change = given.clone();
+        change.billing_anchor_day = 15;
+        let refused = api
+            .admin
+            .update_tenant(update(change, &[path]))
+            .await
+            .expect_err("history pins the currency and calendar");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{path}");
+        assert!(refused.message().starts_with(&format!("tenant.{path}:")));
+    }
+
+    // Suspending takes effect: Reserve denies the tenant.
+    api.admin
+        .update_tenant(update(given.clone(), &["status"]))
+        .await
+        .expect("suspend");
+    let denied =
+        crate::quota::reserve(&mut quota, crate::quota::reserve_request(&tenant, 10)).await;
+    assert_eq!(denied.decision(), pb::QuotaDecision::Deny);
+    assert_eq!(
+        denied.denial.expect("denial").reason(),
+        pb::QuotaDenialReason::TenantSuspended
+    );
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn list_tenants_filters_by_status_before_paging() {
     let app = spawn_app().await;
     let mut api = Clients::new(app.channel().await);
