@@ -1,8 +1,13 @@
 //! The admin HTTP port: `/metrics` for Prometheus, `/healthz` (the process is alive) and
 //! `/readyz` (Postgres and, when enabled, Kafka answer and the usage consumer has not stopped).
+//!
+//! `/readyz?exclude=kafka&exclude=kafka_consumer` leaves checks out of the verdict (they are
+//! still reported), as Kubernetes' own `/readyz` does: a load balancer should keep sending gRPC
+//! (quota decisions, ingest into Postgres) to a replica whose Kafka side is down, while the
+//! full `/readyz` and the `TokenmeterKafkaConsumerStopped` alert say so.
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -54,8 +59,47 @@ async fn healthz() -> impl IntoResponse {
     "ok\n"
 }
 
-/// 200 when every dependency answers, 503 naming the ones that do not.
-async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+/// The checks `/readyz` runs, by the names `exclude` takes.
+const CHECKS: [&str; 3] = ["postgres", "kafka", "kafka_consumer"];
+
+/// The checks named by `exclude=` parameters of `query`, or the first unknown name.
+fn excluded(query: Option<&str>) -> Result<Vec<&str>, String> {
+    let mut names = Vec::new();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let Some(name) = pair.strip_prefix("exclude=") else {
+            return Err(pair.to_owned());
+        };
+        match CHECKS.iter().find(|c| **c == name) {
+            Some(check) => names.push(*check),
+            None => return Err(pair.to_owned()),
+        }
+    }
+    Ok(names)
+}
+
+/// 200 when every dependency not excluded answers, 503 naming the ones that do not; 400 for an
+/// unknown parameter (a typo in a probe must not silently change what it checks).
+async fn readyz(
+    State(state): State<AdminState>,
+    RawQuery(query): RawQuery,
+) -> axum::response::Response {
+    let excluded = match excluded(query.as_deref()) {
+        Ok(names) => names,
+        Err(unknown) => {
+            let reason = format!(
+                "unknown parameter {unknown:?}: use exclude=<check> with a check of {CHECKS:?}"
+            );
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": reason })),
+            )
+                .into_response();
+        }
+    };
     let (postgres_ok, postgres) = match store::ping(&state.pool).await {
         Ok(()) => (true, "ok".to_owned()),
         Err(e) => (false, e.to_string()),
@@ -74,7 +118,10 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             Some(reason) => (false, format!("stopped: {reason}")),
         },
     };
-    let ready = postgres_ok && kafka_ok && consumer_ok;
+    let ready = [postgres_ok, kafka_ok, consumer_ok]
+        .iter()
+        .zip(CHECKS)
+        .all(|(ok, check)| *ok || excluded.contains(&check));
     let status = if ready {
         StatusCode::OK
     } else {
@@ -82,8 +129,10 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     };
     (
         status,
-        axum::Json(
-            json!({ "ready": ready, "postgres": postgres, "kafka": kafka, "kafka_consumer": consumer }),
-        ),
+        axum::Json(json!({
+            "ready": ready, "postgres": postgres, "kafka": kafka, "kafka_consumer": consumer,
+            "excluded": excluded,
+        })),
     )
+        .into_response()
 }

@@ -140,6 +140,16 @@ async fn readyz_fails_naming_kafka_when_no_broker_answers() {
     let json: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(json["postgres"], "ok");
     assert_ne!(json["kafka"], "ok");
+
+    // A load balancer's probe may leave Kafka out: still reported, no longer deciding.
+    let (serving, body) = get(&app.admin_url("/readyz?exclude=kafka")).await;
+    assert_eq!(serving, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_ne!(json["kafka"], "ok");
+    assert_eq!(json["excluded"], serde_json::json!(["kafka"]));
+    let (typo, body) = get(&app.admin_url("/readyz?exclude=kafak")).await;
+    assert_eq!(typo, 400, "{body}");
+    assert!(body.contains("kafak"), "{body}");
     app.stop().await.expect("clean shutdown");
 }
 

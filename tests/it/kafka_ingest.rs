@@ -464,6 +464,10 @@ async fn a_stream_of_poison_stops_the_consumer_loudly_without_storing_its_positi
         body.contains("stopped") && body.contains("dead_letter_max_consecutive"),
         "readyz names the limit: {body}"
     );
+    let serving = reqwest::get(app.admin_url("/readyz?exclude=kafka_consumer"))
+        .await
+        .expect("readyz");
+    assert_eq!(serving.status(), 200, "gRPC serving stays ready");
     // The batch that crossed the limit was not committed: no position moved past it, and
     // gRPC still serves.
     let stored: Option<i64> =
