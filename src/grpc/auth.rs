@@ -25,7 +25,9 @@ pub struct Authenticator {
     pool: PgPool,
     bootstrap_hash: Option<[u8; 32]>,
     ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, Option<StoredKey>)>>,
+    /// Keys found, by prefix. Misses are not kept: the map then holds at most the stored keys,
+    /// however many made-up prefixes callers send, and a key issued a moment ago works at once.
+    cache: Mutex<HashMap<String, (Instant, StoredKey)>>,
 }
 
 impl Authenticator {
@@ -69,7 +71,7 @@ impl Authenticator {
             .get(prefix)
             && at.elapsed() < self.ttl
         {
-            return Ok(stored.clone());
+            return Ok(Some(stored.clone()));
         }
         let stored = store::keys::find_by_prefix(&self.pool, prefix)
             .await
@@ -77,11 +79,13 @@ impl Authenticator {
                 tracing::error!(error = %e, "api key lookup failed");
                 Status::unavailable("cannot check the api key right now, retry with backoff")
             })?;
-        if !self.ttl.is_zero() {
+        if let Some(found) = &stored
+            && !self.ttl.is_zero()
+        {
             self.cache
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(prefix.to_owned(), (Instant::now(), stored.clone()));
+                .insert(prefix.to_owned(), (Instant::now(), found.clone()));
         }
         Ok(stored)
     }
