@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
 use super::FieldError;
@@ -149,6 +149,21 @@ pub(crate) fn local_midnight(zone: Tz, date: NaiveDate) -> DateTime<Utc> {
                 .earliest()
         })
         .map_or_else(|| midnight.and_utc(), |local| local.with_timezone(&Utc))
+}
+
+/// Whether `zone` is a whole number of hours from UTC at `at`: only then do its local days
+/// and months start on the hour, so hourly rollups can be cut into them exactly.
+pub fn whole_hour_offset(zone: Tz, at: DateTime<Utc>) -> bool {
+    zone.offset_from_utc_datetime(&at.naive_utc())
+        .fix()
+        .local_minus_utc()
+        % 3600
+        == 0
+}
+
+/// Whether `at` is a whole UTC hour, as rollup buckets are.
+pub fn on_the_hour(at: DateTime<Utc>) -> bool {
+    at.minute() == 0 && at.second() == 0 && at.nanosecond() == 0
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use chrono::{DateTime, Timelike, Utc};
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::{PgConnection, PgPool};
 
@@ -15,7 +15,7 @@ use super::watermark::Watermark;
 use super::{Bucket, ExportRequest, Range, Rows};
 use crate::domain::FieldError;
 use crate::domain::attribution::{self, ModelFilter};
-use crate::domain::period::BillingCalendar;
+use crate::domain::period::{BillingCalendar, on_the_hour, whole_hour_offset};
 use crate::store::StoreError;
 use crate::store::attribution::AttributionQuery;
 use crate::store::exports::{self as sql, Plan, TenantCalendar};
@@ -221,10 +221,6 @@ pub fn ranges(
         .collect()
 }
 
-fn on_the_hour(at: DateTime<Utc>) -> bool {
-    at.minute() == 0 && at.second() == 0 && at.nanosecond() == 0
-}
-
 /// Attribution rows, always per tenant. Attribution reads hourly rollups, which keep no
 /// history, so it can be exported only as of the present: `until` is accepted when none of
 /// its inputs changed since. With `since`, every group of each tenant whose inputs (usage or
@@ -274,11 +270,43 @@ async fn attribution_rows(
     grouping.tenant = true;
     // Tenants sharing a range and zone are read together.
     let mut groups: Vec<(&TenantRange, Vec<String>)> = Vec::new();
+    // Attribution reads hourly rollups: a range, and with local days or months each bucket,
+    // must start on a whole UTC hour, or some usage would land in the wrong bucket.
+    let by_period = matches!(request.selection.range, Range::Period(_));
     for range in ranges.iter().filter(|r| selected.contains(&r.tenant_id)) {
         if !on_the_hour(range.start) || !on_the_hour(range.end) {
+            let (field, remedy) = if by_period {
+                (
+                    "period",
+                    "its billing zone is not a whole number of hours from UTC; export it with --from/--to on whole hours",
+                )
+            } else {
+                ("time_range", "bounds must fall on whole hours")
+            };
             return Err(FieldError::new(
-                "time_range",
-                "bounds must fall on whole hours (attribution reads hourly rollups)",
+                field,
+                format!(
+                    "tenant {}: {remedy} (attribution reads hourly rollups)",
+                    range.tenant_id
+                ),
+            )
+            .into());
+        }
+        let zone: chrono_tz::Tz = range.zone.parse().map_err(|_| {
+            FieldError::new(
+                "time_zone",
+                format!("{:?} is not an IANA time zone name", range.zone),
+            )
+        })?;
+        if window != Window::Whole
+            && !(whole_hour_offset(zone, range.start) && whole_hour_offset(zone, range.end))
+        {
+            return Err(FieldError::new(
+                "time_zone",
+                format!(
+                    "tenant {}: {} is not a whole number of hours from UTC, so hourly rollups cannot cut its days; export with --time-zone UTC or --window none",
+                    range.tenant_id, range.zone
+                ),
             )
             .into());
         }

@@ -1,6 +1,6 @@
 //! ReportService: usage queries over rollups, and token-to-revenue attribution.
 
-use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
@@ -11,6 +11,7 @@ use super::convert::{
 use super::status::{from_store, invalid_field};
 use crate::domain::attribution;
 use crate::domain::auth::{Scope, TenantBinding};
+use crate::domain::period::{on_the_hour, whole_hour_offset};
 use crate::domain::tokens::TokenClass;
 use crate::proto::v1 as pb;
 use crate::proto::v1::report_service_server::ReportService;
@@ -39,20 +40,6 @@ fn dimension(number: i32, field: &str) -> Result<Dimension, Status> {
         Ok(pb::UsageDimension::TokenClass) => Dimension::TokenClass,
         _ => return Err(invalid_field(field, "must be a usage dimension")),
     })
-}
-
-fn on_the_hour(at: DateTime<Utc>) -> bool {
-    at.minute() == 0 && at.second() == 0 && at.nanosecond() == 0
-}
-
-/// Rollups are hourly in UTC, so local days and months can only be cut exactly in zones whose
-/// offset is a whole number of hours.
-fn whole_hour_offset(zone: chrono_tz::Tz, at: DateTime<Utc>) -> bool {
-    zone.offset_from_utc_datetime(&at.naive_utc())
-        .fix()
-        .local_minus_utc()
-        % 3600
-        == 0
 }
 
 impl ReportApi {

@@ -691,3 +691,59 @@ async fn attribution_and_transaction_exports_carry_the_figures_the_reports_give(
     );
     scenario.app.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn attribution_in_a_half_hour_zone_is_refused_naming_the_tenant_unless_it_can_be_cut() {
+    let app = spawn_app_with(|_| {}).await;
+    let mut api = Clients::new(app.channel().await);
+    let kolkata = api.tenant("USD", "Asia/Kolkata", None).await;
+    let mut exports = ExportServiceClient::new(authed(app.channel().await, ADMIN_KEY));
+    let request =
+        |range: pb::export_selection::Range, window: pb::TimeBucket| pb::ExportAttributionRequest {
+            selection: Some(pb::ExportSelection {
+                range: Some(range),
+                tenant_ids: vec![kolkata.clone()],
+                format: pb::ExportFormat::Csv as i32,
+                ..Default::default()
+            }),
+            window: window as i32,
+            ..Default::default()
+        };
+    let last_month = pb::export_selection::Range::Period(month(1).label.to_string());
+    let utc_hours = pb::export_selection::Range::TimeRange(pb::TimeRange {
+        start: Some(ts(month(1).start)),
+        end: Some(ts(month(1).end)),
+    });
+
+    // An export fails when the call does or, once streaming, at its first message.
+    let mut refusal = async |request: pb::ExportAttributionRequest| match exports
+        .export_attribution(request)
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .expect_err("refused while streaming"),
+    };
+    // Its billing month starts at 18:30 UTC; its local days too.
+    let by_period = refusal(request(last_month, pb::TimeBucket::None)).await;
+    let by_day = refusal(request(utc_hours.clone(), pb::TimeBucket::Day)).await;
+    let whole = exports
+        .export_attribution(request(utc_hours, pb::TimeBucket::None))
+        .await
+        .expect("one bucket over whole UTC hours");
+
+    for (refused, field) in [(by_period, "period"), (by_day, "time_zone")] {
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(
+            refused.message().contains(field) && refused.message().contains(&kolkata),
+            "{}",
+            refused.message()
+        );
+    }
+    let (_, manifest) = stream(whole.into_inner()).await;
+    assert_eq!(manifest.row_count, 0);
+    app.stop().await.expect("clean shutdown");
+}
