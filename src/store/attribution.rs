@@ -1,11 +1,13 @@
-//! The facts an attribution report is built from: usage from the rollups (added up per state
-//! of the transactions it was spent on), lifecycle events in the range, and each transaction's
-//! spend per model. `domain::attribution` turns them into rows.
+//! The facts an attribution report is built from: usage per transaction state from the state
+//! rollup (`usage_state_rollups`, kept at ingest and moved when a transaction's state changes —
+//! see `store::usage_by_state`), lifecycle events in the range, and each transaction's spend per
+//! model. `domain::attribution` turns them into rows.
 //!
 //! Postgres adds up as much as the report allows, so that what crosses the wire grows with the
 //! rows of the report rather than with the transactions behind them: usage per group and
 //! transaction state always, lifecycle events per row and kind unless rows are split by model
-//! (a model's share of a transaction's revenue needs each event on its own).
+//! (a model's share of a transaction's revenue needs each event on its own, and each
+//! transaction's spend per model from the per-transaction `usage_rollups`).
 
 use std::collections::BTreeMap;
 
@@ -16,6 +18,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use super::StoreError;
 use super::reports::{Bucket, Window};
 use crate::domain::attribution::{Grouping, LifecycleFact, LifecycleKind, ModelSpend, UsageFact};
+use crate::domain::tokens::TokenClass;
 use crate::domain::transaction::State;
 
 #[derive(Debug, Clone)]
@@ -86,32 +89,27 @@ async fn usage(
     query: &AttributionQuery,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
-    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
-        "WITH states AS (
-             SELECT tenant_id, transaction_id, transaction_state(array_agg(kind)) AS state
-             FROM transaction_events WHERE true",
-    );
-    tenants(&mut sql, "tenant_id", query);
-    sql.push(" GROUP BY tenant_id, transaction_id) SELECT ");
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
     bucket(query).push(&mut sql, "r.hour", false);
     sql.push(" AS bucket_start, ");
     bucket(query).push(&mut sql, "r.hour", true);
     sql.push(
         " AS bucket_end, r.tenant_id::text AS tenant_id, r.agent_id::text AS agent_id,
           r.service::text AS service, r.provider::text AS provider, r.model::text AS model,
-          r.currency::text AS currency,
-          CASE WHEN r.transaction_id = '' THEN NULL ELSE coalesce(s.state, 1::int2) END AS state",
+          r.currency::text AS currency, nullif(r.state, 0) AS state",
     );
-    for class in 1..=10 {
+    // Token columns are named after their class.
+    for class in TokenClass::ALL {
         sql.push(format_args!(
-            ", coalesce(sum(r.tokens) FILTER (WHERE r.token_class = {class}), 0)::int8 AS t{class}"
+            ", sum(r.{})::int8 AS t{}",
+            class.as_str(),
+            class as i16
         ));
     }
     sql.push(
         ", sum(r.billed_amount) AS spend, sum(r.cost_amount) AS cost,
            sum(r.events)::int8 AS events, sum(r.unpriced_events)::int8 AS unpriced_events
-         FROM usage_rollups r
-         LEFT JOIN states s ON s.tenant_id = r.tenant_id AND s.transaction_id = r.transaction_id
+         FROM usage_state_rollups r
          WHERE r.hour >= ",
     );
     sql.push_bind(query.start)

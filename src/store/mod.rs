@@ -13,6 +13,7 @@ pub mod retention;
 pub mod tenants;
 pub mod transactions;
 pub mod usage;
+pub mod usage_by_state;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

@@ -19,4 +19,5 @@ mod kafka_loadgen;
 mod quota;
 mod tls;
 mod transactions;
+mod usage_by_state;
 mod usage_support;
