@@ -5,6 +5,7 @@ pub mod attribution;
 pub mod exports;
 pub mod invoices;
 pub mod keys;
+pub mod lifecycle_rollups;
 pub mod offsets;
 pub mod pricing;
 pub mod quotas;

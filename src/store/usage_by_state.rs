@@ -7,8 +7,9 @@
 //! under that lock; a lifecycle event that changes the state, under the same lock, recomputes
 //! the rows the transaction's usage leaves and enters from `usage_rollups`, after locking those
 //! rows too (so an ingest adding to them waits, and the recomputation sees every committed
-//! addition). Transactions are locked before rollup rows, each set in key order, on both paths,
-//! so batches spanning many transactions cannot deadlock.
+//! addition). Transactions are locked before rollup rows (these before the lifecycle rollup
+//! rows), each set in key order, on both paths, so batches spanning many transactions cannot
+//! deadlock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -176,6 +177,7 @@ async fn upsert(
 
 /// After lifecycle events of `transactions` were stored in the caller's transaction: moves the
 /// usage of each one whose state they changed from its old state's rows to its new state's.
+/// Leaves the transactions locked (until the caller commits) for `lifecycle_rollups::apply`.
 pub async fn apply_state_changes(
     conn: &mut PgConnection,
     transactions: &Transactions<'_>,

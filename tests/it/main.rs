@@ -2,6 +2,7 @@
 //! Each test gets its own database and, where it needs one, its own topic.
 
 mod attribution;
+mod attribution_rollups;
 mod auth;
 mod billing;
 mod cli;
@@ -19,5 +20,4 @@ mod kafka_loadgen;
 mod quota;
 mod tls;
 mod transactions;
-mod usage_by_state;
 mod usage_support;

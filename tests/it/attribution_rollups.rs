@@ -1,19 +1,26 @@
-//! The usage rollup by transaction state (`usage_state_rollups`), which attribution reads,
-//! against two references computed without it, after usage and lifecycle events arrive in
-//! random orders, batches and duplicates, and after they race on several servers:
+//! The attribution rollups against references computed without them, after usage and
+//! lifecycle events arrive in random orders, batches and duplicates, and after they race on
+//! several servers. The usage rollup by transaction state (`usage_state_rollups`):
 //! - by value, from the events the test sent (each transaction's state folded by the domain
 //!   rule, each event priced by hand);
 //! - digit for digit, from `usage_rollups` joined to every transaction's state derived from its
 //!   lifecycle events — the query attribution ran before this rollup existed — so amounts keep
 //!   the decimal scale reports printed.
+//!
+//! The lifecycle rollups: attributed rows from them equal, digit for digit, the rows from every
+//! lifecycle event of the range, for several windows, zones, groupings and filters. And what
+//! the migrations' backfills make of the same events equals what the write paths kept.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use tokenmeter::domain::attribution::{Grouping, ModelFilter, attribute};
 use tokenmeter::domain::transaction::State;
 use tokenmeter::proto::v1 as pb;
+use tokenmeter::store::attribution::{self, AttributionQuery, LifecycleSource};
+use tokenmeter::store::reports::Window;
 
 use crate::helpers::{create_database, spawn_app, spawn_app_with};
 use crate::transactions::record;
@@ -85,6 +92,12 @@ fn usage_event(rng: &mut Rng, tenant: &str, id: usize, transactions: &[String]) 
     }))
 }
 
+/// A minute within the last `hours` whole hours.
+fn hours_ago(rng: &mut Rng, hours: usize) -> DateTime<Utc> {
+    let minutes = rng.below(hours * 60);
+    hour(1) + Duration::minutes(59 - i64::try_from(minutes).expect("minutes"))
+}
+
 fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, kind: usize) -> Op {
     use pb::transaction_event::Kind;
     let usd = |amount: &str| {
@@ -93,6 +106,9 @@ fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, ki
             currency: "USD".to_owned(),
         })
     };
+    // Mostly the transaction's agent and service; sometimes none (the first one's then), rarely
+    // another (a mixed transaction). A start always names its agent.
+    let (agent, service) = (rng.below(12).max(usize::from(kind == 0)), rng.below(12));
     let kind = match kind {
         0 => Kind::Started(pb::TransactionStarted {}),
         1 => Kind::Completed(pb::TransactionCompleted {
@@ -102,7 +118,10 @@ fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, ki
             reason: "timeout".to_owned(),
         }),
         3 => Kind::Refunded(pb::TransactionRefunded {
-            amount: usd(rng.pick::<&str>(&["1.25", "2"])),
+            amount: Some(pb::Money {
+                amount: rng.pick(&["1.25", "2"]).to_string(),
+                currency: rng.pick(&["USD", "USD", "USD", "EUR"]).to_string(),
+            }),
             reason: "late".to_owned(),
         }),
         _ => Kind::Reversed(pb::TransactionReversed {
@@ -114,11 +133,12 @@ fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, ki
         source: "shop".to_owned(),
         tenant_id: tenant.to_owned(),
         transaction_id: transaction.to_owned(),
-        agent_id: "agent-1".to_owned(),
-        service: "food-delivery".to_owned(),
-        occurred_at: Some(ts(
-            hour(2) + Duration::minutes(i64::try_from(rng.below(60)).expect("minutes"))
-        )),
+        agent_id: ["", "agent-2"].get(agent).unwrap_or(&"agent-1").to_string(),
+        service: ["", "rides"]
+            .get(service)
+            .unwrap_or(&"food-delivery")
+            .to_string(),
+        occurred_at: Some(ts(hours_ago(rng, 40))),
         kind: Some(kind),
         attributes: Default::default(),
     }))
@@ -321,6 +341,148 @@ async fn assert_rollup_matches(pool: &PgPool, tenant: &str, ops: &[Op], context:
     assert_eq!(by_value, expected(ops), "{context}");
 }
 
+/// The report lifecycle facts from the rollups, and one by one from the events, for one
+/// tenant: attributed rows equal to the digit for every window, zone and grouping the rollups
+/// answer.
+async fn assert_lifecycle_sources_agree(pool: &PgPool, tenant: &str, context: &str) {
+    let mut conn = pool.acquire().await.expect("connection");
+    let groupings = [
+        Grouping::default(),
+        Grouping {
+            agent: true,
+            ..Grouping::default()
+        },
+        Grouping {
+            tenant: true,
+            agent: true,
+            service: true,
+            ..Grouping::default()
+        },
+    ];
+    let windows = [
+        (Window::Whole, "UTC"),
+        (Window::Day, "UTC"),
+        (Window::Day, "Europe/Berlin"),
+        (Window::Day, "America/New_York"),
+        (Window::Month, "Asia/Tokyo"),
+    ];
+    for (window, zone) in windows {
+        for (start, end) in [(hour(48), hour(-1)), (hour(20), hour(3))] {
+            for agents in [vec![], vec!["agent-1".to_owned()]] {
+                let query = AttributionQuery {
+                    tenant_ids: vec![tenant.to_owned()],
+                    start,
+                    end,
+                    window,
+                    time_zone: zone.to_owned(),
+                    agent_ids: agents,
+                    services: vec![],
+                    providers: vec![],
+                    models: vec![],
+                };
+                assert!(attribution::rollups_apply(&query), "{query:?}");
+                for grouping in groupings {
+                    let rows = |facts: &attribution::Facts| {
+                        format!(
+                            "{:?} {:?}",
+                            attribute(
+                                &facts.usage,
+                                &facts.lifecycle,
+                                &facts.shares,
+                                grouping,
+                                &ModelFilter::default()
+                            ),
+                            facts.bucket_ends
+                        )
+                    };
+                    let events = attribution::facts_from(
+                        &mut conn,
+                        &query,
+                        grouping,
+                        LifecycleSource::Events,
+                    )
+                    .await
+                    .expect("facts from events");
+                    let rollups = attribution::facts_from(
+                        &mut conn,
+                        &query,
+                        grouping,
+                        LifecycleSource::Rollups,
+                    )
+                    .await
+                    .expect("facts from rollups");
+                    assert_eq!(
+                        rows(&rollups),
+                        rows(&events),
+                        "{context}: {query:?} {grouping:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every lifecycle rollup, pair, contribution and transaction state of a tenant, as text.
+async fn lifecycle_text(pool: &PgPool, tenant: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT format('row %s %s %s %s %s %s %s', hour, agent_id, service, kind, currency,
+                       transactions, amount)
+         FROM lifecycle_rollups WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('pair %s %s %s %s %s %s %s', hour, agent_id, service, kind, currency,
+                       next_hour, transactions)
+         FROM lifecycle_rollup_pairs WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('contribution %s %s %s %s %s %s %s %s', transaction_id, hour, kind,
+                       currency, agent_id, service, amount, next_hour)
+         FROM lifecycle_contributions WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('state %s %s %s', transaction_id, state, mixed)
+         FROM transaction_states WHERE tenant_id = $1
+         ORDER BY 1",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .expect("lifecycle rollups")
+}
+
+#[test]
+fn lifecycle_rollups_only_answer_ranges_cut_at_whole_hours() {
+    let query = |start: DateTime<Utc>, window, zone: &str| AttributionQuery {
+        tenant_ids: vec![],
+        start,
+        end: start + Duration::days(3),
+        window,
+        time_zone: zone.to_owned(),
+        agent_ids: vec![],
+        services: vec![],
+        providers: vec![],
+        models: vec![],
+    };
+    let start = hour(72);
+    assert!(attribution::rollups_apply(&query(
+        start,
+        Window::Day,
+        "Europe/Berlin"
+    )));
+    assert!(attribution::rollups_apply(&query(
+        start,
+        Window::Whole,
+        "Asia/Kolkata"
+    )));
+    assert!(!attribution::rollups_apply(&query(
+        start,
+        Window::Day,
+        "Asia/Kolkata"
+    )));
+    assert!(!attribution::rollups_apply(&query(
+        start + Duration::minutes(30),
+        Window::Whole,
+        "UTC"
+    )));
+}
+
 /// Usage on five transactions and on none, their lifecycle events (every kind, so states move
 /// through completed → refunded, failed → completed, … → reversed), and resends of a fifth of
 /// them, shuffled.
@@ -355,23 +517,28 @@ async fn the_state_rollup_equals_both_references_for_any_order_of_usage_and_life
 
         send(&mut api, &mut rng, &ops, 6).await;
 
-        assert_rollup_matches(&app.pool, &tenant, &ops, &format!("seed {seed}")).await;
+        let context = format!("seed {seed}");
+        assert_rollup_matches(&app.pool, &tenant, &ops, &context).await;
+        assert_lifecycle_sources_agree(&app.pool, &tenant, &context).await;
 
-        // What the migration's backfill makes of the same rollups and events, as on an
+        // What the migrations' backfills make of the same rollups and events, as on an
         // upgraded database.
-        let maintained = stored_text(&app.pool, &tenant).await;
+        let maintained = (
+            stored_text(&app.pool, &tenant).await,
+            lifecycle_text(&app.pool, &tenant).await,
+        );
         sqlx::raw_sql(
             "DELETE FROM transaction_states; DELETE FROM usage_state_rollups;
-             SELECT backfill_usage_state_rollups();",
+             SELECT backfill_usage_state_rollups(); SELECT backfill_lifecycle_rollups();",
         )
         .execute(&app.pool)
         .await
         .expect("backfill");
-        assert_eq!(
+        let backfilled = (
             stored_text(&app.pool, &tenant).await,
-            maintained,
-            "seed {seed}"
+            lifecycle_text(&app.pool, &tenant).await,
         );
+        assert_eq!(backfilled, maintained, "{context}");
     }
 }
 
@@ -405,4 +572,5 @@ async fn the_state_rollup_is_exact_after_usage_and_lifecycle_events_race_on_thre
     }
 
     assert_rollup_matches(&apps[0].pool, &tenant, &ops, "after the race").await;
+    assert_lifecycle_sources_agree(&apps[0].pool, &tenant, "after the race").await;
 }
