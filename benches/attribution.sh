@@ -12,7 +12,9 @@
 # usage_events (in their month partition) and usage_event_keys, rollups in usage_rollups
 # aggregated from the same calls exactly as the ingest rolls them up (one row per tenant × hour
 # × agent × transaction × service × provider × model × class × currency; priced per class with
-# the seeded price book; `events` on the input row), and lifecycle rows in transaction_events.
+# the seeded price book; `events` on the input row), lifecycle rows in transaction_events, and
+# then transaction_states, usage_state_rollups and the lifecycle rollups by the backfill
+# functions of migrations 0007 and 0008.
 # Shape of the month (the last whole calendar month, UTC):
 #   - 500k transactions over 20 agents and 5 services, started uniformly over the month; each
 #     has 19 model calls 90 s apart on one or two of four models (OpenAI and Anthropic, one with
@@ -177,9 +179,17 @@ CROSS JOIN LATERAL (VALUES
 ) AS e(kind, after, amount, included)
 WHERE e.included;
 
+-- Transaction states, the usage rollup by state and the lifecycle rollups, by the functions
+-- migrations 0007 and 0008 fill them with on an upgraded database (ingest keeps them as it
+-- writes usage_rollups and transaction_events).
+SELECT backfill_usage_state_rollups();
+SELECT backfill_lifecycle_rollups();
+
 -- A month that has ended is old data: vacuumed (hint bits set) and analyzed, as in production.
 VACUUM (ANALYZE) usage_rollups; VACUUM (ANALYZE) transaction_events; VACUUM (ANALYZE) usage_events;
-VACUUM (ANALYZE) usage_event_keys; ANALYZE tenants;
+VACUUM (ANALYZE) usage_event_keys; VACUUM (ANALYZE) transaction_states;
+VACUUM (ANALYZE) usage_state_rollups; VACUUM (ANALYZE) lifecycle_contributions;
+VACUUM (ANALYZE) lifecycle_rollups; VACUUM (ANALYZE) lifecycle_rollup_pairs; ANALYZE tenants;
 SQL
 fi
 if [[ -n "${BENCH_DB:-}" ]]; then
@@ -187,15 +197,16 @@ if [[ -n "${BENCH_DB:-}" ]]; then
 else
   seeded="seeded in $(echo "$(date +%s.%N) - $seed_started" | bc | xargs printf '%.0f') s"
 fi
-read -r seeded_calls raw_rows rollup_events rollup_rows lifecycle_rows <<<"$(psql_q "$bench_url" -F ' ' -c "
+read -r seeded_calls raw_rows rollup_events rollup_rows lifecycle_rows state_events state_rows <<<"$(psql_q "$bench_url" -F ' ' -c "
   SELECT (SELECT calls FROM bench_expected), (SELECT count(*) FROM usage_events),
          (SELECT sum(events) FROM usage_rollups), (SELECT count(*) FROM usage_rollups),
-         (SELECT count(*) FROM transaction_events)")"
-[[ "$seeded_calls" == "$usage_events" && "$rollup_events" == "$usage_events" ]] \
-  || die "seeded $seeded_calls calls, $rollup_events in rollups; expected $usage_events"
+         (SELECT count(*) FROM transaction_events), (SELECT sum(events) FROM usage_state_rollups),
+         (SELECT count(*) FROM usage_state_rollups)")"
+[[ "$seeded_calls" == "$usage_events" && "$rollup_events" == "$usage_events" && "$state_events" == "$usage_events" ]] \
+  || die "seeded $seeded_calls calls, $rollup_events in rollups, $state_events in state rollups; expected $usage_events"
 [[ "$RAW_EVENTS" != 1 || "$raw_rows" == "$usage_events" ]] || die "seeded $raw_rows raw rows, expected $usage_events"
 db_size="$(psql_q "$bench_url" -c "SELECT pg_size_pretty(pg_database_size(current_database()))")"
-log "$seeded: $usage_events usage events ($raw_rows raw rows), $rollup_rows rollup rows, $lifecycle_rows lifecycle events ($db_size)"
+log "$seeded: $usage_events usage events ($raw_rows raw rows), $rollup_rows rollup rows, $state_rows state rollup rows, $lifecycle_rows lifecycle events ($db_size)"
 
 # What the ungrouped report must say, straight from the seeded rows (a reversed transaction
 # has no refund in this seed, so it takes back its whole revenue).
@@ -238,7 +249,7 @@ fi
 {
   echo "attribution benchmark — $stamp, commit $commit"
   echo "machine: $machine; postgres $pg_version; load average before the calls $load_before"
-  echo "tenant-month $period_start..$period_end, one tenant: $usage_events usage events ($raw_rows raw rows kept), $rollup_rows rollup rows, $lifecycle_rows lifecycle events of $TRANSACTIONS transactions ($seeded, database $db_size)"
+  echo "tenant-month $period_start..$period_end, one tenant: $usage_events usage events ($raw_rows raw rows kept), $rollup_rows rollup rows, $state_rows state rollup rows, $lifecycle_rows lifecycle events of $TRANSACTIONS transactions ($seeded, database $db_size)"
   echo "server peak RSS $(mib "$server_rss"); ungrouped report checked against the seeded totals"
   while IFS=$'\t' read -r shape calls p50 p99 max rows _; do
     [[ "$shape" == shape ]] && continue

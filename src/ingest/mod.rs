@@ -508,6 +508,7 @@ impl Pipeline {
             rollups.add(candidate.event, &candidate.priced);
         }
         store::usage::upsert_rollups(&mut tx, &rollups).await?;
+        store::usage_by_state::add(&mut tx, &rollups).await?;
         crate::quota::apply_usage(&mut tx, &accepted).await?;
         if let Some(consumed) = consumed {
             store::offsets::store(&mut tx, consumed.group, consumed.offsets).await?;

@@ -116,6 +116,13 @@ impl TransactionRecorder {
                 .await?
                 .into_iter()
                 .collect();
+        let touched: store::usage_by_state::Transactions<'_> = candidates
+            .iter()
+            .filter(|(e, _)| inserted.contains(&e.identity))
+            .map(|(e, _)| (e.identity.tenant_id.as_str(), e.transaction_id.as_str()))
+            .collect();
+        store::usage_by_state::apply_state_changes(&mut tx, &touched).await?;
+        store::lifecycle_rollups::apply(&mut tx, &touched).await?;
         let existing: Vec<&EventIdentity> = candidates
             .iter()
             .map(|(e, _)| &e.identity)

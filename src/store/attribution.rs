@@ -1,21 +1,25 @@
-//! The facts an attribution report is built from: usage from the rollups (added up per state
-//! of the transactions it was spent on), lifecycle events in the range, and each transaction's
-//! spend per model. `domain::attribution` turns them into rows.
+//! The facts an attribution report is built from: usage per transaction state from the state
+//! rollup (`usage_state_rollups`, kept at ingest and moved when a transaction's state changes —
+//! see `store::usage_by_state`), lifecycle events in the range, and each transaction's spend per
+//! model. `domain::attribution` turns them into rows.
 //!
 //! Postgres adds up as much as the report allows, so that what crosses the wire grows with the
 //! rows of the report rather than with the transactions behind them: usage per group and
 //! transaction state always, lifecycle events per row and kind unless rows are split by model
-//! (a model's share of a transaction's revenue needs each event on its own).
+//! (a model's share of a transaction's revenue needs each event on its own, and each
+//! transaction's spend per model from the per-transaction `usage_rollups`).
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Offset, TimeDelta, TimeZone, Utc};
 use rust_decimal::Decimal;
+use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
 use super::StoreError;
 use super::reports::{Bucket, Window};
 use crate::domain::attribution::{Grouping, LifecycleFact, LifecycleKind, ModelSpend, UsageFact};
+use crate::domain::tokens::TokenClass;
 use crate::domain::transaction::State;
 
 #[derive(Debug, Clone)]
@@ -41,22 +45,84 @@ pub struct Facts {
     pub bucket_ends: BTreeMap<DateTime<Utc>, DateTime<Utc>>,
 }
 
+/// Where a report's lifecycle facts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleSource {
+    /// Every lifecycle event of the range, one by one or added up by Postgres per row and kind.
+    Events,
+    /// `lifecycle_rollups` (migration 0008), plus the events of `mixed` transactions one by
+    /// one. Only for reports that [`rollups_apply`] to and that are not split by model.
+    Rollups,
+}
+
 /// The facts of a report grouped as `grouping` says. Shares are loaded (and lifecycle events
-/// kept one by one) when rows are split by model or the query filters by provider or model.
+/// kept one by one) when rows are split by model or the query filters by provider or model:
+/// a model's share of a transaction's revenue needs the transaction, so those reports read
+/// every lifecycle event of their range. Others read the lifecycle rollups when they apply.
 pub async fn facts(
     conn: &mut PgConnection,
     query: &AttributionQuery,
     grouping: Grouping,
 ) -> Result<Facts, StoreError> {
-    let with_shares =
-        grouping.by_model() || !query.providers.is_empty() || !query.models.is_empty();
+    let source = if with_shares(query, grouping) || !rollups_apply(query) {
+        LifecycleSource::Events
+    } else {
+        LifecycleSource::Rollups
+    };
+    facts_from(conn, query, grouping, source).await
+}
+
+/// [`facts`] with the lifecycle facts from `source` (both give the same rows where rollups
+/// apply; the tests hold them to it).
+pub async fn facts_from(
+    conn: &mut PgConnection,
+    query: &AttributionQuery,
+    grouping: Grouping,
+    source: LifecycleSource,
+) -> Result<Facts, StoreError> {
+    let with_shares = with_shares(query, grouping);
     let mut facts = Facts::default();
     usage(conn, query, &mut facts).await?;
-    lifecycle(conn, query, (!with_shares).then_some(grouping), &mut facts).await?;
+    match source {
+        LifecycleSource::Events => {
+            let added_up = (!with_shares).then_some(grouping);
+            lifecycle(conn, query, added_up, Read::All, &mut facts).await?;
+        }
+        LifecycleSource::Rollups => lifecycle_rollups(conn, query, grouping, &mut facts).await?,
+    }
     if with_shares {
         shares(conn, query, &mut facts).await?;
     }
     Ok(facts)
+}
+
+fn with_shares(query: &AttributionQuery, grouping: Grouping) -> bool {
+    grouping.by_model() || !query.providers.is_empty() || !query.models.is_empty()
+}
+
+/// Whether the hourly lifecycle rollups answer `query` exactly: its range starts and ends on
+/// whole hours and, for days and months, the zone is a whole number of hours from UTC all
+/// through it, so every event falls in the bucket of its hour.
+pub fn rollups_apply(query: &AttributionQuery) -> bool {
+    let on_the_hour = |t: DateTime<Utc>| t.duration_trunc(TimeDelta::hours(1)) == Ok(t);
+    if !on_the_hour(query.start) || !on_the_hour(query.end) {
+        return false;
+    }
+    if matches!(query.window, Window::Whole | Window::Hour) {
+        return true;
+    }
+    let Ok(zone) = query.time_zone.parse::<chrono_tz::Tz>() else {
+        return false;
+    };
+    let mut at = query.start;
+    while at < query.end {
+        let offset = zone.offset_from_utc_datetime(&at.naive_utc()).fix();
+        if offset.local_minus_utc() % 3600 != 0 {
+            return false;
+        }
+        at += TimeDelta::hours(1);
+    }
+    true
 }
 
 fn bucket(query: &AttributionQuery) -> Bucket<'_> {
@@ -86,32 +152,27 @@ async fn usage(
     query: &AttributionQuery,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
-    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
-        "WITH states AS (
-             SELECT tenant_id, transaction_id, transaction_state(array_agg(kind)) AS state
-             FROM transaction_events WHERE true",
-    );
-    tenants(&mut sql, "tenant_id", query);
-    sql.push(" GROUP BY tenant_id, transaction_id) SELECT ");
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
     bucket(query).push(&mut sql, "r.hour", false);
     sql.push(" AS bucket_start, ");
     bucket(query).push(&mut sql, "r.hour", true);
     sql.push(
         " AS bucket_end, r.tenant_id::text AS tenant_id, r.agent_id::text AS agent_id,
           r.service::text AS service, r.provider::text AS provider, r.model::text AS model,
-          r.currency::text AS currency,
-          CASE WHEN r.transaction_id = '' THEN NULL ELSE coalesce(s.state, 1::int2) END AS state",
+          r.currency::text AS currency, nullif(r.state, 0) AS state",
     );
-    for class in 1..=10 {
+    // Token columns are named after their class.
+    for class in TokenClass::ALL {
         sql.push(format_args!(
-            ", coalesce(sum(r.tokens) FILTER (WHERE r.token_class = {class}), 0)::int8 AS t{class}"
+            ", sum(r.{})::int8 AS t{}",
+            class.as_str(),
+            class as i16
         ));
     }
     sql.push(
         ", sum(r.billed_amount) AS spend, sum(r.cost_amount) AS cost,
            sum(r.events)::int8 AS events, sum(r.unpriced_events)::int8 AS unpriced_events
-         FROM usage_rollups r
-         LEFT JOIN states s ON s.tenant_id = r.tenant_id AND s.transaction_id = r.transaction_id
+         FROM usage_state_rollups r
          WHERE r.hour >= ",
     );
     sql.push_bind(query.start)
@@ -170,6 +231,7 @@ async fn lifecycle(
     conn: &mut PgConnection,
     query: &AttributionQuery,
     added_up: Option<Grouping>,
+    read: Read,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
@@ -179,6 +241,7 @@ async fn lifecycle(
              FROM transaction_events WHERE kind = 2",
     );
     tenants(&mut sql, "tenant_id", query);
+    read.push(&mut sql, "");
     sql.push(
         " ORDER BY tenant_id, transaction_id, occurred_at, event_id),
          facts AS (
@@ -218,6 +281,7 @@ async fn lifecycle(
         .push(" AND e.occurred_at < ")
         .push_bind(query.end);
     tenants(&mut sql, "e.tenant_id", query);
+    read.push(&mut sql, "e.");
     sql.push(" AND (e.kind <> 2 OR e.event_id = c.event_id)");
     if !query.providers.is_empty() || !query.models.is_empty() {
         sql.push(
@@ -233,13 +297,6 @@ async fn lifecycle(
             sql.push(") SELECT *, 1::int8 AS transactions FROM facts WHERE true");
         }
         Some(grouping) => {
-            let dimension = |grouped: bool, column: &str| {
-                if grouped {
-                    column.to_owned()
-                } else {
-                    format!("''::text AS {column}")
-                }
-            };
             sql.push(format_args!(
                 ") SELECT bucket_start, bucket_end, {}, {}, {}, ''::text AS transaction_id, kind,
                           sum(amount) AS amount, currency,
@@ -257,28 +314,141 @@ async fn lifecycle(
         sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 9");
     }
     for row in sql.build().fetch_all(&mut *conn).await? {
-        let start: DateTime<Utc> = row.try_get("bucket_start")?;
-        facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
-        let kind = match row.try_get::<i16, _>("kind")? {
-            1 => LifecycleKind::Started,
-            2 => LifecycleKind::Completed,
-            3 => LifecycleKind::Failed,
-            4 => LifecycleKind::Refunded,
-            _ => LifecycleKind::Reversed,
-        };
-        let amount: Option<Decimal> = row.try_get("amount")?;
-        facts.lifecycle.push(LifecycleFact {
-            bucket: start,
-            tenant_id: row.try_get("tenant_id")?,
-            agent_id: row.try_get("agent_id")?,
-            service: row.try_get("service")?,
-            transaction_id: row.try_get("transaction_id")?,
-            transactions: row.try_get("transactions")?,
-            kind,
-            amount: amount.unwrap_or_default(),
-            currency: row.try_get("currency")?,
-        });
+        push_lifecycle_fact(&row, facts)?;
     }
+    Ok(())
+}
+
+/// The grouped column, or `''` under its name when rows are not grouped by it.
+fn dimension(grouped: bool, column: &str) -> String {
+    if grouped {
+        column.to_owned()
+    } else {
+        format!("''::text AS {column}")
+    }
+}
+
+/// A lifecycle fact from a row of `bucket_start`, `bucket_end`, `tenant_id`, `agent_id`,
+/// `service`, `transaction_id`, `transactions`, `kind`, `amount` and `currency`.
+fn push_lifecycle_fact(row: &PgRow, facts: &mut Facts) -> Result<(), StoreError> {
+    let start: DateTime<Utc> = row.try_get("bucket_start")?;
+    facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
+    let kind = match row.try_get::<i16, _>("kind")? {
+        1 => LifecycleKind::Started,
+        2 => LifecycleKind::Completed,
+        3 => LifecycleKind::Failed,
+        4 => LifecycleKind::Refunded,
+        _ => LifecycleKind::Reversed,
+    };
+    let amount: Option<Decimal> = row.try_get("amount")?;
+    facts.lifecycle.push(LifecycleFact {
+        bucket: start,
+        tenant_id: row.try_get("tenant_id")?,
+        agent_id: row.try_get("agent_id")?,
+        service: row.try_get("service")?,
+        transaction_id: row.try_get("transaction_id")?,
+        transactions: row.try_get("transactions")?,
+        kind,
+        amount: amount.unwrap_or_default(),
+        currency: row.try_get("currency")?,
+    });
+    Ok(())
+}
+
+/// Which transactions' lifecycle events [`lifecycle`] reads.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    All,
+    /// Only those the lifecycle rollups leave out (see migration 0008).
+    Mixed,
+}
+
+impl Read {
+    fn push(self, sql: &mut QueryBuilder<Postgres>, alias: &str) {
+        if let Read::Mixed = self {
+            sql.push(format_args!(
+                " AND ({alias}tenant_id, {alias}transaction_id) IN (
+                     SELECT tenant_id, transaction_id FROM transaction_states WHERE mixed)"
+            ));
+        }
+    }
+}
+
+/// Lifecycle facts added up per row and kind from `lifecycle_rollups`, whose hours are added
+/// up per bucket, less the pairs of hours of one transaction in one bucket (so a transaction
+/// counts once per bucket, as it does read event by event), plus the facts of the transactions
+/// the rollups leave out, read event by event. One fact per row and kind.
+async fn lifecycle_rollups(
+    conn: &mut PgConnection,
+    query: &AttributionQuery,
+    grouping: Grouping,
+    facts: &mut Facts,
+) -> Result<(), StoreError> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
+    bucket(query).push(&mut sql, "x.hour", false);
+    sql.push(" AS bucket_start, ");
+    bucket(query).push(&mut sql, "x.hour", true);
+    sql.push(format_args!(
+        " AS bucket_end, {}, {}, {}, ''::text AS transaction_id, x.kind,
+          sum(x.amount) AS amount, x.currency::text AS currency,
+          sum(x.transactions)::int8 AS transactions
+         FROM (SELECT hour, tenant_id::text, agent_id::text, service::text, kind, currency,
+                      amount, transactions
+               FROM lifecycle_rollups WHERE hour >= ",
+        dimension(grouping.tenant, "tenant_id"),
+        dimension(grouping.agent, "agent_id"),
+        dimension(grouping.service, "service"),
+    ));
+    sql.push_bind(query.start)
+        .push(" AND hour < ")
+        .push_bind(query.end);
+    tenants(&mut sql, "tenant_id", query);
+    any_of(&mut sql, "agent_id", &query.agent_ids);
+    any_of(&mut sql, "service", &query.services);
+    sql.push(
+        " UNION ALL
+          SELECT hour, tenant_id::text, agent_id::text, service::text, kind, currency, 0,
+                 -transactions
+          FROM lifecycle_rollup_pairs p WHERE hour >= ",
+    );
+    sql.push_bind(query.start)
+        .push(" AND next_hour < ")
+        .push_bind(query.end);
+    tenants(&mut sql, "tenant_id", query);
+    any_of(&mut sql, "agent_id", &query.agent_ids);
+    any_of(&mut sql, "service", &query.services);
+    sql.push(" AND ");
+    bucket(query).push(&mut sql, "p.hour", false);
+    sql.push(" = ");
+    bucket(query).push(&mut sql, "p.next_hour", false);
+    sql.push(") x GROUP BY 1, 2, 3, 4, 5, 6, 7, 9");
+    let mut parts = Facts::default();
+    for row in sql.build().fetch_all(&mut *conn).await? {
+        push_lifecycle_fact(&row, &mut parts)?;
+    }
+    lifecycle(conn, query, Some(grouping), Read::Mixed, &mut parts).await?;
+    facts.bucket_ends.extend(parts.bucket_ends);
+    let mut rows: BTreeMap<_, LifecycleFact> = BTreeMap::new();
+    for fact in parts.lifecycle {
+        let key = (
+            fact.bucket,
+            fact.tenant_id.clone(),
+            fact.agent_id.clone(),
+            fact.service.clone(),
+            fact.kind as u8,
+            fact.currency.clone(),
+        );
+        match rows.get_mut(&key) {
+            Some(row) => {
+                row.transactions += fact.transactions;
+                row.amount += fact.amount;
+            }
+            None => {
+                rows.insert(key, fact);
+            }
+        }
+    }
+    facts.lifecycle.extend(rows.into_values());
     Ok(())
 }
 

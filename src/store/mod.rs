@@ -5,6 +5,7 @@ pub mod attribution;
 pub mod exports;
 pub mod invoices;
 pub mod keys;
+pub mod lifecycle_rollups;
 pub mod offsets;
 pub mod pricing;
 pub mod quotas;
@@ -13,6 +14,7 @@ pub mod retention;
 pub mod tenants;
 pub mod transactions;
 pub mod usage;
+pub mod usage_by_state;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

@@ -1,7 +1,9 @@
 //! Retention of raw usage: whole month partitions are dropped once every event in them is
 //! older than the retention period, never deleted row by row. The dedup keys of those events
 //! go with them (in bounded batches, the key table being unpartitioned — see migration 0002),
-//! so an event is deduplicated for exactly as long as it is retained.
+//! so an event is deduplicated for exactly as long as it is retained. Rollups — `usage_rollups`
+//! and the attribution rollups derived from it and from lifecycle events (migrations 0007 and
+//! 0008) — and lifecycle events are kept: they are the sums invoices and reports read.
 
 use chrono::{DateTime, Datelike, Months, TimeZone, Utc};
 use sqlx::PgPool;

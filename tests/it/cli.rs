@@ -97,7 +97,9 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
 #[tokio::test]
 async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
     let url = create_database().await;
-    let mut child = crate::helpers::spawn_serve(&url, &[]).await.take_child();
+    let mut server = crate::helpers::spawn_serve(&url, &[]).await;
+    let logs = server.logs();
+    let mut child = server.take_child();
     assert!(table_names(&url).await.contains(&"tenants".to_owned()));
 
     let killed = Command::new("kill")
@@ -120,8 +122,8 @@ async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
     })
     .await
     .expect("waiter");
-    let (status, child) = output;
-    let stderr = std::io::read_to_string(child.stderr.expect("stderr")).expect("read stderr");
+    let (status, _child) = output;
+    let stderr = logs.join().expect("log reader");
 
     assert!(status.success(), "exit {status:?}: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -168,6 +168,10 @@ pub async fn create_topic(partitions: i32) -> String {
 /// it kills and reaps the process, so a test that ends (or fails) early leaves no server behind.
 pub struct ServeProcess {
     child: Option<std::process::Child>,
+    /// Reads the server's stderr from the moment it starts, so that logging (debug level logs
+    /// every migration statement) never fills the pipe and blocks the server before it is
+    /// ready; joins with everything it logged once the server exits.
+    logs: Option<std::thread::JoinHandle<String>>,
     pub grpc_port: u16,
     pub admin_port: u16,
 }
@@ -187,6 +191,11 @@ impl ServeProcess {
     }
 
     /// Hands the process over to a test that manages its whole life (e.g. a graceful stop).
+    /// The reader of the server's stderr (see [`ServeProcess`]).
+    pub fn logs(&mut self) -> std::thread::JoinHandle<String> {
+        self.logs.take().expect("logs taken once")
+    }
+
     pub fn take_child(&mut self) -> std::process::Child {
         self.child.take().expect("the child was taken")
     }
@@ -244,7 +253,14 @@ pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> Serv
     for (key, value) in extra_env {
         command.env(key, value);
     }
-    let child = command.spawn().expect("spawn tokenmeter serve");
+    let mut child = command.spawn().expect("spawn tokenmeter serve");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let logs = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
     loop {
@@ -261,6 +277,7 @@ pub async fn spawn_serve(database_url: &str, extra_env: &[(&str, &str)]) -> Serv
     }
     ServeProcess {
         child: Some(child),
+        logs: Some(logs),
         grpc_port,
         admin_port,
     }

@@ -2,6 +2,7 @@
 //! Each test gets its own database and, where it needs one, its own topic.
 
 mod attribution;
+mod attribution_rollups;
 mod auth;
 mod billing;
 mod cli;

@@ -93,7 +93,7 @@ fn exact(money: &Option<pb::Money>) -> (Decimal, String) {
     )
 }
 
-async fn record(api: &mut Clients, events: Vec<pb::TransactionEvent>) -> Vec<pb::EventResult> {
+pub async fn record(api: &mut Clients, events: Vec<pb::TransactionEvent>) -> Vec<pb::EventResult> {
     api.transactions
         .record_transaction_events(pb::RecordTransactionEventsRequest {
             events,

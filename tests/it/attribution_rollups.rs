@@ -1,0 +1,576 @@
+//! The attribution rollups against references computed without them, after usage and
+//! lifecycle events arrive in random orders, batches and duplicates, and after they race on
+//! several servers. The usage rollup by transaction state (`usage_state_rollups`):
+//! - by value, from the events the test sent (each transaction's state folded by the domain
+//!   rule, each event priced by hand);
+//! - digit for digit, from `usage_rollups` joined to every transaction's state derived from its
+//!   lifecycle events — the query attribution ran before this rollup existed — so amounts keep
+//!   the decimal scale reports printed.
+//!
+//! The lifecycle rollups: attributed rows from them equal, digit for digit, the rows from every
+//! lifecycle event of the range, for several windows, zones, groupings and filters. And what
+//! the migrations' backfills make of the same events equals what the write paths kept.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use tokenmeter::domain::attribution::{Grouping, ModelFilter, attribute};
+use tokenmeter::domain::transaction::State;
+use tokenmeter::proto::v1 as pb;
+use tokenmeter::store::attribution::{self, AttributionQuery, LifecycleSource};
+use tokenmeter::store::reports::Window;
+
+use crate::helpers::{create_database, spawn_app, spawn_app_with};
+use crate::transactions::record;
+use crate::usage_support::{Clients, hour, ts, unique};
+use pb::IngestStatus::{Accepted, Duplicate};
+
+/// A deterministic xorshift generator, so a failing seed can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        usize::try_from(self.0 % n as u64).expect("index")
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const MODELS: [&str; 2] = ["gpt-4.1-mini", "o4-mini"];
+/// Per 1M tokens: (model, input price, input cost, output price, output cost), of mixed
+/// scales so that sums carry different numbers of decimal places.
+const RATES: [(&str, &str, &str, &str, &str); 2] = [
+    ("gpt-4.1-mini", "0.40", "0.3", "1.6", "1.200"),
+    ("o4-mini", "1.1", "0.825", "4.40", "3.3"),
+];
+
+#[derive(Clone)]
+enum Op {
+    Usage(Box<pb::UsageEvent>),
+    Lifecycle(Box<pb::TransactionEvent>),
+}
+
+async fn priced_tenant(api: &mut Clients) -> String {
+    let book = unique("book");
+    let mut rates = Vec::new();
+    for (model, input_price, input_cost, output_price, output_cost) in RATES {
+        rates.push((model, pb::TokenClass::Input, input_price, input_cost));
+        rates.push((model, pb::TokenClass::Output, output_price, output_cost));
+    }
+    api.version(&book, "USD", hour(72), &rates).await;
+    api.tenant("USD", "UTC", Some(&book)).await
+}
+
+fn usage_event(rng: &mut Rng, tenant: &str, id: usize, transactions: &[String]) -> Op {
+    let transaction = rng.below(transactions.len() + 1);
+    let input = i64::try_from(1 + rng.below(90_000)).expect("tokens");
+    let output = i64::try_from(rng.below(9_000)).expect("tokens");
+    Op::Usage(Box::new(pb::UsageEvent {
+        event_id: format!("u{id}"),
+        source: "gateway-test".to_owned(),
+        tenant_id: tenant.to_owned(),
+        agent_id: rng.pick(&["agent-1", "agent-2"]).to_string(),
+        transaction_id: transactions.get(transaction).cloned(),
+        service: rng.pick(&[None, Some("food-delivery")]).map(str::to_owned),
+        provider: "openai".to_owned(),
+        model: rng.pick(&MODELS).to_string(),
+        occurred_at: Some(ts(hour(1 + i64::try_from(rng.below(3)).expect("hours"))
+            + Duration::minutes(i64::try_from(rng.below(60)).expect("minutes")))),
+        usage: Some(pb::usage_event::Usage::Tokens(pb::TokenCounts {
+            input,
+            output,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }))
+}
+
+/// A minute within the last `hours` whole hours.
+fn hours_ago(rng: &mut Rng, hours: usize) -> DateTime<Utc> {
+    let minutes = rng.below(hours * 60);
+    hour(1) + Duration::minutes(59 - i64::try_from(minutes).expect("minutes"))
+}
+
+fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, kind: usize) -> Op {
+    use pb::transaction_event::Kind;
+    let usd = |amount: &str| {
+        Some(pb::Money {
+            amount: amount.to_owned(),
+            currency: "USD".to_owned(),
+        })
+    };
+    // Mostly the transaction's agent and service; sometimes none (the first one's then), rarely
+    // another (a mixed transaction). A start always names its agent.
+    let (agent, service) = (rng.below(12).max(usize::from(kind == 0)), rng.below(12));
+    let kind = match kind {
+        0 => Kind::Started(pb::TransactionStarted {}),
+        1 => Kind::Completed(pb::TransactionCompleted {
+            revenue: usd(rng.pick::<&str>(&["12.50", "7", "30.125"])),
+        }),
+        2 => Kind::Failed(pb::TransactionFailed {
+            reason: "timeout".to_owned(),
+        }),
+        3 => Kind::Refunded(pb::TransactionRefunded {
+            amount: Some(pb::Money {
+                amount: rng.pick(&["1.25", "2"]).to_string(),
+                currency: rng.pick(&["USD", "USD", "USD", "EUR"]).to_string(),
+            }),
+            reason: "late".to_owned(),
+        }),
+        _ => Kind::Reversed(pb::TransactionReversed {
+            reason: "chargeback".to_owned(),
+        }),
+    };
+    Op::Lifecycle(Box::new(pb::TransactionEvent {
+        event_id: format!("l{id}"),
+        source: "shop".to_owned(),
+        tenant_id: tenant.to_owned(),
+        transaction_id: transaction.to_owned(),
+        agent_id: ["", "agent-2"].get(agent).unwrap_or(&"agent-1").to_string(),
+        service: ["", "rides"]
+            .get(service)
+            .unwrap_or(&"food-delivery")
+            .to_string(),
+        occurred_at: Some(ts(hours_ago(rng, 40))),
+        kind: Some(kind),
+        attributes: Default::default(),
+    }))
+}
+
+/// Sends `ops` in order, consecutive ones of a kind together in batches of 1 to `max_batch`.
+async fn send(api: &mut Clients, rng: &mut Rng, ops: &[Op], max_batch: usize) {
+    let mut rest = ops;
+    while let Some(first) = rest.first() {
+        let size = (1 + rng.below(max_batch)).min(rest.len());
+        let same = rest[..size]
+            .iter()
+            .take_while(|op| matches!(op, Op::Usage(_)) == matches!(first, Op::Usage(_)))
+            .count();
+        let (batch, tail) = rest.split_at(same);
+        match first {
+            Op::Usage(_) => {
+                let events = batch
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::Usage(event) => Some(event.as_ref().clone()),
+                        Op::Lifecycle(_) => None,
+                    })
+                    .collect();
+                let response = api.ingest(events).await;
+                assert!(
+                    response
+                        .results
+                        .iter()
+                        .all(|r| matches!(r.status(), Accepted | Duplicate)),
+                    "{response:?}"
+                );
+            }
+            Op::Lifecycle(_) => {
+                let events = batch
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::Lifecycle(event) => Some(event.as_ref().clone()),
+                        Op::Usage(_) => None,
+                    })
+                    .collect();
+                let results = record(api, events).await;
+                assert!(
+                    results
+                        .iter()
+                        .all(|r| matches!(r.status(), Accepted | Duplicate)),
+                    "{results:?}"
+                );
+            }
+        }
+        rest = tail;
+    }
+}
+
+/// hour × agent × service × provider × model × currency × state (0 = no transaction).
+type Key = (DateTime<Utc>, String, String, String, String, String, i16);
+/// tokens by class, spend, cost, events.
+type Sums = ([i64; 10], Decimal, Decimal, i64);
+
+/// The rollup the sent events call for: each event once, at its transaction's state folded
+/// from the kinds of the transaction's lifecycle events, priced by hand.
+fn expected(ops: &[Op]) -> BTreeMap<Key, Sums> {
+    let mut kinds: HashMap<&str, Vec<i16>> = HashMap::new();
+    let mut usage: BTreeMap<&str, &pb::UsageEvent> = BTreeMap::new();
+    let mut lifecycle: BTreeMap<&str, &pb::TransactionEvent> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::Usage(event) => {
+                usage.insert(&event.event_id, event);
+            }
+            Op::Lifecycle(event) => {
+                lifecycle.insert(&event.event_id, event);
+            }
+        }
+    }
+    for event in lifecycle.values() {
+        let kind = match event.kind.as_ref().expect("kind") {
+            pb::transaction_event::Kind::Started(_) => 1,
+            pb::transaction_event::Kind::Completed(_) => 2,
+            pb::transaction_event::Kind::Failed(_) => 3,
+            pb::transaction_event::Kind::Refunded(_) => 4,
+            pb::transaction_event::Kind::Reversed(_) => 5,
+        };
+        kinds.entry(&event.transaction_id).or_default().push(kind);
+    }
+    let million = Decimal::from(1_000_000);
+    let mut rows: BTreeMap<Key, Sums> = BTreeMap::new();
+    for event in usage.values() {
+        let state = match &event.transaction_id {
+            None => 0,
+            Some(t) => {
+                State::from_kinds(kinds.get(t.as_str()).map_or(&[][..], Vec::as_slice)) as i16
+            }
+        };
+        let at = event.occurred_at.as_ref().expect("time");
+        let at = DateTime::from_timestamp(at.seconds, 0).expect("time");
+        let Some(pb::usage_event::Usage::Tokens(tokens)) = &event.usage else {
+            panic!("tokens")
+        };
+        let (_, input_price, input_cost, output_price, output_cost) =
+            RATES.iter().find(|r| r.0 == event.model).expect("rate");
+        let dec = |s: &str| s.parse::<Decimal>().expect("decimal");
+        let (input, output) = (Decimal::from(tokens.input), Decimal::from(tokens.output));
+        let sums = rows
+            .entry((
+                at.duration_trunc(TimeDelta::hours(1)).expect("hour"),
+                event.agent_id.clone(),
+                event.service.clone().unwrap_or_default(),
+                event.provider.clone(),
+                event.model.clone(),
+                "USD".to_owned(),
+                state,
+            ))
+            .or_default();
+        sums.0[0] += tokens.input;
+        sums.0[4] += tokens.output;
+        sums.1 += (input * dec(input_price) + output * dec(output_price)) / million;
+        sums.2 += (input * dec(input_cost) + output * dec(output_cost)) / million;
+        sums.3 += 1;
+    }
+    rows
+}
+
+/// A rollup row as Postgres prints it: the key, then tokens by class, spend, cost, events and
+/// unpriced events.
+type TextRow = (
+    DateTime<Utc>,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i16,
+    Vec<String>,
+);
+
+const TOKENS: &str = "ARRAY[input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
+                            input_audio, output_audio, input_image, output_image]";
+
+/// The stored rollup, every value as Postgres prints it.
+async fn stored_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
+    let rows: Vec<TextRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT hour, agent_id::text, service::text, provider::text, model::text,
+                    currency::text, state,
+                    {TOKENS}::text[] || ARRAY[billed_amount::text, cost_amount::text,
+                                              events::text, unpriced_events::text]
+             FROM usage_state_rollups WHERE tenant_id = $1 ORDER BY 1, 2, 3, 4, 5, 6, 7"
+    )))
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .expect("stored rollup");
+    rows.into_iter()
+        .map(|(h, a, s, p, m, c, state, values)| ((h, a, s, p, m, c, state), values))
+        .collect()
+}
+
+/// The same rows as attribution computed them before the rollup existed, as Postgres prints
+/// them.
+async fn joined_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
+    let class =
+        |n: i16| format!("coalesce(sum(r.tokens) FILTER (WHERE r.token_class = {n}), 0)::text");
+    let classes: Vec<String> = (1..=10).map(class).collect();
+    let rows: Vec<TextRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH states AS (
+                 SELECT tenant_id, transaction_id, transaction_state(array_agg(kind)) AS state
+                 FROM transaction_events WHERE tenant_id = $1 GROUP BY tenant_id, transaction_id)
+             SELECT r.hour, r.agent_id::text, r.service::text, r.provider::text, r.model::text,
+                    r.currency::text,
+                    (CASE WHEN r.transaction_id = '' THEN 0 ELSE coalesce(s.state, 1) END)::int2,
+                    ARRAY[{}, sum(r.billed_amount)::text, sum(r.cost_amount)::text,
+                          sum(r.events)::text, sum(r.unpriced_events)::text]
+             FROM usage_rollups r
+             LEFT JOIN states s ON s.tenant_id = r.tenant_id AND s.transaction_id = r.transaction_id
+             WHERE r.tenant_id = $1
+             GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7",
+        classes.join(", ")
+    )))
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .expect("joined rollups");
+    rows.into_iter()
+        .map(|(h, a, s, p, m, c, state, values)| ((h, a, s, p, m, c, state), values))
+        .collect()
+}
+
+async fn assert_rollup_matches(pool: &PgPool, tenant: &str, ops: &[Op], context: &str) {
+    let stored = stored_text(pool, tenant).await;
+    assert_eq!(stored, joined_text(pool, tenant).await, "{context}");
+    let by_value: BTreeMap<Key, Sums> = stored
+        .into_iter()
+        .map(|(key, values)| {
+            let int = |i: usize| values[i].parse::<i64>().expect("integer");
+            let dec = |i: usize| values[i].parse::<Decimal>().expect("decimal");
+            let tokens: [i64; 10] = std::array::from_fn(int);
+            (key, (tokens, dec(10), dec(11), int(12)))
+        })
+        .collect();
+    assert_eq!(by_value, expected(ops), "{context}");
+}
+
+/// The report lifecycle facts from the rollups, and one by one from the events, for one
+/// tenant: attributed rows equal to the digit for every window, zone and grouping the rollups
+/// answer.
+async fn assert_lifecycle_sources_agree(pool: &PgPool, tenant: &str, context: &str) {
+    let mut conn = pool.acquire().await.expect("connection");
+    let groupings = [
+        Grouping::default(),
+        Grouping {
+            agent: true,
+            ..Grouping::default()
+        },
+        Grouping {
+            tenant: true,
+            agent: true,
+            service: true,
+            ..Grouping::default()
+        },
+    ];
+    let windows = [
+        (Window::Whole, "UTC"),
+        (Window::Day, "UTC"),
+        (Window::Day, "Europe/Berlin"),
+        (Window::Day, "America/New_York"),
+        (Window::Month, "Asia/Tokyo"),
+    ];
+    for (window, zone) in windows {
+        for (start, end) in [(hour(48), hour(-1)), (hour(20), hour(3))] {
+            for agents in [vec![], vec!["agent-1".to_owned()]] {
+                let query = AttributionQuery {
+                    tenant_ids: vec![tenant.to_owned()],
+                    start,
+                    end,
+                    window,
+                    time_zone: zone.to_owned(),
+                    agent_ids: agents,
+                    services: vec![],
+                    providers: vec![],
+                    models: vec![],
+                };
+                assert!(attribution::rollups_apply(&query), "{query:?}");
+                for grouping in groupings {
+                    let rows = |facts: &attribution::Facts| {
+                        format!(
+                            "{:?} {:?}",
+                            attribute(
+                                &facts.usage,
+                                &facts.lifecycle,
+                                &facts.shares,
+                                grouping,
+                                &ModelFilter::default()
+                            ),
+                            facts.bucket_ends
+                        )
+                    };
+                    let events = attribution::facts_from(
+                        &mut conn,
+                        &query,
+                        grouping,
+                        LifecycleSource::Events,
+                    )
+                    .await
+                    .expect("facts from events");
+                    let rollups = attribution::facts_from(
+                        &mut conn,
+                        &query,
+                        grouping,
+                        LifecycleSource::Rollups,
+                    )
+                    .await
+                    .expect("facts from rollups");
+                    assert_eq!(
+                        rows(&rollups),
+                        rows(&events),
+                        "{context}: {query:?} {grouping:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every lifecycle rollup, pair, contribution and transaction state of a tenant, as text.
+async fn lifecycle_text(pool: &PgPool, tenant: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT format('row %s %s %s %s %s %s %s', hour, agent_id, service, kind, currency,
+                       transactions, amount)
+         FROM lifecycle_rollups WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('pair %s %s %s %s %s %s %s', hour, agent_id, service, kind, currency,
+                       next_hour, transactions)
+         FROM lifecycle_rollup_pairs WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('contribution %s %s %s %s %s %s %s %s', transaction_id, hour, kind,
+                       currency, agent_id, service, amount, next_hour)
+         FROM lifecycle_contributions WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('state %s %s %s', transaction_id, state, mixed)
+         FROM transaction_states WHERE tenant_id = $1
+         ORDER BY 1",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .expect("lifecycle rollups")
+}
+
+#[test]
+fn lifecycle_rollups_only_answer_ranges_cut_at_whole_hours() {
+    let query = |start: DateTime<Utc>, window, zone: &str| AttributionQuery {
+        tenant_ids: vec![],
+        start,
+        end: start + Duration::days(3),
+        window,
+        time_zone: zone.to_owned(),
+        agent_ids: vec![],
+        services: vec![],
+        providers: vec![],
+        models: vec![],
+    };
+    let start = hour(72);
+    assert!(attribution::rollups_apply(&query(
+        start,
+        Window::Day,
+        "Europe/Berlin"
+    )));
+    assert!(attribution::rollups_apply(&query(
+        start,
+        Window::Whole,
+        "Asia/Kolkata"
+    )));
+    assert!(!attribution::rollups_apply(&query(
+        start,
+        Window::Day,
+        "Asia/Kolkata"
+    )));
+    assert!(!attribution::rollups_apply(&query(
+        start + Duration::minutes(30),
+        Window::Whole,
+        "UTC"
+    )));
+}
+
+/// Usage on five transactions and on none, their lifecycle events (every kind, so states move
+/// through completed → refunded, failed → completed, … → reversed), and resends of a fifth of
+/// them, shuffled.
+fn scenario(rng: &mut Rng, tenant: &str, transactions: &[String], usage: usize) -> Vec<Op> {
+    let mut ops: Vec<Op> = (0..usage)
+        .map(|i| usage_event(rng, tenant, i, transactions))
+        .collect();
+    for i in 0..transactions.len() * 3 {
+        let transaction = rng.pick(transactions).clone();
+        let kind = rng.below(5);
+        ops.push(lifecycle_event(rng, tenant, i, &transaction, kind));
+    }
+    for _ in 0..ops.len() / 5 {
+        let again = ops[rng.below(ops.len())].clone();
+        ops.push(again);
+    }
+    for i in (1..ops.len()).rev() {
+        ops.swap(i, rng.below(i + 1));
+    }
+    ops
+}
+
+#[tokio::test]
+async fn the_state_rollup_equals_both_references_for_any_order_of_usage_and_lifecycle_events() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    for seed in 1..=12u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let tenant = priced_tenant(&mut api).await;
+        let transactions: Vec<String> = (0..5).map(|i| format!("tx{i}")).collect();
+        let ops = scenario(&mut rng, &tenant, &transactions, 40);
+
+        send(&mut api, &mut rng, &ops, 6).await;
+
+        let context = format!("seed {seed}");
+        assert_rollup_matches(&app.pool, &tenant, &ops, &context).await;
+        assert_lifecycle_sources_agree(&app.pool, &tenant, &context).await;
+
+        // What the migrations' backfills make of the same rollups and events, as on an
+        // upgraded database.
+        let maintained = (
+            stored_text(&app.pool, &tenant).await,
+            lifecycle_text(&app.pool, &tenant).await,
+        );
+        sqlx::raw_sql(
+            "DELETE FROM transaction_states; DELETE FROM usage_state_rollups;
+             SELECT backfill_usage_state_rollups(); SELECT backfill_lifecycle_rollups();",
+        )
+        .execute(&app.pool)
+        .await
+        .expect("backfill");
+        let backfilled = (
+            stored_text(&app.pool, &tenant).await,
+            lifecycle_text(&app.pool, &tenant).await,
+        );
+        assert_eq!(backfilled, maintained, "{context}");
+    }
+}
+
+#[tokio::test]
+async fn the_state_rollup_is_exact_after_usage_and_lifecycle_events_race_on_three_servers() {
+    let database = create_database().await;
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let url = database.clone();
+        apps.push(spawn_app_with(move |s| s.database.url = url).await);
+    }
+    let mut api = Clients::new(apps[0].channel().await);
+    let tenant = priced_tenant(&mut api).await;
+    let transactions: Vec<String> = (0..8).map(|i| format!("tx{i}")).collect();
+    let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B);
+    let ops = scenario(&mut rng, &tenant, &transactions, 400);
+
+    // Six clients, two per server, each sending its share of the events in small batches.
+    let mut clients = Vec::new();
+    for (i, share) in ops.chunks(ops.len().div_ceil(6)).enumerate() {
+        let channel = apps[i % 3].channel().await;
+        let share = share.to_vec();
+        clients.push(tokio::spawn(async move {
+            let mut api = Clients::new(channel);
+            let mut rng = Rng(0x2545_F491_4F6C_DD1D ^ i as u64);
+            send(&mut api, &mut rng, &share, 4).await;
+        }));
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+
+    assert_rollup_matches(&apps[0].pool, &tenant, &ops, "after the race").await;
+    assert_lifecycle_sources_agree(&apps[0].pool, &tenant, "after the race").await;
+}
