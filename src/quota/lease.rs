@@ -39,6 +39,12 @@ use crate::store::quotas::{
 /// or leases a slice that a concurrent call on this replica took first.
 const ATTEMPTS: usize = 16;
 
+/// How long a free budget found too small still denies calls that need more, from memory: an
+/// exhausted budget must not cost a transaction per denied call. Denying is always safe; this
+/// bounds how long budget freed meanwhile (by a release, an expiry, another replica's give-back)
+/// can go unseen.
+const EXHAUSTED_FOR: Duration = Duration::from_millis(100);
+
 /// How long a status read or a shutdown waits for granted reservations to be written.
 const WRITE_WAIT: Duration = Duration::from_secs(5);
 
@@ -53,6 +59,8 @@ struct Slot {
     /// The counter as last read under its lock, moved by this replica's own writes since.
     seen: Counter,
     last_grant: Instant,
+    /// When a lease transaction last found the free budget too small, and what it found.
+    exhausted: Option<(Instant, Decimal)>,
 }
 
 impl Slot {
@@ -62,11 +70,21 @@ impl Slot {
             valid_until: None,
             seen: Counter::default(),
             last_grant: now,
+            exhausted: None,
         }
     }
 
     fn valid(&self, now: Instant) -> bool {
         self.valid_until.is_some_and(|until| now < until)
+    }
+
+    /// Whether the free budget last found cannot cover what `hold` lacks, recently enough to
+    /// deny without asking Postgres again.
+    fn known_short(&self, hold: Decimal, now: Instant) -> bool {
+        self.valid(now)
+            && self.exhausted.is_some_and(|(at, free)| {
+                now.duration_since(at) < EXHAUSTED_FOR && free < self.book.shortfall(hold)
+            })
     }
 }
 
@@ -419,11 +437,23 @@ impl Leases {
         hold: Decimal,
         needed: Decimal,
     ) -> Result<Leased, QuotaError> {
+        let hard = policy.enforcement == Enforcement::Hard;
+        let known_short = |slots: &HashMap<CounterKey, Slot>| {
+            hard && slots
+                .get(key)
+                .is_some_and(|s| s.known_short(hold, Instant::now()))
+        };
+        if known_short(&self.slots()) {
+            return Ok(Leased::Exhausted);
+        }
         let gate = self.gate(key);
         let _gate = gate.lock().await;
         let lapsed = {
             let slots = self.slots();
             let now = Instant::now();
+            if known_short(&slots) {
+                return Ok(Leased::Exhausted);
+            }
             match slots.get(key) {
                 Some(slot) if slot.valid(now) && slot.book.fits(hold) => {
                     return Ok(Leased::Covered);
@@ -475,6 +505,7 @@ impl Leases {
                 tx.commit().await?;
                 self.with_slot(key, |slot| {
                     slot.seen = counter;
+                    slot.exhausted = Some((Instant::now(), free));
                     if lapsed.is_some() {
                         slot.book.resync(Decimal::ZERO);
                     }
@@ -500,6 +531,7 @@ impl Leases {
                 slot.book.credit(slice);
             }
             slot.valid_until = Some(asked + ttl - ttl / 4);
+            slot.exhausted = None;
             slot.seen = Counter {
                 leased: counter.leased + slice,
                 ..counter
@@ -642,7 +674,10 @@ impl Leases {
         }
         .await;
         match moved {
-            Ok(moved) => self.with_slot(key, |slot| slot.seen.leased -= moved),
+            Ok(moved) => self.with_slot(key, |slot| {
+                slot.seen.leased -= moved;
+                slot.exhausted = None;
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "giving back an idle quota slice failed; kept");
                 self.with_slot(key, |slot| slot.book.restore(unused));

@@ -1153,6 +1153,8 @@ pub async fn write_leased(
                      $8::text[], $9::timestamptz[])
               WITH ORDINALITY AS u (tenant_id, reservation_id, agent_id, service, provider, model,
                                     decision, expires_at, i)
+         -- The order tombstones are inserted in, so the two never wait on each other in a cycle.
+         ORDER BY u.tenant_id, u.reservation_id
          ON CONFLICT (tenant_id, reservation_id) DO NOTHING
          RETURNING reservation_id",
     ), &r)
