@@ -41,8 +41,8 @@ const ATTEMPTS: usize = 16;
 
 /// How long a free budget found too small still denies calls that need more, from memory: an
 /// exhausted budget must not cost a transaction per denied call. Denying is always safe; this
-/// bounds how long budget freed meanwhile (by a release, an expiry, another replica's give-back)
-/// can go unseen.
+/// bounds how long budget freed elsewhere (usage settling holds, another replica's release or
+/// give-back) can go unseen. Releases, Settles and expiries on this replica clear it at once.
 const EXHAUSTED_FOR: Duration = Duration::from_millis(100);
 
 /// How long a status read or a shutdown waits for granted reservations to be written.
@@ -220,13 +220,7 @@ impl Leases {
                 })
                 .map(|p| p.policy_id.as_str())
                 .collect();
-            if !changed.is_empty() {
-                for (key, slot) in self.slots().iter_mut() {
-                    if key.tenant_id == tenant_id && changed.contains(&key.policy_id.as_str()) {
-                        slot.valid_until = None;
-                    }
-                }
-            }
+            self.lapse(tenant_id, &changed);
         }
         let cached = Arc::new(Cached {
             loaded,
@@ -239,6 +233,26 @@ impl Leases {
             .unwrap_or_else(|e| e.into_inner())
             .insert(tenant_id.to_owned(), cached.clone());
         Ok(cached)
+    }
+
+    /// Stops grants from this replica's slices of changed policies: they were leased under
+    /// another revision, and are given back whole before the next lease.
+    fn lapse(&self, tenant_id: &str, policy_ids: &[&str]) {
+        for (key, slot) in self.slots().iter_mut() {
+            if key.tenant_id == tenant_id && policy_ids.contains(&key.policy_id.as_str()) {
+                slot.valid_until = None;
+            }
+        }
+    }
+
+    /// Budget of the tenant was freed here (a release, a settlement, an expiry): a free budget
+    /// found short before no longer denies from memory.
+    pub fn freed(&self, tenant_id: Option<&str>) {
+        for (key, slot) in self.slots().iter_mut() {
+            if tenant_id.is_none_or(|t| t == key.tenant_id) {
+                slot.exhausted = None;
+            }
+        }
     }
 
     fn forget(&self, tenant_id: &str) {
@@ -485,6 +499,7 @@ impl Leases {
         };
         if current.revision != policy.revision {
             tx.rollback().await?;
+            self.lapse(&key.tenant_id, &[key.policy_id.as_str()]);
             return Ok(Leased::Gone);
         }
         let mut counter = store::lock_counters(&mut tx, std::slice::from_ref(key))

@@ -39,6 +39,10 @@
 //!   the call needs: slices shrink as the budget runs out, so budget stranded in another
 //!   replica's slice is small and returns when idle.
 //! - *Windows.* The counter key includes the window: a new window is a new counter and lease.
+//! - *Exhausted budgets.* A lease transaction that finds the free budget too small lets the
+//!   replica deny calls needing more from memory for 100 ms, so a spent budget does not cost a
+//!   transaction per denial. Denying is always safe; budget freed elsewhere meanwhile may go
+//!   unseen for that long (this replica's releases, settles and expiries clear it at once).
 //!
 //! **Decisions in a transaction** (`reserve`): Reserve with an idempotency key (its replay must
 //! find what it was granted) and Settle with counts lock the counters, decide with leased
@@ -484,20 +488,23 @@ impl QuotaEngine {
         reservation_id: &str,
         actual: TokenCounts,
     ) -> Result<SettleOutcome, QuotaError> {
-        self.when_written(tenant_id, reservation_id, || async {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            self.writer(tenant_id)
-                .send(reserve::Work::Settle(reserve::SettleJob {
-                    tenant_id: tenant_id.to_owned(),
-                    reservation_id: reservation_id.to_owned(),
-                    actual,
-                    reply,
-                }))
-                .await
-                .map_err(|_| QuotaError::Stopped)?;
-            answer.await.map_err(|_| QuotaError::Stopped)?
-        })
-        .await
+        let settled = self
+            .when_written(tenant_id, reservation_id, || async {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                self.writer(tenant_id)
+                    .send(reserve::Work::Settle(reserve::SettleJob {
+                        tenant_id: tenant_id.to_owned(),
+                        reservation_id: reservation_id.to_owned(),
+                        actual,
+                        reply,
+                    }))
+                    .await
+                    .map_err(|_| QuotaError::Stopped)?;
+                answer.await.map_err(|_| QuotaError::Stopped)?
+            })
+            .await?;
+        self.freed(Some(tenant_id));
+        Ok(settled)
     }
 
     fn writer(&self, tenant_id: &str) -> &tokio::sync::mpsc::Sender<reserve::Work> {
@@ -510,10 +517,20 @@ impl QuotaEngine {
         tenant_id: &str,
         reservation_id: &str,
     ) -> Result<ReservationState, QuotaError> {
-        self.when_written(tenant_id, reservation_id, || {
-            self.release_written(tenant_id, reservation_id)
-        })
-        .await
+        let state = self
+            .when_written(tenant_id, reservation_id, || {
+                self.release_written(tenant_id, reservation_id)
+            })
+            .await?;
+        self.freed(Some(tenant_id));
+        Ok(state)
+    }
+
+    /// Budget was freed here: lease decisions must not deny from a stale view of it.
+    fn freed(&self, tenant_id: Option<&str>) {
+        if let Some(leases) = &self.leases {
+            leases.freed(tenant_id);
+        }
     }
 
     async fn release_written(
@@ -564,6 +581,7 @@ impl QuotaEngine {
         store::add_to_counters(&mut tx, &deltas).await?;
         tx.commit().await?;
         self.metrics.expired.inc_by(due.len() as u64);
+        self.freed(None);
         Ok(due.len())
     }
 }
