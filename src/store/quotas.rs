@@ -1136,7 +1136,8 @@ pub struct LeasedReservation<'a> {
 /// drops by as much), so `used + reserved + leased` does not grow. A reservation already
 /// settled by its usage event (a tombstone, see `insert_tombstones`) takes no hold: its slice
 /// part just returns to the free budget. A hold whose counter or lease is gone (policy deleted,
-/// or the lease reclaimed long after its expiry, when the hold would have lapsed) is dropped.
+/// or the lease reclaimed long after its expiry, when the hold would have lapsed) is dropped. A
+/// retry of a batch already written (its commit was lost on the way back) changes nothing.
 pub async fn write_leased(
     conn: &mut PgConnection,
     replica_id: uuid::Uuid,
@@ -1163,8 +1164,30 @@ pub async fn write_leased(
     .await?;
     let inserted: std::collections::HashSet<String> =
         inserted.into_iter().map(|(id,)| id).collect();
+    // A conflict with holds is this batch written before, by an attempt whose commit succeeded
+    // but did not reach us: moving its slice part again would free budget twice.
+    let conflicts: Vec<&Reservation> = r
+        .iter()
+        .copied()
+        .filter(|r| !inserted.contains(&r.reservation_id))
+        .collect();
+    let rewritten: std::collections::HashSet<String> = if conflicts.is_empty() {
+        std::collections::HashSet::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT DISTINCT h.reservation_id FROM quota_holds h
+             WHERE (h.tenant_id, h.reservation_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(column(&conflicts, |r| r.tenant_id.as_str()))
+        .bind(column(&conflicts, |r| r.reservation_id.as_str()))
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect()
+    };
     let keys: Vec<&CounterKey> = granted
         .iter()
+        .filter(|g| !rewritten.contains(&g.reservation.reservation_id))
         .flat_map(|g| g.holds.iter().map(|h| h.counter))
         .collect();
     if keys.is_empty() {
@@ -1194,7 +1217,10 @@ pub async fn write_leased(
     // Per counter: (moved to reserved, taken from the lease).
     let mut moves: HashMap<&CounterKey, (Decimal, Decimal)> = HashMap::new();
     let mut holds: Vec<(&Reservation, &LeasedHold<'_>)> = Vec::new();
-    for g in granted {
+    for g in granted
+        .iter()
+        .filter(|g| !rewritten.contains(&g.reservation.reservation_id))
+    {
         let written = inserted.contains(&g.reservation.reservation_id);
         for hold in &g.holds {
             if !existing.contains(hold.counter) {

@@ -1,6 +1,8 @@
 //! Quotas against the real Postgres (and Kafka for alerts): the hard limit under concurrency
 //! across two server processes, TTL expiry, settlement, soft limits, alerts, money limits,
-//! local-midnight windows, and policy validation.
+//! local-midnight windows, policy validation, and budget leases (a replica killed holding a
+//! slice, grants settled or released before they are written, a limit lowered while slices are
+//! out, a graceful stop).
 
 use std::time::Duration;
 
