@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quota reserve benchmark (DESIGN §7, issue 5): a separate load process (benches/quota_load.rs)
-# calls Reserve then Settle over gRPC on loopback against the release binary serving a fresh
+# calls Reserve, then settles each allowed call in a task of its own, over gRPC on loopback against the release binary serving a fresh
 # database, with hard daily token budgets that run out during the run. It reports decisions/s,
 # Reserve latency percentiles and the overspend (granted tokens above a budget: must be 0),
 # first at saturation (closed loop), then at a fixed offered rate (open loop, latency measured
@@ -11,8 +11,9 @@
 # Environment (all optional):
 #   CONCURRENCY=64  DURATION=20s  TENANTS=8  BUDGET=2000000 (tokens per tenant)  TOKENS=100
 #   RATES="2000 20000" (offered decisions/s of the open-loop runs)  SKIP_BUILD=1
-#   REPLICAS=1 (serve processes on one database, each with its own load process, tenants and
-#   share of the callers and rate)  QUOTA_WRITERS (quota.writers)
+#   REPLICAS=1 (serve processes on one database; the one load process spreads its connections
+#   over them, so they race for the same budgets)  QUOTA_WRITERS (quota.writers)
+#   QUOTA_LEASES=true (quota.leases: false decides every Reserve in a transaction)
 #   SETTLE=event (IngestUsage with the reservation id) | counts (Settle RPC) | none
 #   TOKENMETER_LOCAL_DIR (where deploy/local/postgres.sh keeps its cluster)
 #
@@ -100,6 +101,7 @@ for replica in $(seq 1 "$REPLICAS"); do
     TOKENMETER_ADMIN__LISTEN_ADDR="127.0.0.1:$admin_port" \
     TOKENMETER_KAFKA__ENABLED=false \
     ${QUOTA_WRITERS:+TOKENMETER_QUOTA__WRITERS="$QUOTA_WRITERS"} \
+    ${QUOTA_LEASES:+TOKENMETER_QUOTA__LEASES="$QUOTA_LEASES"} \
     TOKENMETER_LOG__FILTER="${TOKENMETER_LOG__FILTER:-warn}" \
     "$bin" serve --run-migrations >"$out_dir/quota_reserve-$stamp.server$replica.log" 2>&1 &
   pids+=($!)
@@ -112,31 +114,23 @@ for replica in $(seq 1 "$REPLICAS"); do
   # Migrations are applied by the first replica before the next one starts.
 done
 
-# One load process per replica, each with its share of the callers and of the rate.
+# One load process (separate from the servers) for all replicas: they share its tenants and
+# budgets, its connections spread over them.
 run() {
-  local rate="$1" label="$2" share_rate="$(( $1 / REPLICAS ))" share_c="$(( CONCURRENCY / REPLICAS ))"
-  local outs=() i=0
-  for target in "${targets[@]}"; do
-    i=$((i + 1))
-    "$load" --target "$target" --concurrency "$share_c" --rate "$share_rate" --duration "$DURATION" \
-      --tenants "$TENANTS" --budget "$((BUDGET / REPLICAS))" --tokens "$TOKENS" --settle "$SETTLE" \
-      >"$out_dir/quota_reserve-$stamp.$label.$i.json" &
-    outs+=($!)
-  done
-  local rc=0
-  for pid in "${outs[@]}"; do wait "$pid" || rc=1; done
-  python3 - "$label" "$out_dir/quota_reserve-$stamp.$label".*.json <<'PY'
+  local rate="$1" label="$2" out="$out_dir/quota_reserve-$stamp.$2.json" rc=0
+  "$load" --target "$(IFS=,; echo "${targets[*]}")" --concurrency "$CONCURRENCY" --rate "$rate" \
+    --duration "$DURATION" --tenants "$TENANTS" --budget "$BUDGET" --tokens "$TOKENS" \
+    --settle "$SETTLE" >"$out" || rc=1
+  python3 - "$label" "$out" <<'PY'
 import json, sys
-label, files = sys.argv[1], sys.argv[2:]
-rs = [json.load(open(f)) for f in files]
-dec = sum(r["decisions"] for r in rs)
-el = max(r["elapsed_s"] for r in rs)
-p = lambda k: max(r["reserve_ms"][k] for r in rs)
-print(f"{label:<22} decisions {dec:>8}  ({sum(r['allowed'] for r in rs)} allowed, {sum(r['denied'] for r in rs)} denied, "
-      f"{sum(r['errors'] for r in rs)} errors)  {dec / el:>8.0f} decisions/s  reserve p50 {p('p50'):.2f} ms  "
-      f"p90 {p('p90'):.2f} ms  p99 {p('p99'):.2f} ms  max {p('max'):.2f} ms  settle p99 "
-      f"{max(r['settle_ms']['p99'] for r in rs):.2f} ms  budget used {min(r['budget_used'] for r in rs):.3f}  "
-      f"overspend {sum(r['overspend_tokens'] + r['stored_overspend_tokens'] for r in rs)}")
+label, f = sys.argv[1], sys.argv[2]
+r = json.load(open(f))
+ms = r["reserve_ms"]
+print(f"{label:<16} decisions {r['decisions']:>8}  ({r['allowed']} allowed, {r['denied']} denied, {r['errors']} errors)  "
+      f"{r['decisions_per_s']:>8.0f} decisions/s  reserve p50 {ms['p50']:.2f} ms  p90 {ms['p90']:.2f} ms  "
+      f"p99 {ms['p99']:.2f} ms  max {ms['max']:.2f} ms  settles {r['settles']} ({r['settle_errors']} errors, "
+      f"{r['settles'] / r['settled_s']:.0f}/s)  settle p50 {r['settle_ms']['p50']:.2f} ms  p99 {r['settle_ms']['p99']:.2f} ms  "
+      f"budget used {r['budget_used']:.3f}  overspend {r['overspend_tokens'] + r['stored_overspend_tokens']}")
 PY
   return "$rc"
 }
@@ -147,13 +141,15 @@ PY
   echo "commit      $commit"
   echo "machine     $machine"
   echo "postgres    $pg_version (deploy/local/postgres.sh settings)"
-  echo "setup       $REPLICAS serve process(es), $CONCURRENCY callers, $TENANTS tenants x hard daily budget $BUDGET tokens, $TOKENS tokens per Reserve, settle of each allow: $SETTLE, $DURATION per run"
+  echo "load        $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-min load average before the runs; the box may be shared)"
+  echo "setup       $REPLICAS serve process(es), quota.leases ${QUOTA_LEASES:-true}, $CONCURRENCY callers, $TENANTS tenants x hard daily budget $BUDGET tokens, $TOKENS tokens per Reserve, settle of each allow: $SETTLE, $DURATION per run"
 } | tee "$figures"
 status=0
 run 0 "saturation" | tee -a "$figures" || status=1
 for rate in $RATES; do
   run "$rate" "rate-$rate" | tee -a "$figures" || status=1
 done
+echo "load after  $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$figures"
 echo "target      p99 <= 1 ms at >= 20000 decisions/s, overspend 0" | tee -a "$figures"
 echo "kept        $figures and the JSON reports beside it" | tee -a "$figures"
 exit "$status"

@@ -220,6 +220,13 @@ impl Application {
                 Ok(())
             });
         }
+        if self.settings.quota.leases {
+            let (engine, token) = (self.quota.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                crate::quota::run_lease_idle(engine, token).await;
+                Ok(())
+            });
+        }
         if self.settings.kafka.enabled && self.settings.quota.alerts.enabled {
             let alerts = &self.settings.quota.alerts;
             let publisher = crate::quota::alerts::AlertPublisher::new(
@@ -279,6 +286,8 @@ impl Application {
             tracing::warn!(grace = ?grace, "drain timed out; aborting remaining work");
             tasks.abort_all();
         }
+        // After the gRPC server stopped: nothing grants any more.
+        self.quota.close().await;
         self.pool.close().await;
         if let Err(e) = &outcome {
             tracing::error!(error = %e, "stopped on error");

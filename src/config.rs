@@ -182,11 +182,34 @@ pub struct QuotaSettings {
     pub expiry_interval: Duration,
     /// Most reservations one sweep transaction expires.
     pub expiry_batch: i64,
-    /// Reserve writer tasks per replica; each owns a share of the tenants and decides the
-    /// calls waiting for it in one transaction.
+    /// Writer tasks per replica; each owns a share of the tenants and writes the reservations
+    /// granted from leases in batches, and decides the calls leases do not (keyed Reserve,
+    /// Settle with counts) in one transaction per batch.
     pub writers: usize,
-    /// Most Reserve calls decided in one transaction.
+    /// Most calls (or granted reservations) one writer handles in one transaction.
     pub max_batch: usize,
+    /// Decide Reserve calls without an idempotency key from budget slices leased from Postgres,
+    /// in memory (see `crate::quota`). Off: every decision is a transaction.
+    pub leases: bool,
+    /// Life of a lease. A replica stops granting from it a quarter of it before it ends
+    /// (counted from before it asked) and renews it when a call needs it; a replica that died
+    /// holding it has its slice returned `max_ttl` after it ends.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Replicas expected to lease one budget: a slice is the free budget / (2 × this), never
+    /// less than the call needs.
+    pub lease_replicas: u32,
+    /// An unused slice no call took from for this long is given back, for other replicas.
+    #[serde(with = "humantime_serde")]
+    pub lease_idle: Duration,
+    /// How long a writer lets granted reservations gather before writing them: the most a
+    /// grant stays unwritten, on top of the write itself.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// How long policies (and the prices money limits use) are cached for decisions from
+    /// leases: a changed policy binds new grants after at most this long.
+    #[serde(with = "humantime_serde")]
+    pub policy_cache_ttl: Duration,
     pub alerts: QuotaAlertSettings,
 }
 
@@ -375,6 +398,15 @@ impl Settings {
         }
         if self.quota.expiry_batch < 1 {
             return Err(invalid("quota.expiry_batch", "must be at least 1"));
+        }
+        if self.quota.lease_ttl < Duration::from_millis(100) {
+            return Err(invalid("quota.lease_ttl", "must be at least 100ms"));
+        }
+        if self.quota.lease_replicas == 0 {
+            return Err(invalid("quota.lease_replicas", "must be at least 1"));
+        }
+        if self.quota.lease_idle < Duration::from_millis(2) {
+            return Err(invalid("quota.lease_idle", "must be at least 2ms"));
         }
         if self.quota.alerts.enabled && self.quota.alerts.topic.trim().is_empty() {
             return Err(invalid("quota.alerts.topic", "is required"));

@@ -4,6 +4,7 @@
 pub mod attribution;
 pub mod auth;
 pub mod invoice;
+pub mod lease;
 pub mod money;
 pub mod normalize;
 pub mod period;

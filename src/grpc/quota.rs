@@ -169,6 +169,7 @@ fn status_to_proto(state: &PolicyState) -> pb::PolicyStatus {
         limit: Some(quantity(currency, policy.limit.value())),
         used: Some(quantity(currency, state.used)),
         reserved: Some(quantity(currency, state.reserved)),
+        leased: Some(quantity(currency, state.leased)),
         remaining: Some(quantity(currency, state.remaining())),
         over_limit: state.over_limit,
         thresholds_crossed: state

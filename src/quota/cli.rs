@@ -104,7 +104,7 @@ pub async fn run(pool: &PgPool, command: QuotaCommand) -> anyhow::Result<()> {
                 agent_id: agent.as_deref(),
                 service: service.as_deref(),
             };
-            println!("policy\tused\treserved\tremaining\tlimit\twindow_end\tover_limit");
+            println!("policy\tused\treserved\tremaining\tlimit\twindow_end\tover_limit\tleased");
             for state in status(pool, &tenant, selection).await? {
                 println!("{}", status_line(&state));
             }
@@ -190,13 +190,14 @@ fn describe(policy: &Policy) -> String {
 
 fn status_line(state: &PolicyState) -> String {
     format!(
-        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
         state.policy.policy_id,
         state.used,
         state.reserved,
         state.remaining(),
         limit_text(&state.policy.limit),
         state.window.end.to_rfc3339(),
-        state.over_limit
+        state.over_limit,
+        state.leased
     )
 }

@@ -1,17 +1,56 @@
 //! The reservation engine: reserve, settle, release, expire and report quota, over the
 //! counters in Postgres.
 //!
-//! Why a hard limit is never overspent, whatever the number of clients and replicas: a
-//! decision runs in one transaction that locks the counter row of every applicable policy's
-//! current window (sorted, so two decisions never deadlock), reads `used + reserved` under
-//! those locks, decides, and adds its hold before committing. Every other writer of a counter
-//! (usage ingest, settlement, release, expiry) takes the same row lock, so at any instant each
-//! counter's `used + reserved` is exactly what the committed transactions put there, and a
-//! decision that sees `used + reserved + hold ≤ limit` keeps it true until it commits. Nothing
-//! is cached in a replica's memory, so adding replicas cannot add budget.
+//! Each (policy, window) has a counter row with `used`, `reserved` and `leased`. Every writer
+//! of a counter changes it under its row lock, and for a hard limit every change that can add
+//! to the sum keeps `used + reserved + leased ≤ limit` (usage itself can go over: it happened).
+//!
+//! **Decisions from leases** (`lease`, the default for Reserve without an idempotency key).
+//! A replica (a random replica id per process) leases a slice of a counter's free budget
+//! (`limit − used − reserved − leased`, read under the row lock with the policy's current
+//! limit): `leased` and its lease row's `granted` grow by the slice in one transaction, only if
+//! it fits. It grants from the slice in memory, all applicable policies or none, and never more
+//! than the slice (`domain::lease::Book`). Writer tasks then write granted reservations in
+//! batches within `quota.flush_interval`: each hold moves from `leased` to `reserved`, on the
+//! counter and on the lease row alike, so the sum does not grow. Hence, at every instant, what
+//! all replicas granted and not yet wrote is covered by `leased`, and a hard limit holds across
+//! any number of replicas. Why the pieces around that stay safe:
+//!
+//! - *Crash.* A replica stops granting from a lease a quarter of `quota.lease_ttl` before its
+//!   `expires_at`, counted from before it asked (the database sets `expires_at` after that
+//!   instant, so clock skew cannot stretch it). Its grants not yet written were promised with
+//!   TTLs of at most `quota.max_ttl`, so its slice returns to the free budget only at
+//!   `reclaim_at = expires_at + max_ttl` (the reclaim runs with every replica's expiry sweep),
+//!   when every such hold has lapsed. A write that finds its lease reclaimed drops the hold:
+//!   it would have lapsed.
+//! - *Settled before written.* Usage naming a reservation not written yet (a recent UUIDv7,
+//!   `domain::lease::maybe_unwritten`) inserts it as a settled tombstone in the ingest
+//!   transaction; the write then takes no hold and just returns the slice part. Settle with
+//!   counts and Release wait until the reservation is written (`quota.lease_ttl` at most).
+//! - *Policy changes.* Leasing reads the policy's limit under the lock, so a slice never comes
+//!   from more than the current limit. Policies are cached for `quota.policy_cache_ttl`; a
+//!   changed revision lapses the replica's slices of that policy, which are given back whole
+//!   before anything is leased again. So a lowered limit binds new grants within that TTL;
+//!   until then a replica may still grant what it leased before the change — at most its
+//!   unused slices, `free / (2 × quota.lease_replicas)` each when leased.
+//! - *Shutdown and idle slices.* A graceful stop writes every grant and gives every unused
+//!   slice back; a slice nobody took from for `quota.lease_idle` is given back, so another
+//!   replica can lease it. A slice is `free / (2 × quota.lease_replicas)` but at least what
+//!   the call needs: slices shrink as the budget runs out, so budget stranded in another
+//!   replica's slice is small and returns when idle.
+//! - *Windows.* The counter key includes the window: a new window is a new counter and lease.
+//! - *Exhausted budgets.* A lease transaction that finds the free budget too small lets the
+//!   replica deny calls needing more from memory for 100 ms, so a spent budget does not cost a
+//!   transaction per denial. Denying is always safe; budget freed elsewhere meanwhile may go
+//!   unseen for that long (this replica's releases, settles and expiries clear it at once).
+//!
+//! **Decisions in a transaction** (`reserve`): Reserve with an idempotency key (its replay must
+//! find what it was granted) and Settle with counts lock the counters, decide with leased
+//! slices counted as taken, and write in one transaction, batched per writer task.
 
 pub mod alerts;
 pub mod cli;
+mod lease;
 mod reserve;
 
 use std::collections::HashMap;
@@ -80,14 +119,19 @@ pub struct PolicyState {
     pub window: Span,
     pub used: Decimal,
     pub reserved: Decimal,
+    /// Budget in replicas' leased slices, not granted to anyone yet (or granted and not yet
+    /// written). In a Reserve answer: other replicas' slices only, since the answering
+    /// replica's unused slice is still there for its callers.
+    pub leased: Decimal,
     pub over_limit: bool,
     /// (threshold, when) crossed in this window; filled by status reads only.
     pub crossings: Vec<(i32, DateTime<Utc>)>,
 }
 
 impl PolicyState {
+    /// What can still be granted: leased slices count as spoken for.
     pub fn remaining(&self) -> Decimal {
-        self.policy.limit.value() - self.used - self.reserved
+        self.policy.limit.value() - self.used - self.reserved - self.leased
     }
 }
 
@@ -179,10 +223,13 @@ pub struct QuotaEngine {
     ingestor: Arc<Ingestor>,
     settings: QuotaSettings,
     writers: Vec<tokio::sync::mpsc::Sender<reserve::Work>>,
+    /// `None` when `quota.leases` is off: every decision is then a transaction.
+    leases: Option<Arc<lease::Leases>>,
 }
 
 impl QuotaEngine {
-    /// Starts the reserve writers (on the current Tokio runtime); they stop with the engine.
+    /// Starts the reserve writers and, with `quota.leases`, the lease writers (on the current
+    /// Tokio runtime); they stop with the engine.
     pub fn new(
         pool: PgPool,
         ingestor: Arc<Ingestor>,
@@ -192,6 +239,9 @@ impl QuotaEngine {
         Self {
             metrics,
             writers: reserve::start(pool.clone(), ingestor.clone(), settings.clone()),
+            leases: settings
+                .leases
+                .then(|| lease::Leases::start(pool.clone(), ingestor.clone(), settings.clone())),
             pool,
             ingestor,
             settings,
@@ -256,6 +306,13 @@ impl QuotaEngine {
     /// A retry carrying an idempotency key already used gets the original answer.
     pub async fn reserve(&self, input: &ReserveInput) -> Result<ReserveOutcome, QuotaError> {
         let held_tokens = input.estimate.held_tokens()?;
+        // A keyed call is decided in a transaction: its replay must find what it was granted,
+        // which a reservation not yet written cannot promise.
+        if let (Some(leases), None) = (&self.leases, &input.idempotency_key) {
+            let outcome = leases.reserve(input, held_tokens).await?;
+            self.metrics.decided(&outcome.decision);
+            return Ok(outcome);
+        }
         // Twice at most: a key replayed from a batch whose first call was denied has nothing
         // to replay, and is then decided on its own.
         for _ in 0..2 {
@@ -312,12 +369,75 @@ impl QuotaEngine {
         })
     }
 
+    /// Policies as stored, after this replica's granted reservations are written (so a caller
+    /// reads its own grants as `reserved`).
     pub async fn status(
         &self,
         tenant_id: &str,
         selection: Selection<'_>,
     ) -> Result<Vec<PolicyState>, QuotaError> {
+        if let Some(leases) = &self.leases {
+            leases.write_all().await;
+        }
         status(&self.pool, tenant_id, selection).await
+    }
+
+    /// Waits until a reservation that `reservation_id` may name — granted from a lease, here or
+    /// by another replica, and not written yet — is written; `false` if it never shows up
+    /// (another id, or one granted too long ago to be still unwritten).
+    async fn written(&self, tenant_id: &str, reservation_id: &str) -> Result<bool, QuotaError> {
+        let Some(leases) = &self.leases else {
+            return Ok(false);
+        };
+        if !crate::domain::lease::maybe_unwritten(reservation_id, Utc::now()) {
+            return Ok(false);
+        }
+        leases.write_all().await;
+        let deadline = tokio::time::Instant::now() + self.settings.lease_ttl;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            match store::lock_reservation(&mut conn, tenant_id, reservation_id).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::NotFound(_)) if tokio::time::Instant::now() < deadline => {}
+                Err(StoreError::NotFound(_)) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+            drop(conn);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Runs `call`, and once more after waiting for the reservation to be written if it was not
+    /// found: a caller may settle or release a grant before its replica wrote it.
+    async fn when_written<T, F: std::future::Future<Output = Result<T, QuotaError>>>(
+        &self,
+        tenant_id: &str,
+        reservation_id: &str,
+        call: impl Fn() -> F,
+    ) -> Result<T, QuotaError> {
+        match call().await {
+            Err(QuotaError::Store(StoreError::NotFound(what)))
+                if !self.written(tenant_id, reservation_id).await? =>
+            {
+                Err(QuotaError::Store(StoreError::NotFound(what)))
+            }
+            Err(QuotaError::Store(StoreError::NotFound(_))) => call().await,
+            other => other,
+        }
+    }
+
+    /// Gives back idle slices (every `quota.lease_idle / 2`, on replicas with leases on).
+    pub async fn give_back_idle(&self) {
+        if let Some(leases) = &self.leases {
+            leases.give_back_idle().await;
+        }
+    }
+
+    /// Graceful shutdown: writes every granted reservation and gives every slice back.
+    pub async fn close(&self) {
+        if let Some(leases) = &self.leases {
+            leases.close().await;
+        }
     }
 
     /// Status of the policies a reservation applies to.
@@ -338,8 +458,11 @@ impl QuotaEngine {
         tenant_id: &str,
         reservation_id: &str,
     ) -> Result<Reservation, QuotaError> {
-        let mut conn = self.pool.acquire().await?;
-        Ok(store::lock_reservation(&mut conn, tenant_id, reservation_id).await?)
+        self.when_written(tenant_id, reservation_id, || async {
+            let mut conn = self.pool.acquire().await?;
+            Ok(store::lock_reservation(&mut conn, tenant_id, reservation_id).await?)
+        })
+        .await
     }
 
     /// The state and policies of a reservation after its usage event was ingested.
@@ -365,17 +488,23 @@ impl QuotaEngine {
         reservation_id: &str,
         actual: TokenCounts,
     ) -> Result<SettleOutcome, QuotaError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writer(tenant_id)
-            .send(reserve::Work::Settle(reserve::SettleJob {
-                tenant_id: tenant_id.to_owned(),
-                reservation_id: reservation_id.to_owned(),
-                actual,
-                reply,
-            }))
-            .await
-            .map_err(|_| QuotaError::Stopped)?;
-        answer.await.map_err(|_| QuotaError::Stopped)?
+        let settled = self
+            .when_written(tenant_id, reservation_id, || async {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                self.writer(tenant_id)
+                    .send(reserve::Work::Settle(reserve::SettleJob {
+                        tenant_id: tenant_id.to_owned(),
+                        reservation_id: reservation_id.to_owned(),
+                        actual,
+                        reply,
+                    }))
+                    .await
+                    .map_err(|_| QuotaError::Stopped)?;
+                answer.await.map_err(|_| QuotaError::Stopped)?
+            })
+            .await?;
+        self.freed(Some(tenant_id));
+        Ok(settled)
     }
 
     fn writer(&self, tenant_id: &str) -> &tokio::sync::mpsc::Sender<reserve::Work> {
@@ -384,6 +513,27 @@ impl QuotaEngine {
 
     /// Frees an active reservation's holds; reports the state it ends in.
     pub async fn release(
+        &self,
+        tenant_id: &str,
+        reservation_id: &str,
+    ) -> Result<ReservationState, QuotaError> {
+        let state = self
+            .when_written(tenant_id, reservation_id, || {
+                self.release_written(tenant_id, reservation_id)
+            })
+            .await?;
+        self.freed(Some(tenant_id));
+        Ok(state)
+    }
+
+    /// Budget was freed here: lease decisions must not deny from a stale view of it.
+    fn freed(&self, tenant_id: Option<&str>) {
+        if let Some(leases) = &self.leases {
+            leases.freed(tenant_id);
+        }
+    }
+
+    async fn release_written(
         &self,
         tenant_id: &str,
         reservation_id: &str,
@@ -411,6 +561,12 @@ impl QuotaEngine {
         Ok(ReservationState::Released)
     }
 
+    /// Returns to the budget up to `quota.expiry_batch` leases past their `reclaim_at` (their
+    /// replicas died holding them); returns how many.
+    pub async fn reclaim_leases(&self) -> Result<usize, QuotaError> {
+        Ok(store::reclaim_leases(&self.pool, self.settings.expiry_batch).await?)
+    }
+
     /// Expires up to `quota.expiry_batch` lapsed reservations and frees their holds; returns
     /// how many.
     pub async fn expire_due(&self) -> Result<usize, QuotaError> {
@@ -425,6 +581,7 @@ impl QuotaEngine {
         store::add_to_counters(&mut tx, &deltas).await?;
         tx.commit().await?;
         self.metrics.expired.inc_by(due.len() as u64);
+        self.freed(None);
         Ok(due.len())
     }
 }
@@ -480,6 +637,7 @@ pub async fn status(
             window: key.window,
             used: c.used,
             reserved: c.reserved,
+            leased: c.leased,
         })
         .collect())
 }
@@ -646,7 +804,45 @@ async fn settle_reservations(
     ids: &[(&str, &str)],
     deltas: &mut HashMap<CounterKey, Counter>,
 ) -> Result<(), StoreError> {
-    let reservations = store::lock_reservations(conn, ids).await?;
+    let mut reservations = store::lock_reservations(conn, ids).await?;
+    // A reservation granted from a lease may not be written yet: a tombstone settled by this
+    // usage makes its write take no hold (`store::write_leased`), instead of a phantom hold
+    // that would block the budget until its TTL.
+    let now = Utc::now();
+    let mut tombstones: Vec<store::Tombstone<'_>> = accepted
+        .iter()
+        .filter_map(|c| {
+            let event = c.event;
+            let (tenant_id, reservation_id) = (
+                event.identity.tenant_id.as_str(),
+                event.reservation_id.as_deref()?,
+            );
+            let known = reservations
+                .iter()
+                .any(|r| r.tenant_id == tenant_id && r.reservation_id == reservation_id);
+            (!known && crate::domain::lease::maybe_unwritten(reservation_id, now)).then_some(
+                store::Tombstone {
+                    tenant_id,
+                    reservation_id,
+                    agent_id: &event.agent_id,
+                    service: event.service.as_deref(),
+                    provider: &event.provider,
+                    model: &event.model,
+                },
+            )
+        })
+        .collect();
+    tombstones.sort_by_key(|t| (t.tenant_id, t.reservation_id));
+    tombstones.dedup_by_key(|t| (t.tenant_id, t.reservation_id));
+    if !tombstones.is_empty() {
+        store::insert_tombstones(conn, &tombstones).await?;
+        // This transaction's tombstones, or reservations written meanwhile: settled alike.
+        let missing: Vec<(&str, &str)> = tombstones
+            .iter()
+            .map(|t| (t.tenant_id, t.reservation_id))
+            .collect();
+        reservations.extend(store::lock_reservations(conn, &missing).await?);
+    }
     if reservations.is_empty() {
         return Ok(());
     }
@@ -728,7 +924,25 @@ pub async fn run_expiry(
                 }
             }
         }
+        match engine.reclaim_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(leases = n, "quota slices of stopped replicas reclaimed"),
+            Err(e) => tracing::warn!(error = %e, "quota lease reclaim failed; retrying next interval"),
         }
+        }
+    })
+    .await;
+}
+
+/// Gives back slices idle for `quota.lease_idle`, checking twice as often, until shutdown.
+pub async fn run_lease_idle(
+    engine: Arc<QuotaEngine>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let period = engine.settings.lease_idle / 2;
+    crate::periodic::every(period, period, shutdown, || {
+        let engine = engine.clone();
+        async move { engine.give_back_idle().await }
     })
     .await;
 }

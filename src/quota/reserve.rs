@@ -1,6 +1,7 @@
-//! Reserve decisions in batches (group commit). Each replica routes a tenant's Reserve calls to
-//! one of `quota.writers` tasks; a task takes every call waiting for it and decides them in one
-//! transaction: it locks the counters of all their policies once, decides the calls one after
+//! Reserve decisions in batches (group commit), for the calls leases do not decide: Reserve
+//! with an idempotency key (or every Reserve with `quota.leases` off) and Settle with counts.
+//! Each replica routes a tenant's calls to one of `quota.writers` tasks; a task takes every call
+//! waiting for it and decides them in one transaction: it locks the counters of all their policies once, decides the calls one after
 //! the other against the locked values (each decision sees the holds of the ones before it),
 //! writes every granted hold and commits. Exactness is the same as one transaction per call —
 //! every decision is made under the counters' row locks — but a hot budget costs one lock
@@ -285,7 +286,8 @@ impl Writers {
                     enforcement: policies[*i].enforcement,
                     limit: policies[*i].limit.value(),
                     used: counters[*i].used,
-                    reserved: counters[*i].reserved,
+                    // Replicas' leased slices are spoken for like holds.
+                    reserved: counters[*i].reserved + counters[*i].leased,
                     hold: *hold,
                 })
                 .collect();
@@ -312,6 +314,7 @@ impl Writers {
                     window: keys[*i].window,
                     used: counters[*i].used,
                     reserved: counters[*i].reserved,
+                    leased: counters[*i].leased,
                     over_limit: *flag,
                     crossings: Vec::new(),
                 })
@@ -425,6 +428,7 @@ impl Writers {
                             window: k.window,
                             used: c.used,
                             reserved: c.reserved,
+                            leased: c.leased,
                             over_limit: c.used + c.reserved > p.limit.value(),
                             crossings: Vec::new(),
                         })
@@ -543,11 +547,12 @@ struct Granted {
     holds: Vec<(usize, Decimal)>,
 }
 
-fn new_reservation(
+/// A granted call's reservation, active until `expires_at`.
+pub(super) fn new_reservation(
     input: &ReserveInput,
     held_tokens: TokenCounts,
     decision: &Decision,
-    now: chrono::DateTime<Utc>,
+    expires_at: chrono::DateTime<Utc>,
 ) -> Reservation {
     Reservation {
         tenant_id: input.tenant_id.clone(),
@@ -559,7 +564,7 @@ fn new_reservation(
         held_tokens,
         soft_limited: matches!(decision, Decision::AllowSoftLimit),
         state: ReservationState::Active,
-        expires_at: now,
+        expires_at,
         settled_tokens: None,
         settled_by_event: false,
     }

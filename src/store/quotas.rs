@@ -3,7 +3,8 @@
 //! move together with whatever caused them (a reservation, a usage event, an expiry).
 //!
 //! Lock order, the same on every path so concurrent transactions cannot deadlock: policies
-//! (KEY SHARE), then reservations (by tenant, id), then counters (by tenant, policy, window).
+//! (KEY SHARE), then reservations (by tenant, id), then counters (by tenant, policy, window),
+//! then leases.
 
 use std::collections::HashMap;
 
@@ -443,10 +444,14 @@ fn key_columns<'a>(keys: impl Iterator<Item = &'a CounterKey>) -> KeyColumns<'a>
     columns
 }
 
+/// A counter's amounts; as a delta (`add_to_counters`) only `used` and `reserved` move:
+/// `leased` changes with lease rows only, through the lease functions below.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counter {
     pub used: Decimal,
     pub reserved: Decimal,
+    /// Slices replicas hold (see `quota_leases`).
+    pub leased: Decimal,
 }
 
 /// Creates missing counters and locks all of `keys` (one tenant's) in key order, returning
@@ -459,13 +464,13 @@ pub async fn lock_counters(
     let mut sorted: Vec<&CounterKey> = keys.iter().collect();
     sorted.sort();
     let (tenants, policies, starts, ends) = key_columns(sorted.iter().copied());
-    let rows: Vec<(String, String, DateTime<Utc>, Decimal, Decimal)> = sqlx::query_as(
+    let rows: Vec<(String, String, DateTime<Utc>, Decimal, Decimal, Decimal)> = sqlx::query_as(
         "INSERT INTO quota_counters (tenant_id, policy_id, window_start, window_end)
          SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
          ORDER BY 1, 2, 3
          ON CONFLICT (tenant_id, policy_id, window_start)
          DO UPDATE SET used = quota_counters.used
-         RETURNING tenant_id, policy_id, window_start, used, reserved",
+         RETURNING tenant_id, policy_id, window_start, used, reserved, leased",
     )
     .bind(tenants)
     .bind(policies)
@@ -475,7 +480,16 @@ pub async fn lock_counters(
     .await?;
     let found: HashMap<(String, String, DateTime<Utc>), Counter> = rows
         .into_iter()
-        .map(|(t, p, w, used, reserved)| ((t, p, w), Counter { used, reserved }))
+        .map(|(t, p, w, used, reserved, leased)| {
+            (
+                (t, p, w),
+                Counter {
+                    used,
+                    reserved,
+                    leased,
+                },
+            )
+        })
         .collect();
     Ok(keys
         .iter()
@@ -534,8 +548,8 @@ pub async fn add_to_counters(
 /// Current state of counters, without locking (status reads). Missing ones are zero.
 pub async fn read_counters(pool: &PgPool, keys: &[CounterKey]) -> Result<Vec<Counter>, StoreError> {
     let (tenants, policies, starts, _) = key_columns(keys.iter());
-    let rows: Vec<(String, DateTime<Utc>, Decimal, Decimal)> = sqlx::query_as(
-        "SELECT c.policy_id, c.window_start, c.used, c.reserved
+    let rows: Vec<(String, DateTime<Utc>, Decimal, Decimal, Decimal)> = sqlx::query_as(
+        "SELECT c.policy_id, c.window_start, c.used, c.reserved, c.leased
          FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS q (tenant_id, policy_id, window_start)
          JOIN quota_counters c USING (tenant_id, policy_id, window_start)",
     )
@@ -546,7 +560,16 @@ pub async fn read_counters(pool: &PgPool, keys: &[CounterKey]) -> Result<Vec<Cou
     .await?;
     let found: HashMap<(String, DateTime<Utc>), Counter> = rows
         .into_iter()
-        .map(|(p, w, used, reserved)| ((p, w), Counter { used, reserved }))
+        .map(|(p, w, used, reserved, leased)| {
+            (
+                (p, w),
+                Counter {
+                    used,
+                    reserved,
+                    leased,
+                },
+            )
+        })
         .collect();
     Ok(keys
         .iter()
@@ -744,6 +767,29 @@ pub async fn holds_of(
         .collect())
 }
 
+type PgQueryAs<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+/// Binds $1..$8 of a reservation insert: tenant, id, agent, service, provider and model, the
+/// held buckets (ten per reservation, one flat array) and the decision.
+fn bind_reservations<'q, O>(query: PgQueryAs<'q, O>, r: &[&'q Reservation]) -> PgQueryAs<'q, O> {
+    let held: Vec<i64> = r.iter().flat_map(|r| r.held_tokens.buckets()).collect();
+    query
+        .bind(column(r, |r| r.tenant_id.as_str()))
+        .bind(column(r, |r| r.reservation_id.as_str()))
+        .bind(column(r, |r| r.agent_id.as_str()))
+        .bind(column(r, |r| r.service.as_deref()))
+        .bind(column(r, |r| r.provider.as_str()))
+        .bind(column(r, |r| r.model.as_str()))
+        .bind(held)
+        .bind(column(r, |r| {
+            if r.soft_limited {
+                "allow_soft_limit"
+            } else {
+                "allow"
+            }
+        }))
+}
+
 /// A new reservation and its holds, written after the decision.
 pub struct NewReservation<'a> {
     pub reservation: &'a Reservation,
@@ -762,13 +808,13 @@ pub async fn insert_reservations(
     new: &[NewReservation<'_>],
 ) -> Result<Vec<DateTime<Utc>>, StoreError> {
     let r: Vec<&Reservation> = new.iter().map(|n| n.reservation).collect();
-    let held: Vec<i64> = r.iter().flat_map(|r| r.held_tokens.buckets()).collect();
     let holds: Vec<(&Reservation, &(&str, Span, Decimal))> = new
         .iter()
         .flat_map(|n| n.holds.iter().map(move |h| (n.reservation, h)))
         .collect();
-    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "WITH reservation AS (
+    let rows: Vec<(String, DateTime<Utc>)> = bind_reservations(
+        sqlx::query_as(
+            "WITH reservation AS (
              INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service,
                  provider, model, held_tokens, decision, state, idempotency_key, expires_at)
              SELECT u.tenant_id, u.reservation_id, u.agent_id, u.service, u.provider, u.model,
@@ -794,21 +840,9 @@ pub async fn insert_reservations(
                AND c.window_start = h.window_start
          )
          SELECT reservation_id, expires_at FROM reservation",
+        ),
+        &r,
     )
-    .bind(column(&r, |r| r.tenant_id.as_str()))
-    .bind(column(&r, |r| r.reservation_id.as_str()))
-    .bind(column(&r, |r| r.agent_id.as_str()))
-    .bind(column(&r, |r| r.service.as_deref()))
-    .bind(column(&r, |r| r.provider.as_str()))
-    .bind(column(&r, |r| r.model.as_str()))
-    .bind(held)
-    .bind(column(&r, |r| {
-        if r.soft_limited {
-            "allow_soft_limit"
-        } else {
-            "allow"
-        }
-    }))
     .bind(column(new, |n| n.idempotency_key))
     .bind(column(new, |n| n.ttl_micros))
     .bind(column(&holds, |(r, _)| r.tenant_id.as_str()))
@@ -916,6 +950,376 @@ pub async fn expire_due(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?)
+}
+
+/// Locks the counters of `keys` that exist, in key order, and returns which exist. Unlike
+/// `lock_counters` it creates none: a missing counter means its policy was deleted, and a
+/// lease write must not bring it back.
+async fn lock_existing_counters(
+    conn: &mut PgConnection,
+    keys: &[&CounterKey],
+) -> Result<Vec<CounterKey>, StoreError> {
+    let mut sorted = keys.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let (tenants, policies, starts, _) = key_columns(sorted.iter().copied());
+    let rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT c.tenant_id, c.policy_id, c.window_start, c.window_end
+         FROM quota_counters c
+         JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k (tenant_id, policy_id, window_start)
+           USING (tenant_id, policy_id, window_start)
+         ORDER BY 1, 2, 3 FOR UPDATE OF c",
+    )
+    .bind(tenants)
+    .bind(policies)
+    .bind(starts)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(tenant_id, policy_id, start, end)| CounterKey {
+            tenant_id,
+            policy_id,
+            window: Span { start, end },
+        })
+        .collect())
+}
+
+/// Adds `slice` to `replica_id`'s lease of `key` (creating the lease) and to the counter's
+/// `leased`, and restarts the lease's life: it expires `ttl` from now and is reclaimable
+/// `reclaim_after` later (database clock). The caller holds the counter's lock and has checked
+/// the slice fits. Returns what the lease held before.
+pub async fn extend_lease(
+    conn: &mut PgConnection,
+    key: &CounterKey,
+    replica_id: uuid::Uuid,
+    slice: Decimal,
+    ttl: std::time::Duration,
+    reclaim_after: std::time::Duration,
+) -> Result<Decimal, StoreError> {
+    let before: Decimal = sqlx::query_scalar(
+        "WITH lease AS (
+             INSERT INTO quota_leases AS l (tenant_id, policy_id, window_start, replica_id, granted,
+                                            expires_at, reclaim_at)
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6),
+                     now() + make_interval(secs => $6 + $7))
+             ON CONFLICT (tenant_id, policy_id, window_start, replica_id) DO UPDATE
+             SET granted = l.granted + EXCLUDED.granted, expires_at = EXCLUDED.expires_at,
+                 reclaim_at = EXCLUDED.reclaim_at
+             RETURNING l.granted - $5 AS before
+         ), counter AS (
+             UPDATE quota_counters SET leased = leased + $5
+             WHERE tenant_id = $1 AND policy_id = $2 AND window_start = $3
+         )
+         SELECT before FROM lease",
+    )
+    .bind(&key.tenant_id)
+    .bind(&key.policy_id)
+    .bind(key.window.start)
+    .bind(replica_id)
+    .bind(slice)
+    .bind(ttl.as_secs_f64())
+    .bind(reclaim_after.as_secs_f64())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(before)
+}
+
+/// Gives `amount` (all of it when `None`) of `replica_id`'s lease of `key` back to the free
+/// budget, in the caller's transaction; returns what moved (less when the lease was reclaimed
+/// or its policy deleted meanwhile).
+pub async fn give_back(
+    conn: &mut PgConnection,
+    key: &CounterKey,
+    replica_id: uuid::Uuid,
+    amount: Option<Decimal>,
+) -> Result<Decimal, StoreError> {
+    if lock_existing_counters(conn, &[key]).await?.is_empty() {
+        return Ok(Decimal::ZERO);
+    }
+    // LEAST ignores a NULL amount: everything the lease holds.
+    let moved: Option<Decimal> = sqlx::query_scalar(
+        "WITH moved AS (
+             SELECT LEAST(granted, $5) AS amount FROM quota_leases
+             WHERE tenant_id = $1 AND policy_id = $2 AND window_start = $3 AND replica_id = $4
+             FOR UPDATE
+         ), lease AS (
+             UPDATE quota_leases SET granted = granted - (SELECT amount FROM moved)
+             WHERE tenant_id = $1 AND policy_id = $2 AND window_start = $3 AND replica_id = $4
+         ), counter AS (
+             UPDATE quota_counters SET leased = leased - (SELECT amount FROM moved)
+             WHERE tenant_id = $1 AND policy_id = $2 AND window_start = $3
+               AND EXISTS (SELECT 1 FROM moved)
+         )
+         SELECT amount FROM moved",
+    )
+    .bind(&key.tenant_id)
+    .bind(&key.policy_id)
+    .bind(key.window.start)
+    .bind(replica_id)
+    .bind(amount)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(moved.unwrap_or_default())
+}
+
+/// Returns the slices of up to `limit` leases whose `reclaim_at` has passed — their replicas
+/// died or lost Postgres holding them — to the free budget; returns how many.
+pub async fn reclaim_leases(pool: &PgPool, limit: i64) -> Result<usize, StoreError> {
+    let mut tx = pool.begin().await?;
+    let due: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT DISTINCT tenant_id, policy_id, window_start FROM quota_leases
+         WHERE reclaim_at <= now() ORDER BY 1, 2, 3 LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if due.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let keys: Vec<CounterKey> = due
+        .into_iter()
+        .map(|(tenant_id, policy_id, start)| CounterKey {
+            tenant_id,
+            policy_id,
+            // Only the start identifies a counter; the end is not read.
+            window: Span { start, end: start },
+        })
+        .collect();
+    lock_existing_counters(&mut tx, &keys.iter().collect::<Vec<_>>()).await?;
+    let (tenants, policies, starts, _) = key_columns(keys.iter());
+    let reclaimed: i64 = sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM quota_leases l
+             USING unnest($1::text[], $2::text[], $3::timestamptz[]) AS k (tenant_id, policy_id, window_start)
+             WHERE l.tenant_id = k.tenant_id AND l.policy_id = k.policy_id
+               AND l.window_start = k.window_start AND l.reclaim_at <= now()
+             RETURNING l.tenant_id, l.policy_id, l.window_start, l.granted
+         ), sums AS (
+             SELECT tenant_id, policy_id, window_start, sum(granted) AS granted
+             FROM gone GROUP BY 1, 2, 3
+         ), counter AS (
+             UPDATE quota_counters c SET leased = c.leased - s.granted
+             FROM sums s
+             WHERE c.tenant_id = s.tenant_id AND c.policy_id = s.policy_id
+               AND c.window_start = s.window_start
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(tenants)
+    .bind(policies)
+    .bind(starts)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(usize::try_from(reclaimed).unwrap_or(0))
+}
+
+/// One hold of a reservation granted from a lease.
+pub struct LeasedHold<'a> {
+    pub counter: &'a CounterKey,
+    /// Taken from the replica's slice.
+    pub from_lease: Decimal,
+    /// Granted beyond the slice by a soft policy.
+    pub over: Decimal,
+}
+
+/// A reservation granted from leases, to be written.
+pub struct LeasedReservation<'a> {
+    pub reservation: &'a Reservation,
+    pub holds: Vec<LeasedHold<'a>>,
+}
+
+/// Writes reservations a replica granted from its leases, in one transaction: each becomes an
+/// active reservation whose holds move from `leased` to `reserved` (the lease row's `granted`
+/// drops by as much), so `used + reserved + leased` does not grow. A reservation already
+/// settled by its usage event (a tombstone, see `insert_tombstones`) takes no hold: its slice
+/// part just returns to the free budget. A hold whose counter or lease is gone (policy deleted,
+/// or the lease reclaimed long after its expiry, when the hold would have lapsed) is dropped. A
+/// retry of a batch already written (its commit was lost on the way back) changes nothing.
+pub async fn write_leased(
+    conn: &mut PgConnection,
+    replica_id: uuid::Uuid,
+    granted: &[LeasedReservation<'_>],
+) -> Result<(), StoreError> {
+    let r: Vec<&Reservation> = granted.iter().map(|g| g.reservation).collect();
+    // Reservations first: the lock order is reservations, then counters.
+    let inserted: Vec<(String,)> = bind_reservations(sqlx::query_as(
+        "INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service, provider,
+             model, held_tokens, decision, state, expires_at)
+         SELECT u.tenant_id, u.reservation_id, u.agent_id, u.service, u.provider, u.model,
+                $7[(u.i - 1) * 10 + 1 : u.i * 10], u.decision, 'active', u.expires_at
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $8::text[], $9::timestamptz[])
+              WITH ORDINALITY AS u (tenant_id, reservation_id, agent_id, service, provider, model,
+                                    decision, expires_at, i)
+         -- The order tombstones are inserted in, so the two never wait on each other in a cycle.
+         ORDER BY u.tenant_id, u.reservation_id
+         ON CONFLICT (tenant_id, reservation_id) DO NOTHING
+         RETURNING reservation_id",
+    ), &r)
+    .bind(column(&r, |r| r.expires_at))
+    .fetch_all(&mut *conn)
+    .await?;
+    let inserted: std::collections::HashSet<String> =
+        inserted.into_iter().map(|(id,)| id).collect();
+    // A conflict with holds is this batch written before, by an attempt whose commit succeeded
+    // but did not reach us: moving its slice part again would free budget twice.
+    let conflicts: Vec<&Reservation> = r
+        .iter()
+        .copied()
+        .filter(|r| !inserted.contains(&r.reservation_id))
+        .collect();
+    let rewritten: std::collections::HashSet<String> = if conflicts.is_empty() {
+        std::collections::HashSet::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT DISTINCT h.reservation_id FROM quota_holds h
+             WHERE (h.tenant_id, h.reservation_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(column(&conflicts, |r| r.tenant_id.as_str()))
+        .bind(column(&conflicts, |r| r.reservation_id.as_str()))
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    let keys: Vec<&CounterKey> = granted
+        .iter()
+        .filter(|g| !rewritten.contains(&g.reservation.reservation_id))
+        .flat_map(|g| g.holds.iter().map(|h| h.counter))
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let existing = lock_existing_counters(conn, &keys).await?;
+    let (tenants, policies, starts, _) = key_columns(existing.iter());
+    let leases: Vec<(String, String, DateTime<Utc>, Decimal)> = sqlx::query_as(
+        "SELECT l.tenant_id, l.policy_id, l.window_start, l.granted
+         FROM quota_leases l
+         JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k (tenant_id, policy_id, window_start)
+           USING (tenant_id, policy_id, window_start)
+         WHERE l.replica_id = $4
+         ORDER BY 1, 2, 3 FOR UPDATE OF l",
+    )
+    .bind(tenants)
+    .bind(policies)
+    .bind(starts)
+    .bind(replica_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut left: HashMap<(String, String, DateTime<Utc>), Decimal> = leases
+        .into_iter()
+        .map(|(t, p, w, granted)| ((t, p, w), granted))
+        .collect();
+    let existing: std::collections::HashSet<&CounterKey> = existing.iter().collect();
+    // Per counter: (moved to reserved, taken from the lease).
+    let mut moves: HashMap<&CounterKey, (Decimal, Decimal)> = HashMap::new();
+    let mut holds: Vec<(&Reservation, &LeasedHold<'_>)> = Vec::new();
+    for g in granted
+        .iter()
+        .filter(|g| !rewritten.contains(&g.reservation.reservation_id))
+    {
+        let written = inserted.contains(&g.reservation.reservation_id);
+        for hold in &g.holds {
+            if !existing.contains(hold.counter) {
+                continue;
+            }
+            let lease = left.get_mut(&(
+                hold.counter.tenant_id.clone(),
+                hold.counter.policy_id.clone(),
+                hold.counter.window.start,
+            ));
+            match lease {
+                Some(granted) if *granted >= hold.from_lease => *granted -= hold.from_lease,
+                _ if hold.from_lease.is_zero() => {}
+                _ => continue,
+            }
+            let entry = moves.entry(hold.counter).or_default();
+            entry.1 += hold.from_lease;
+            if written {
+                entry.0 += hold.from_lease + hold.over;
+                holds.push((g.reservation, hold));
+            }
+        }
+    }
+    let moves: Vec<(&CounterKey, (Decimal, Decimal))> = moves.into_iter().collect();
+    let (tenants, policies, starts, _) = key_columns(moves.iter().map(|(k, _)| *k));
+    sqlx::query(
+        "WITH holds AS (
+             INSERT INTO quota_holds (tenant_id, reservation_id, policy_id, window_start,
+                                      window_end, amount)
+             SELECT * FROM unnest($6::text[], $7::text[], $8::text[], $9::timestamptz[],
+                                  $10::timestamptz[], $11::numeric[])
+         ), lease AS (
+             UPDATE quota_leases l SET granted = l.granted - m.leased
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $5::numeric[])
+                  AS m (tenant_id, policy_id, window_start, leased)
+             WHERE l.tenant_id = m.tenant_id AND l.policy_id = m.policy_id
+               AND l.window_start = m.window_start AND l.replica_id = $12
+         )
+         UPDATE quota_counters c SET reserved = c.reserved + m.reserved, leased = c.leased - m.leased
+         FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[], $5::numeric[])
+              AS m (tenant_id, policy_id, window_start, reserved, leased)
+         WHERE c.tenant_id = m.tenant_id AND c.policy_id = m.policy_id
+           AND c.window_start = m.window_start",
+    )
+    .bind(tenants)
+    .bind(policies)
+    .bind(starts)
+    .bind(column(&moves, |(_, m)| m.0))
+    .bind(column(&moves, |(_, m)| m.1))
+    .bind(column(&holds, |(r, _)| r.tenant_id.as_str()))
+    .bind(column(&holds, |(r, _)| r.reservation_id.as_str()))
+    .bind(column(&holds, |(_, h)| h.counter.policy_id.as_str()))
+    .bind(column(&holds, |(_, h)| h.counter.window.start))
+    .bind(column(&holds, |(_, h)| h.counter.window.end))
+    .bind(column(&holds, |(_, h)| h.from_lease + h.over))
+    .bind(replica_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A reservation named by usage before it was written.
+pub struct Tombstone<'a> {
+    pub tenant_id: &'a str,
+    pub reservation_id: &'a str,
+    pub agent_id: &'a str,
+    pub service: Option<&'a str>,
+    pub provider: &'a str,
+    pub model: &'a str,
+}
+
+/// Records reservations that usage settles before the replica that granted them wrote them, as
+/// already settled, so that the write which follows takes no hold (`write_leased`). One that
+/// exists meanwhile is left alone.
+pub async fn insert_tombstones(
+    conn: &mut PgConnection,
+    tombstones: &[Tombstone<'_>],
+) -> Result<(), StoreError> {
+    if tombstones.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service, provider,
+             model, held_tokens, decision, state, expires_at, settled_by_event)
+         SELECT t, r, a, s, p, m, array_fill(0::bigint, ARRAY[10]), 'allow', 'settled', now(), true
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+              AS u (t, r, a, s, p, m)
+         ORDER BY t, r
+         ON CONFLICT (tenant_id, reservation_id) DO NOTHING",
+    )
+    .bind(column(tombstones, |t| t.tenant_id))
+    .bind(column(tombstones, |t| t.reservation_id))
+    .bind(column(tombstones, |t| t.agent_id))
+    .bind(column(tombstones, |t| t.service))
+    .bind(column(tombstones, |t| t.provider))
+    .bind(column(tombstones, |t| t.model))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// A threshold crossing, self-contained for the outbox.

@@ -1,6 +1,8 @@
 //! Quotas against the real Postgres (and Kafka for alerts): the hard limit under concurrency
 //! across two server processes, TTL expiry, settlement, soft limits, alerts, money limits,
-//! local-midnight windows, and policy validation.
+//! local-midnight windows, policy validation, and budget leases (a replica killed holding a
+//! slice, grants settled or released before they are written, a limit lowered while slices are
+//! out, a graceful stop).
 
 use std::time::Duration;
 
@@ -191,6 +193,14 @@ async fn reservations_racing_across_two_servers_never_exceed_a_hard_budget_and_u
     let mut granted = 0;
     for racer in racers {
         granted += racer.await.expect("racer");
+    }
+    // Each server writes what it granted within milliseconds; a status read waits only for its
+    // own server's grants.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while used_reserved(&mut quota, &tenant).await.1 < granted
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let (used, reserved) = used_reserved(&mut quota, &tenant).await;
@@ -839,4 +849,246 @@ async fn quota_commands_create_list_show_and_delete_policies() {
     );
     assert_eq!(deleted.1.trim(), "deleted daily");
     assert_eq!(after.1, "");
+}
+
+/// Reserves `size` at a time, held for `ttl` seconds if given, until denied; returns what was
+/// granted.
+async fn drain(
+    quota: &mut QuotaServiceClient<Authed>,
+    tenant: &str,
+    size: i64,
+    ttl: Option<i64>,
+) -> i64 {
+    let mut granted = 0;
+    let mut request = reserve_request(tenant, size);
+    request.ttl = ttl.map(|seconds| prost_types::Duration { seconds, nanos: 0 });
+    while reserve(quota, request.clone()).await.decision() == pb::QuotaDecision::Allow {
+        granted += size;
+    }
+    granted
+}
+
+#[tokio::test]
+async fn a_replica_killed_holding_a_slice_overspends_nothing_and_the_slice_returns_at_its_reclaim_time()
+ {
+    const LIMIT: i64 = 1000;
+    // A lease lives 1 s and a hold at most 5 s: a dead replica's slice returns 6 s after it
+    // asked for it. Holds live 2 s unless a call asks for more.
+    let settings = [
+        ("TOKENMETER_QUOTA__LEASE_TTL", "1s"),
+        ("TOKENMETER_QUOTA__MAX_TTL", "5s"),
+        ("TOKENMETER_QUOTA__DEFAULT_TTL", "2s"),
+        ("TOKENMETER_QUOTA__EXPIRY_INTERVAL", "100ms"),
+    ];
+    let url = create_database().await;
+    let mut doomed = spawn_serve(&url, &settings).await;
+    let survivor = spawn_serve(&url, &settings).await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let mut admin = Clients::new(doomed.channel().await);
+    let tenant = admin.tenant("USD", "UTC", None).await;
+    let mut on_doomed = quota_client(doomed.channel().await);
+    let mut on_survivor = quota_client(survivor.channel().await);
+    create(
+        &mut on_doomed,
+        token_policy(&tenant, LIMIT, pb::QuotaEnforcement::Hard, &[]),
+    )
+    .await;
+
+    // The doomed replica leases a quarter of the budget (250) and grants 100 of it.
+    let leased_at = std::time::Instant::now();
+    let held = reserve(&mut on_doomed, reserve_request(&tenant, 100)).await;
+    let before_kill = status(&mut on_doomed, &tenant).await;
+    let doomed_replica: uuid::Uuid = sqlx::query_scalar("SELECT replica_id FROM quota_leases")
+        .fetch_one(&pool)
+        .await
+        .expect("the doomed replica's lease");
+    doomed.child().kill().expect("kill -9");
+    doomed.child().wait().expect("reap");
+    let right_after = drain(&mut on_survivor, &tenant, 50, None).await;
+    // Every hold so far has lapsed; the dead replica's unused slice has not come back yet.
+    tokio::time::sleep(
+        (leased_at + Duration::from_millis(3500)).duration_since(std::time::Instant::now()),
+    )
+    .await;
+    let holds_lapsed = drain(&mut on_survivor, &tenant, 50, Some(5)).await;
+    let mut reclaimed_after = None;
+    while reclaimed_after.is_none() {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM quota_leases WHERE replica_id = $1")
+                .bind(doomed_replica)
+                .fetch_one(&pool)
+                .await
+                .expect("leases");
+        if left == 0 {
+            reclaimed_after = Some(leased_at.elapsed());
+        } else {
+            assert!(
+                leased_at.elapsed() < Duration::from_secs(20),
+                "never reclaimed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let after_reclaim = drain(&mut on_survivor, &tenant, 50, Some(5)).await;
+    let end = status(&mut on_survivor, &tenant).await;
+
+    assert_eq!(held.decision(), pb::QuotaDecision::Allow);
+    assert_eq!(tokens(before_kill[0].reserved.as_ref()), 100);
+    assert_eq!(tokens(before_kill[0].leased.as_ref()), 150);
+    // Everything but the dead replica's hold and unused slice, and not a token more.
+    assert_eq!(right_after, LIMIT - 250);
+    assert_eq!(holds_lapsed, LIMIT - 150);
+    let reclaimed_after = reclaimed_after.expect("reclaimed");
+    assert!(
+        reclaimed_after >= Duration::from_secs(6),
+        "reclaimed after {reclaimed_after:?}"
+    );
+    assert_eq!(after_reclaim, 150);
+    assert_eq!(tokens(end[0].reserved.as_ref()), LIMIT);
+    assert_eq!(tokens(end[0].remaining.as_ref()), 0);
+}
+
+#[tokio::test]
+async fn usage_settle_and_release_before_a_grant_is_written_leave_no_phantom_hold() {
+    // Grants wait half a second before they are written, so every call below comes first.
+    let app = spawn_app_with(|s| s.quota.flush_interval = Duration::from_millis(500)).await;
+    let (mut api, mut quota, tenant, _) =
+        with_policy(&app, 10_000, pb::QuotaEnforcement::Hard, &[]).await;
+
+    let by_usage = reserve(&mut quota, reserve_request(&tenant, 100)).await;
+    let mut usage = usage_now(&tenant, 60);
+    usage.reservation_id = Some(by_usage.reservation_id.clone());
+    api.ingest(vec![usage]).await;
+    let after_usage = used_reserved(&mut quota, &tenant).await;
+
+    let by_counts = reserve(&mut quota, reserve_request(&tenant, 200)).await;
+    let settled = quota
+        .settle(pb::SettleRequest {
+            tenant_id: tenant.clone(),
+            reservation_id: by_counts.reservation_id.clone(),
+            actual: Some(pb::settle_request::Actual::ActualTokens(pb::TokenCounts {
+                input: 80,
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("settle before the write")
+        .into_inner();
+    let after_counts = used_reserved(&mut quota, &tenant).await;
+
+    let released = reserve(&mut quota, reserve_request(&tenant, 50)).await;
+    let release = quota
+        .release(pb::ReleaseRequest {
+            tenant_id: tenant.clone(),
+            reservation_id: released.reservation_id.clone(),
+        })
+        .await
+        .expect("release before the write")
+        .into_inner();
+    let after_release = used_reserved(&mut quota, &tenant).await;
+    let states: Vec<(String, String)> = sqlx::query_as(
+        "SELECT reservation_id, state FROM quota_reservations ORDER BY reservation_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("reservations");
+
+    assert_eq!(after_usage, (60, 0));
+    assert_eq!(settled.state(), pb::ReservationState::Settled);
+    assert_eq!(after_counts, (140, 0));
+    assert_eq!(release.state(), pb::ReservationState::Released);
+    assert_eq!(after_release, (140, 0));
+    assert_eq!(
+        states,
+        vec![
+            (by_usage.reservation_id, "settled".to_owned()),
+            (by_counts.reservation_id, "settled".to_owned()),
+            (released.reservation_id, "released".to_owned()),
+        ]
+    );
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_limit_lowered_while_slices_are_out_binds_new_grants_within_the_policy_cache_ttl() {
+    let app = spawn_app_with(|s| s.quota.policy_cache_ttl = Duration::from_millis(300)).await;
+    let (_, mut quota, tenant, policy_id) =
+        with_policy(&app, 1000, pb::QuotaEnforcement::Hard, &[]).await;
+    // Leases a quarter (250) and grants 100 of it.
+    let first = reserve(&mut quota, reserve_request(&tenant, 100)).await;
+
+    let mut lowered = token_policy(&tenant, 150, pb::QuotaEnforcement::Hard, &[]);
+    lowered.policy_id = policy_id;
+    let changed_at = std::time::Instant::now();
+    quota
+        .update_quota_policy(pb::UpdateQuotaPolicyRequest {
+            policy: Some(lowered),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["limit".into()],
+            }),
+            expected_revision: None,
+        })
+        .await
+        .expect("lower the limit");
+    // Until the cache turns over, grants may still come from the slice leased under 1000: at
+    // most its unused 150.
+    let mut meanwhile = Vec::new();
+    while changed_at.elapsed() < Duration::from_millis(200) {
+        let answer = reserve(&mut quota, reserve_request(&tenant, 50)).await;
+        if answer.decision() == pb::QuotaDecision::Allow {
+            meanwhile.push(answer.reservation_id);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after_ttl = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+    let release = |reservation_id: String| pb::ReleaseRequest {
+        tenant_id: tenant.clone(),
+        reservation_id,
+    };
+    quota
+        .release(release(first.reservation_id.clone()))
+        .await
+        .expect("release");
+    for id in meanwhile.iter().cloned() {
+        quota.release(release(id)).await.expect("release");
+    }
+    let whole_new_limit = reserve(&mut quota, reserve_request(&tenant, 150)).await;
+    let one_more = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+    let end = status(&mut quota, &tenant).await;
+
+    assert_eq!(first.decision(), pb::QuotaDecision::Allow);
+    assert!(meanwhile.len() as i64 * 50 <= 150, "{meanwhile:?}");
+    assert_eq!(after_ttl.decision(), pb::QuotaDecision::Deny);
+    assert_eq!(whole_new_limit.decision(), pb::QuotaDecision::Allow);
+    assert_eq!(one_more.decision(), pb::QuotaDecision::Deny);
+    assert_eq!(tokens(end[0].reserved.as_ref()), 150);
+    assert_eq!(tokens(end[0].remaining.as_ref()), 0);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_graceful_stop_writes_every_grant_and_gives_every_slice_back() {
+    let app = spawn_app().await;
+    let (_, mut quota, tenant, _) = with_policy(&app, 1000, pb::QuotaEnforcement::Hard, &[]).await;
+    let options = (*app.pool.connect_options()).clone();
+    let granted = reserve(&mut quota, reserve_request(&tenant, 100)).await;
+
+    app.stop().await.expect("clean shutdown");
+    let pool = sqlx::PgPool::connect_with(options)
+        .await
+        .expect("reconnect");
+    let (reserved, leased): (rust_decimal::Decimal, rust_decimal::Decimal) =
+        sqlx::query_as("SELECT reserved, leased FROM quota_counters")
+            .fetch_one(&pool)
+            .await
+            .expect("counter");
+    let written: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM quota_reservations WHERE reservation_id = $1")
+            .bind(&granted.reservation_id)
+            .fetch_one(&pool)
+            .await
+            .expect("reservation");
+
+    assert_eq!((reserved, leased), (100.into(), 0.into()));
+    assert_eq!(written, 1);
 }
