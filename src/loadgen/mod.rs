@@ -2707,8 +2707,15 @@ mod tests {
             &self,
             request: Request<IngestUsageRequest>,
         ) -> Result<Response<IngestUsageResponse>, Status> {
-            let first = request.get_ref().events[0].event_id.clone();
-            if self.seen.lock().expect("lock").insert(first) {
+            // The call's identity is all its event ids: a conflicting event reuses an id, so
+            // the first id alone can repeat across calls and spare one its failure.
+            let call: Vec<&str> = request
+                .get_ref()
+                .events
+                .iter()
+                .map(|e| e.event_id.as_str())
+                .collect();
+            if self.seen.lock().expect("lock").insert(call.join(",")) {
                 return Err(Status::unavailable(
                     "storage unavailable, retry with backoff",
                 ));
