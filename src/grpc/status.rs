@@ -22,6 +22,16 @@ pub fn from_store(error: StoreError) -> Status {
         StoreError::Invalid { field, reason } => {
             Status::invalid_argument(format!("{field}: {reason}"))
         }
+        // Not "retry with backoff": the same values would fail again.
+        error if error.is_data_exception() => {
+            let reason = match &error {
+                StoreError::Query(e) => e
+                    .as_database_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+                other => other.to_string(),
+            };
+            Status::invalid_argument(format!("request: a value cannot be stored: {reason}"))
+        }
         other => {
             // Details stay in the log; clients get a retryable code without internals.
             tracing::error!(error = %other, "storage failure");

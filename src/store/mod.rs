@@ -46,6 +46,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A value Postgres refuses to store (SQLSTATE class 22, "data exception": a NUL in text,
+    /// a number out of range, …): the same request fails again, so retrying cannot help.
+    pub fn is_data_exception(&self) -> bool {
+        matches!(self, StoreError::Query(e) if e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code.starts_with("22")))
+    }
+
     /// Classifies Postgres errors by SQLSTATE: 23505 (unique violation) becomes
     /// `AlreadyExists`, 23503 (foreign key) `NotFound` of the referenced row.
     pub fn classify(error: sqlx::Error, what: &str) -> Self {

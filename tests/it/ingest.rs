@@ -741,6 +741,33 @@ async fn update_tenant_changes_only_the_masked_settings_and_guards_what_history_
 }
 
 #[tokio::test]
+async fn a_value_postgres_cannot_store_is_an_invalid_argument_not_a_retry() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+
+    let refused = api
+        .admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                tenant_id: unique("t"),
+                name: "Acme\0".into(),
+                currency: "USD".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("a NUL in text");
+
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("cannot be stored"),
+        "{}",
+        refused.message()
+    );
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn list_tenants_filters_by_status_before_paging() {
     let app = spawn_app().await;
     let mut api = Clients::new(app.channel().await);
