@@ -13,8 +13,8 @@
 # aggregated from the same calls exactly as the ingest rolls them up (one row per tenant × hour
 # × agent × transaction × service × provider × model × class × currency; priced per class with
 # the seeded price book; `events` on the input row), lifecycle rows in transaction_events, and
-# then transaction_states, usage_state_rollups and the lifecycle rollups by the backfill
-# functions of migrations 0007 and 0008.
+# then transaction_states, usage_state_rollups, the lifecycle rollups and their daily
+# counterparts by the backfill functions of migrations 0007, 0008 and 0010.
 # Shape of the month (the last whole calendar month, UTC):
 #   - 500k transactions over 20 agents and 5 services, started uniformly over the month; each
 #     has 19 model calls 90 s apart on one or two of four models (OpenAI and Anthropic, one with
@@ -184,12 +184,15 @@ WHERE e.included;
 -- writes usage_rollups and transaction_events).
 SELECT backfill_usage_state_rollups();
 SELECT backfill_lifecycle_rollups();
+SELECT backfill_daily_attribution_rollups();
 
 -- A month that has ended is old data: vacuumed (hint bits set) and analyzed, as in production.
 VACUUM (ANALYZE) usage_rollups; VACUUM (ANALYZE) transaction_events; VACUUM (ANALYZE) usage_events;
 VACUUM (ANALYZE) usage_event_keys; VACUUM (ANALYZE) transaction_states;
 VACUUM (ANALYZE) usage_state_rollups; VACUUM (ANALYZE) lifecycle_contributions;
 VACUUM (ANALYZE) lifecycle_rollups; VACUUM (ANALYZE) lifecycle_rollup_pairs; ANALYZE tenants;
+VACUUM (ANALYZE) usage_state_daily_rollups; VACUUM (ANALYZE) lifecycle_daily_rollups;
+VACUUM (ANALYZE) lifecycle_daily_rollup_pairs;
 SQL
 fi
 if [[ -n "${BENCH_DB:-}" ]]; then

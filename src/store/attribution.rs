@@ -45,6 +45,43 @@ pub struct Facts {
     pub bucket_ends: BTreeMap<DateTime<Utc>, DateTime<Utc>>,
 }
 
+/// How fine the rollup rows a report reads are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    /// `usage_state_rollups`, `lifecycle_rollups`, `lifecycle_rollup_pairs`.
+    Hour,
+    /// Their daily counterparts (migration 0010). Only where [`daily_rollups_apply`].
+    Day,
+}
+
+impl Grain {
+    /// The usage rollup and its time column.
+    fn usage(self) -> (&'static str, &'static str) {
+        match self {
+            Grain::Hour => ("usage_state_rollups", "hour"),
+            Grain::Day => ("usage_state_daily_rollups", "day"),
+        }
+    }
+
+    /// The lifecycle rollup, its pairs, and their time columns.
+    fn lifecycle(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            Grain::Hour => (
+                "lifecycle_rollups",
+                "lifecycle_rollup_pairs",
+                "hour",
+                "next_hour",
+            ),
+            Grain::Day => (
+                "lifecycle_daily_rollups",
+                "lifecycle_daily_rollup_pairs",
+                "day",
+                "next_day",
+            ),
+        }
+    }
+}
+
 /// Where a report's lifecycle facts come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LifecycleSource {
@@ -69,26 +106,34 @@ pub async fn facts(
     } else {
         LifecycleSource::Rollups
     };
-    facts_from(conn, query, grouping, source).await
+    let grain = if daily_rollups_apply(conn, query).await? {
+        Grain::Day
+    } else {
+        Grain::Hour
+    };
+    facts_from(conn, query, grouping, grain, source).await
 }
 
-/// [`facts`] with the lifecycle facts from `source` (both give the same rows where rollups
-/// apply; the tests hold them to it).
+/// [`facts`] from rollups of `grain` and with the lifecycle facts from `source` (all give the
+/// same rows where they apply; the tests hold them to it).
 pub async fn facts_from(
     conn: &mut PgConnection,
     query: &AttributionQuery,
     grouping: Grouping,
+    grain: Grain,
     source: LifecycleSource,
 ) -> Result<Facts, StoreError> {
     let with_shares = with_shares(query, grouping);
     let mut facts = Facts::default();
-    usage(conn, query, &mut facts).await?;
+    usage(conn, query, grain, &mut facts).await?;
     match source {
         LifecycleSource::Events => {
             let added_up = (!with_shares).then_some(grouping);
             lifecycle(conn, query, added_up, Read::All, &mut facts).await?;
         }
-        LifecycleSource::Rollups => lifecycle_rollups(conn, query, grouping, &mut facts).await?,
+        LifecycleSource::Rollups => {
+            lifecycle_rollups(conn, query, grouping, grain, &mut facts).await?;
+        }
     }
     if with_shares {
         shares(conn, query, &mut facts).await?;
@@ -108,10 +153,15 @@ pub fn rollups_apply(query: &AttributionQuery) -> bool {
     if !on_the_hour(query.start) || !on_the_hour(query.end) {
         return false;
     }
-    if matches!(query.window, Window::Whole | Window::Hour) {
-        return true;
+    match query.window {
+        Window::Whole | Window::Hour => true,
+        Window::Day | Window::Month => whole_hours_from_utc(&query.time_zone, query),
     }
-    let Ok(zone) = query.time_zone.parse::<chrono_tz::Tz>() else {
+}
+
+/// Whether `zone` is a whole number of hours from UTC all through the range of `query`.
+fn whole_hours_from_utc(zone: &str, query: &AttributionQuery) -> bool {
+    let Ok(zone) = zone.parse::<chrono_tz::Tz>() else {
         return false;
     };
     let mut at = query.start;
@@ -123,6 +173,37 @@ pub fn rollups_apply(query: &AttributionQuery) -> bool {
         at += TimeDelta::hours(1);
     }
     true
+}
+
+/// Whether the daily rollups (whose days are cut in each tenant's billing zone) add up to
+/// exactly what the hourly ones give for `query`: the hourly ones apply, the query's tenants
+/// share one billing zone, that zone is a whole number of hours from UTC all through the range
+/// (so its days are whole hours), the range starts and ends at its local midnights, and the
+/// report is bucketed by day or month in that zone, or not at all.
+pub async fn daily_rollups_apply(
+    conn: &mut PgConnection,
+    query: &AttributionQuery,
+) -> Result<bool, StoreError> {
+    if !rollups_apply(query) || query.window == Window::Hour {
+        return Ok(false);
+    }
+    // Local midnights as Postgres cuts them, as the daily rows were cut.
+    let zones: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT DISTINCT billing_timezone::text,
+                date_trunc('day', $1::timestamptz, billing_timezone) = $1
+                    AND date_trunc('day', $2::timestamptz, billing_timezone) = $2
+         FROM tenants WHERE cardinality($3::text[]) = 0 OR tenant_id = ANY($3)",
+    )
+    .bind(query.start)
+    .bind(query.end)
+    .bind(&query.tenant_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let [(zone, at_midnights)] = zones.as_slice() else {
+        return Ok(false);
+    };
+    let same_buckets = query.window == Window::Whole || query.time_zone == *zone;
+    Ok(*at_midnights && same_buckets && whole_hours_from_utc(zone, query))
 }
 
 fn bucket(query: &AttributionQuery) -> Bucket<'_> {
@@ -150,12 +231,15 @@ fn tenants(sql: &mut QueryBuilder<Postgres>, column: &str, query: &AttributionQu
 async fn usage(
     conn: &mut PgConnection,
     query: &AttributionQuery,
+    grain: Grain,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
+    let (table, time) = grain.usage();
+    let time = format!("r.{time}");
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
-    bucket(query).push(&mut sql, "r.hour", false);
+    bucket(query).push(&mut sql, &time, false);
     sql.push(" AS bucket_start, ");
-    bucket(query).push(&mut sql, "r.hour", true);
+    bucket(query).push(&mut sql, &time, true);
     sql.push(
         " AS bucket_end, r.tenant_id::text AS tenant_id, r.agent_id::text AS agent_id,
           r.service::text AS service, r.provider::text AS provider, r.model::text AS model,
@@ -169,14 +253,14 @@ async fn usage(
             class as i16
         ));
     }
-    sql.push(
+    sql.push(format_args!(
         ", sum(r.billed_amount) AS spend, sum(r.cost_amount) AS cost,
            sum(r.events)::int8 AS events, sum(r.unpriced_events)::int8 AS unpriced_events
-         FROM usage_state_rollups r
-         WHERE r.hour >= ",
-    );
+         FROM {table} r
+         WHERE {time} >= "
+    ));
     sql.push_bind(query.start)
-        .push(" AND r.hour < ")
+        .push(format_args!(" AND {time} < "))
         .push_bind(query.end);
     tenants(&mut sql, "r.tenant_id", query);
     any_of(&mut sql, "r.agent_id", &query.agent_ids);
@@ -374,53 +458,55 @@ impl Read {
     }
 }
 
-/// Lifecycle facts added up per row and kind from `lifecycle_rollups`, whose hours are added
-/// up per bucket, less the pairs of hours of one transaction in one bucket (so a transaction
+/// Lifecycle facts added up per row and kind from the lifecycle rollups of `grain`, whose hours
+/// (or days) are added up per bucket, less the pairs of them of one transaction in one bucket (so a transaction
 /// counts once per bucket, as it does read event by event), plus the facts of the transactions
 /// the rollups leave out, read event by event. One fact per row and kind.
 async fn lifecycle_rollups(
     conn: &mut PgConnection,
     query: &AttributionQuery,
     grouping: Grouping,
+    grain: Grain,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
+    let (rows_table, pairs_table, time, next_time) = grain.lifecycle();
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
-    bucket(query).push(&mut sql, "x.hour", false);
+    bucket(query).push(&mut sql, "x.at", false);
     sql.push(" AS bucket_start, ");
-    bucket(query).push(&mut sql, "x.hour", true);
+    bucket(query).push(&mut sql, "x.at", true);
     sql.push(format_args!(
         " AS bucket_end, {}, {}, {}, ''::text AS transaction_id, x.kind,
           sum(x.amount) AS amount, x.currency::text AS currency,
           sum(x.transactions)::int8 AS transactions
-         FROM (SELECT hour, tenant_id::text, agent_id::text, service::text, kind, currency,
-                      amount, transactions
-               FROM lifecycle_rollups WHERE hour >= ",
+         FROM (SELECT {time} AS at, tenant_id::text, agent_id::text, service::text, kind,
+                      currency, amount, transactions
+               FROM {rows_table} WHERE {time} >= ",
         dimension(grouping.tenant, "tenant_id"),
         dimension(grouping.agent, "agent_id"),
         dimension(grouping.service, "service"),
     ));
     sql.push_bind(query.start)
-        .push(" AND hour < ")
+        .push(format_args!(" AND {time} < "))
         .push_bind(query.end);
     tenants(&mut sql, "tenant_id", query);
     any_of(&mut sql, "agent_id", &query.agent_ids);
     any_of(&mut sql, "service", &query.services);
-    sql.push(
+    sql.push(format_args!(
         " UNION ALL
-          SELECT hour, tenant_id::text, agent_id::text, service::text, kind, currency, 0,
+          SELECT {time}, tenant_id::text, agent_id::text, service::text, kind, currency, 0,
                  -transactions
-          FROM lifecycle_rollup_pairs p WHERE hour >= ",
-    );
+          FROM {pairs_table} p WHERE {time} >= "
+    ));
     sql.push_bind(query.start)
-        .push(" AND next_hour < ")
+        .push(format_args!(" AND {next_time} < "))
         .push_bind(query.end);
     tenants(&mut sql, "tenant_id", query);
     any_of(&mut sql, "agent_id", &query.agent_ids);
     any_of(&mut sql, "service", &query.services);
     sql.push(" AND ");
-    bucket(query).push(&mut sql, "p.hour", false);
+    bucket(query).push(&mut sql, &format!("p.{time}"), false);
     sql.push(" = ");
-    bucket(query).push(&mut sql, "p.next_hour", false);
+    bucket(query).push(&mut sql, &format!("p.{next_time}"), false);
     sql.push(") x GROUP BY 1, 2, 3, 4, 5, 6, 7, 9");
     let mut parts = Facts::default();
     for row in sql.build().fetch_all(&mut *conn).await? {

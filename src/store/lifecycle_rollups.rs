@@ -9,6 +9,9 @@
 //! contributions are derived again, and the rollup rows they leave or enter are locked in key
 //! order and recomputed from the contributions. A row's lock also guards the pair rows of its
 //! key, which only this path writes.
+//!
+//! The daily rows and pairs (migration 0010) are then recomputed from the hourly ones for the
+//! local days (tenant's billing zone) of the hours touched, locked the same way after them.
 
 use std::collections::BTreeSet;
 
@@ -84,38 +87,17 @@ async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<RowKey>) -> Result<(
     )
     .execute(&mut *conn)
     .await?;
-    bind_keys(
-        sqlx::query(
-            "WITH k AS (
-             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
-                                  $5::int2[], $6::text[])
-                 AS k (tenant_id, hour, agent_id, service, kind, currency)),
-         truth AS (
-             SELECT k.*, f.transactions, f.amount FROM k
-             CROSS JOIN LATERAL lifecycle_rollup_of(k.tenant_id, k.hour, k.agent_id, k.service,
-                                                    k.kind, k.currency) f),
-         updated AS (
-             UPDATE lifecycle_rollups l SET transactions = t.transactions, amount = t.amount
-             FROM truth t
-             WHERE (l.tenant_id, l.hour, l.agent_id, l.service, l.kind, l.currency)
-                 = (t.tenant_id, t.hour, t.agent_id, t.service, t.kind, t.currency)),
-         emptied AS (
-             DELETE FROM lifecycle_rollups l USING k
-             WHERE (l.tenant_id, l.hour, l.agent_id, l.service, l.kind, l.currency)
-                 = (k.tenant_id, k.hour, k.agent_id, k.service, k.kind, k.currency)
-               AND NOT EXISTS (SELECT 1 FROM truth t
-                               WHERE (t.tenant_id, t.hour, t.agent_id, t.service, t.kind,
-                                      t.currency)
-                                   = (k.tenant_id, k.hour, k.agent_id, k.service, k.kind,
-                                      k.currency)))
-         DELETE FROM lifecycle_rollup_pairs p USING k
-         WHERE (p.tenant_id, p.hour, p.agent_id, p.service, p.kind, p.currency)
-             = (k.tenant_id, k.hour, k.agent_id, k.service, k.kind, k.currency)",
-        ),
-        keys,
-    )
-    .execute(&mut *conn)
-    .await?;
+    let set = set_rows(
+        "lifecycle_rollups",
+        "lifecycle_rollup_pairs",
+        "hour",
+        "SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
+                              $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)",
+        "lifecycle_rollup_of(k.tenant_id, k.hour, k.agent_id, k.service, k.kind, k.currency)",
+    );
+    bind_keys(sqlx::query(sqlx::AssertSqlSafe(set)), keys)
+        .execute(&mut *conn)
+        .await?;
     bind_keys(
         sqlx::query(
             "INSERT INTO lifecycle_rollup_pairs
@@ -129,7 +111,95 @@ async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<RowKey>) -> Result<(
     )
     .execute(&mut *conn)
     .await?;
+    recompute_daily(conn, keys).await
+}
+
+/// The hourly keys bound by [`bind_keys`] as their daily keys `k`, with each day's end.
+const DAILY_KEYS: &str =
+    "(SELECT DISTINCT k.tenant_id, date_trunc('day', k.hour, t.billing_timezone) AS day,
+                t.billing_timezone AS zone, k.agent_id, k.service, k.kind, k.currency
+         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
+                     $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)
+         JOIN tenants t ON t.tenant_id = k.tenant_id) k";
+
+/// Locks the daily rows of the days the hourly `keys` fall in, in key order (creating the
+/// missing ones empty), then sets each, and its pairs, from the hourly rows and pairs of its
+/// day — or deletes it when they hold none.
+async fn recompute_daily(
+    conn: &mut PgConnection,
+    keys: &BTreeSet<RowKey>,
+) -> Result<(), StoreError> {
+    bind_keys(
+        sqlx::query(
+            "INSERT INTO lifecycle_daily_rollups AS l
+             (tenant_id, day, agent_id, service, kind, currency, transactions, amount)
+         SELECT DISTINCT k.tenant_id COLLATE \"C\", date_trunc('day', k.hour, t.billing_timezone),
+                k.agent_id COLLATE \"C\", k.service COLLATE \"C\", k.kind,
+                k.currency COLLATE \"C\", 0, 0
+         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
+                     $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)
+         JOIN tenants t ON t.tenant_id = k.tenant_id
+         ORDER BY 1, 2, 3, 4, 5, 6
+         ON CONFLICT (tenant_id, day, agent_id, service, kind, currency)
+         DO UPDATE SET transactions = l.transactions",
+        ),
+        keys,
+    )
+    .execute(&mut *conn)
+    .await?;
+    let set = set_rows(
+        "lifecycle_daily_rollups",
+        "lifecycle_daily_rollup_pairs",
+        "day",
+        &format!("SELECT * FROM {DAILY_KEYS}"),
+        "lifecycle_daily_rollup_of(k.tenant_id, k.day, local_day_end(k.day, k.zone), k.agent_id,
+                                   k.service, k.kind, k.currency)",
+    );
+    bind_keys(sqlx::query(sqlx::AssertSqlSafe(set)), keys)
+        .execute(&mut *conn)
+        .await?;
+    let pairs = format!(
+        "INSERT INTO lifecycle_daily_rollup_pairs
+         SELECT k.tenant_id, k.day, k.agent_id, k.service, k.kind, k.currency, f.next_day,
+                f.transactions
+         FROM {DAILY_KEYS}
+         CROSS JOIN LATERAL lifecycle_daily_rollup_pairs_of(
+             k.tenant_id, k.day, local_day_end(k.day, k.zone), k.zone, k.agent_id, k.service,
+             k.kind, k.currency) f"
+    );
+    bind_keys(sqlx::query(sqlx::AssertSqlSafe(pairs)), keys)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+/// A statement setting the rows of the lifecycle rollup `rows` whose keys the query `keys`
+/// gives from `truth` (a function of a key `k` giving `transactions` and `amount`), deleting
+/// those it gives nothing for, and deleting the keys' pairs from `pairs`, to be inserted
+/// again. `time` is the tables' time column.
+fn set_rows(rows: &str, pairs: &str, time: &str, keys: &str, truth: &str) -> String {
+    let key = |a: &str| {
+        format!("({a}.tenant_id, {a}.{time}, {a}.agent_id, {a}.service, {a}.kind, {a}.currency)")
+    };
+    format!(
+        "WITH k AS ({keys}),
+         truth AS (SELECT k.*, f.transactions, f.amount FROM k CROSS JOIN LATERAL {truth} f),
+         updated AS (
+             UPDATE {rows} l SET transactions = t.transactions, amount = t.amount
+             FROM truth t WHERE {} = {}),
+         emptied AS (
+             DELETE FROM {rows} l USING k
+             WHERE {} = {} AND NOT EXISTS (SELECT 1 FROM truth t WHERE {} = {}))
+         DELETE FROM {pairs} p USING k WHERE {} = {}",
+        key("l"),
+        key("t"),
+        key("l"),
+        key("k"),
+        key("t"),
+        key("k"),
+        key("p"),
+        key("k"),
+    )
 }
 
 /// Binds `keys` as the six key arrays `$1` to `$6`.

@@ -10,12 +10,19 @@
 //! addition). Transactions are locked before rollup rows (these before the lifecycle rollup
 //! rows), each set in key order, on both paths, so batches spanning many transactions cannot
 //! deadlock.
+//!
+//! The daily rows (`usage_state_daily_rollups`, migration 0010) are the hourly ones added up
+//! by local day of the tenant's billing zone, written right after the hourly rows on both
+//! paths: ingest adds the same sums, a state change recomputes the days of the hours it
+//! recomputed. Daily rows are locked after hourly ones, in key order too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres};
 
 use super::StoreError;
 use crate::domain::rollup::RollupBatch;
@@ -123,45 +130,61 @@ pub async fn add(conn: &mut PgConnection, batch: &RollupBatch) -> Result<(), Sto
         sums.events += value.events;
         sums.unpriced_events += value.unpriced_events;
     }
-    upsert(conn, &rows).await
+    add_sums(conn, &rows).await
 }
 
-/// Adds `rows` to the stored ones, in key order.
-async fn upsert(
-    conn: &mut PgConnection,
-    rows: &BTreeMap<StateKey, Sums>,
-) -> Result<(), StoreError> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut sql = String::from(
-        "INSERT INTO usage_state_rollups AS u (tenant_id, hour, agent_id, service, provider,
-             model, currency, state, input, cache_read, cache_write_5m, cache_write_1h, output,
-             reasoning, input_audio, output_audio, input_image, output_image, billed_amount,
-             cost_amount, events, unpriced_events)
-         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-             $6::text[], $7::text[], $8::int2[], $9::int8[], $10::int8[], $11::int8[],
-             $12::int8[], $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[],
-             $18::int8[], $19::numeric[], $20::numeric[], $21::int8[], $22::int8[])
-         ON CONFLICT (tenant_id, hour, agent_id, service, provider, model, currency, state)
-         DO UPDATE SET billed_amount = u.billed_amount + excluded.billed_amount,
-                       cost_amount = u.cost_amount + excluded.cost_amount,
-                       events = u.events + excluded.events,
-                       unpriced_events = u.unpriced_events + excluded.unpriced_events",
-    );
-    for column in TokenClass::ALL.map(TokenClass::as_str) {
-        sql.push_str(&format!(", {column} = u.{column} + excluded.{column}"));
-    }
-    let keys = || rows.keys();
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(keys().map(|k| k.0.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.1).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.2.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.3.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.4.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.5.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.6.as_str()).collect::<Vec<_>>())
-        .bind(keys().map(|k| k.7).collect::<Vec<_>>());
+/// The key columns of both state rollups, `hour` or `day` second.
+const KEY_COLUMNS: [&str; 8] = [
+    "tenant_id",
+    "hour",
+    "agent_id",
+    "service",
+    "provider",
+    "model",
+    "currency",
+    "state",
+];
+
+/// The value columns of both state rollups, in table order.
+fn value_columns() -> impl Iterator<Item = &'static str> {
+    TokenClass::ALL.map(TokenClass::as_str).into_iter().chain([
+        "billed_amount",
+        "cost_amount",
+        "events",
+        "unpriced_events",
+    ])
+}
+
+/// Rows bound by [`bind_rows`], as a table `k` with the columns of `usage_state_rollups`.
+fn unnest_rows() -> String {
+    let columns: Vec<&str> = KEY_COLUMNS.into_iter().chain(value_columns()).collect();
+    format!(
+        "unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::int2[], $9::int8[], $10::int8[], $11::int8[], $12::int8[],
+                $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[],
+                $19::numeric[], $20::numeric[], $21::int8[], $22::int8[]) AS k ({})",
+        columns.join(", ")
+    )
+}
+
+/// ` ON CONFLICT (key) DO UPDATE` adding the new values to the stored ones; `time` is `hour`
+/// or `day`.
+fn add_on_conflict(time: &str) -> String {
+    let key = KEY_COLUMNS
+        .map(|c| if c == "hour" { time } else { c })
+        .join(", ");
+    let sums: Vec<String> = value_columns()
+        .map(|c| format!("{c} = u.{c} + excluded.{c}"))
+        .collect();
+    format!(" ON CONFLICT ({key}) DO UPDATE SET {}", sums.join(", "))
+}
+
+/// Binds `rows` as the 22 arrays of [`unnest_rows`].
+fn bind_rows<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    rows: &'q BTreeMap<StateKey, Sums>,
+) -> Query<'q, Postgres, PgArguments> {
+    let mut query = bind_keys(query, rows.keys());
     for class in 0..10 {
         query = query.bind(rows.values().map(|s| s.tokens[class]).collect::<Vec<_>>());
     }
@@ -170,9 +193,96 @@ async fn upsert(
         .bind(rows.values().map(|s| s.cost).collect::<Vec<_>>())
         .bind(rows.values().map(|s| s.events).collect::<Vec<_>>())
         .bind(rows.values().map(|s| s.unpriced_events).collect::<Vec<_>>())
+}
+
+/// Binds `keys` as the eight key arrays `$1`–`$8`.
+fn bind_keys<'q, 'k: 'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    keys: impl Iterator<Item = &'k StateKey> + Clone,
+) -> Query<'q, Postgres, PgArguments> {
+    let text = |f: fn(&'k StateKey) -> &'k str| keys.clone().map(f).collect::<Vec<&str>>();
+    query
+        .bind(text(|k| &k.0))
+        .bind(keys.clone().map(|k| k.1).collect::<Vec<_>>())
+        .bind(text(|k| &k.2))
+        .bind(text(|k| &k.3))
+        .bind(text(|k| &k.4))
+        .bind(text(|k| &k.5))
+        .bind(text(|k| &k.6))
+        .bind(keys.clone().map(|k| k.7).collect::<Vec<_>>())
+}
+
+/// The daily key of the hourly key columns of `k` (joined to the tenant as `t`), byte-ordered
+/// text as in the table, so `ORDER BY` locks rows in the same order on every path.
+const DAILY_KEY: &str = "k.tenant_id COLLATE \"C\", date_trunc('day', k.hour, t.billing_timezone),
+     k.agent_id COLLATE \"C\", k.service COLLATE \"C\", k.provider COLLATE \"C\",
+     k.model COLLATE \"C\", k.currency COLLATE \"C\", k.state";
+
+/// Adds an ingest batch's sums to the hourly rows, in key order, and then to the daily rows
+/// of their local days, in key order, in one statement: ingest holds these rows' locks until it
+/// commits, so a second round trip would lengthen the time concurrent batches wait on them.
+/// The daily insert reads the count of the hourly one before its first row, so every hourly
+/// row is locked before any daily one, as on the other paths.
+async fn add_sums(
+    conn: &mut PgConnection,
+    rows: &BTreeMap<StateKey, Sums>,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let columns: Vec<&str> = KEY_COLUMNS
+        .map(|c| if c == "hour" { "day" } else { c })
+        .into_iter()
+        .chain(value_columns())
+        .collect();
+    let sums: Vec<String> = value_columns()
+        .map(|c| match c {
+            "billed_amount" | "cost_amount" => format!("sum(k.{c})"),
+            _ => format!("sum(k.{c})::int8"),
+        })
+        .collect();
+    let sql = format!(
+        "WITH hourly AS ({} RETURNING 1)
+         INSERT INTO usage_state_daily_rollups AS u ({})
+         SELECT {DAILY_KEY}, {}
+         FROM {} JOIN tenants t ON t.tenant_id = k.tenant_id
+         WHERE (SELECT count(*) FROM hourly) > 0
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8 {}",
+        upsert_sql(),
+        columns.join(", "),
+        sums.join(", "),
+        unnest_rows(),
+        add_on_conflict("day"),
+    );
+    bind_rows(sqlx::query(sqlx::AssertSqlSafe(sql)), rows)
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// Adds `rows` to the stored hourly ones, in key order.
+async fn upsert(
+    conn: &mut PgConnection,
+    rows: &BTreeMap<StateKey, Sums>,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    bind_rows(sqlx::query(sqlx::AssertSqlSafe(upsert_sql())), rows)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// The statement adding the rows of [`bind_rows`] to the hourly rows.
+fn upsert_sql() -> String {
+    let columns: Vec<&str> = KEY_COLUMNS.into_iter().chain(value_columns()).collect();
+    format!(
+        "INSERT INTO usage_state_rollups AS u ({}) SELECT * FROM {} {}",
+        columns.join(", "),
+        unnest_rows(),
+        add_on_conflict("hour"),
+    )
 }
 
 /// After lifecycle events of `transactions` were stored in the caller's transaction: moves the
@@ -247,7 +357,7 @@ pub async fn apply_state_changes(
 
 /// Locks the rows of `keys` in key order (creating the missing ones empty, so that an ingest
 /// about to add to one waits for this transaction), then sets each from `usage_rollups` — or
-/// deletes it when no usage is left in it.
+/// deletes it when no usage is left in it. Then does the same for the daily rows of their days.
 async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<StateKey>) -> Result<(), StoreError> {
     if keys.is_empty() {
         return Ok(());
@@ -255,50 +365,94 @@ async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<StateKey>) -> Result
     let empty: BTreeMap<StateKey, Sums> =
         keys.iter().map(|k| (k.clone(), Sums::default())).collect();
     upsert(conn, &empty).await?;
-    let assignments: Vec<String> = TokenClass::ALL
-        .map(TokenClass::as_str)
-        .iter()
-        .chain(&["billed_amount", "cost_amount", "events", "unpriced_events"])
-        .map(|column| format!("{column} = t.{column}"))
-        .collect();
-    let sql = format!(
-        "WITH k AS (
-             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
-                                  $5::text[], $6::text[], $7::text[], $8::int2[])
-                 AS k (tenant_id, hour, agent_id, service, provider, model, currency, state)),
-         truth AS (
-             SELECT f.* FROM (SELECT DISTINCT tenant_id, hour, agent_id FROM k) g
-             CROSS JOIN LATERAL usage_state_rollups_of(g.tenant_id, g.hour, g.agent_id) f
-             JOIN k ON (k.tenant_id, k.hour, k.agent_id, k.service, k.provider, k.model,
-                        k.currency, k.state)
-                     = (f.tenant_id, f.hour, f.agent_id, f.service, f.provider, f.model,
-                        f.currency, f.state)),
-         updated AS (
-             UPDATE usage_state_rollups u SET {}
-             FROM truth t
-             WHERE (u.tenant_id, u.hour, u.agent_id, u.service, u.provider, u.model, u.currency,
-                    u.state)
-                 = (t.tenant_id, t.hour, t.agent_id, t.service, t.provider, t.model, t.currency,
-                    t.state))
-         DELETE FROM usage_state_rollups u USING k
-         WHERE (u.tenant_id, u.hour, u.agent_id, u.service, u.provider, u.model, u.currency, u.state)
-             = (k.tenant_id, k.hour, k.agent_id, k.service, k.provider, k.model, k.currency, k.state)
-           AND NOT EXISTS (SELECT 1 FROM truth t
-                           WHERE (t.tenant_id, t.hour, t.agent_id, t.service, t.provider, t.model,
-                                  t.currency, t.state)
-                               = (k.tenant_id, k.hour, k.agent_id, k.service, k.provider,
-                                  k.model, k.currency, k.state))",
-        assignments.join(", ")
+    let sql = set_from_truth(
+        "usage_state_rollups",
+        "hour",
+        &format!("SELECT * FROM {UNNEST_KEYS}"),
+        "SELECT f.* FROM (SELECT DISTINCT tenant_id, hour, agent_id FROM k) g
+         CROSS JOIN LATERAL usage_state_rollups_of(g.tenant_id, g.hour, g.agent_id) f",
     );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(keys.iter().map(|k| k.0.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.2.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.3.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.4.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.5.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.6.as_str()).collect::<Vec<_>>())
-        .bind(keys.iter().map(|k| k.7).collect::<Vec<_>>())
+    bind_keys(sqlx::query(sqlx::AssertSqlSafe(sql)), keys.iter())
+        .execute(&mut *conn)
+        .await?;
+    recompute_daily(conn, keys).await
+}
+
+/// The eight key arrays bound by [`bind_keys`], as a table `k` of hourly keys.
+const UNNEST_KEYS: &str = "unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
+                                 $5::text[], $6::text[], $7::text[], $8::int2[])
+         AS k (tenant_id, hour, agent_id, service, provider, model, currency, state)";
+
+/// `(a.key) = (b.key)` with `time` (`hour` or `day`) as the time column.
+fn same_key(time: &str, a: &str, b: &str) -> String {
+    let key = KEY_COLUMNS.map(|c| if c == "hour" { time } else { c });
+    let side = |alias: &str| {
+        key.iter()
+            .map(|c| format!("{alias}.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!("({}) = ({})", side(a), side(b))
+}
+
+/// A statement setting the rows of `table` whose keys the query `keys` gives from those the
+/// query `truth` (rows `f` of the table's columns, which may read `k`) gives, and deleting
+/// those `truth` has nothing for. `time` is the table's time column.
+fn set_from_truth(table: &str, time: &str, keys: &str, truth: &str) -> String {
+    let assignments: Vec<String> = value_columns().map(|c| format!("{c} = t.{c}")).collect();
+    format!(
+        "WITH k AS ({keys}),
+         truth AS ({truth} JOIN k ON {}),
+         updated AS (UPDATE {table} u SET {} FROM truth t WHERE {})
+         DELETE FROM {table} u USING k
+         WHERE {} AND NOT EXISTS (SELECT 1 FROM truth t WHERE {})",
+        same_key(time, "k", "f"),
+        assignments.join(", "),
+        same_key(time, "u", "t"),
+        same_key(time, "u", "k"),
+        same_key(time, "t", "k"),
+    )
+}
+
+/// Locks the daily rows of the days the hourly `keys` fall in, in key order (creating the
+/// missing ones empty), then sets each from the hourly rows of its day, or deletes it when
+/// they hold nothing for it.
+async fn recompute_daily(
+    conn: &mut PgConnection,
+    keys: &BTreeSet<StateKey>,
+) -> Result<(), StoreError> {
+    let columns: Vec<&str> = KEY_COLUMNS
+        .map(|c| if c == "hour" { "day" } else { c })
+        .into_iter()
+        .chain(value_columns())
+        .collect();
+    let zeros = vec!["0"; value_columns().count()].join(", ");
+    let lock = format!(
+        "INSERT INTO usage_state_daily_rollups AS u ({})
+         SELECT DISTINCT {DAILY_KEY}, {zeros}
+         FROM {UNNEST_KEYS} JOIN tenants t ON t.tenant_id = k.tenant_id
+         ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
+         ON CONFLICT ({}) DO UPDATE SET events = u.events",
+        columns.join(", "),
+        columns[..8].join(", "),
+    );
+    bind_keys(sqlx::query(sqlx::AssertSqlSafe(lock)), keys.iter())
+        .execute(&mut *conn)
+        .await?;
+    let set = set_from_truth(
+        "usage_state_daily_rollups",
+        "day",
+        &format!(
+            "SELECT DISTINCT k.tenant_id, date_trunc('day', k.hour, t.billing_timezone) AS day,
+                    t.billing_timezone AS zone, k.agent_id, k.service, k.provider, k.model,
+                    k.currency, k.state
+             FROM {UNNEST_KEYS} JOIN tenants t ON t.tenant_id = k.tenant_id"
+        ),
+        "SELECT f.* FROM (SELECT DISTINCT tenant_id, day, zone, agent_id FROM k) g
+         CROSS JOIN LATERAL usage_state_daily_rollups_of(
+             g.tenant_id, g.day, local_day_end(g.day, g.zone), g.agent_id) f",
+    );
+    bind_keys(sqlx::query(sqlx::AssertSqlSafe(set)), keys.iter())
         .execute(&mut *conn)
         .await?;
     Ok(())

@@ -13,13 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Duration, DurationRound, NaiveDate, NaiveTime, TimeDelta, TimeZone, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use tokenmeter::domain::attribution::{Grouping, ModelFilter, attribute};
 use tokenmeter::domain::transaction::State;
 use tokenmeter::proto::v1 as pb;
-use tokenmeter::store::attribution::{self, AttributionQuery, LifecycleSource};
+use tokenmeter::store::attribution::{self, AttributionQuery};
 use tokenmeter::store::reports::Window;
 
 use crate::helpers::{create_database, spawn_app, spawn_app_with};
@@ -57,18 +57,40 @@ enum Op {
     Lifecycle(Box<pb::TransactionEvent>),
 }
 
-async fn priced_tenant(api: &mut Clients) -> String {
+/// A USD tenant billed in `zone`, priced from `from` on.
+async fn priced_tenant(api: &mut Clients, zone: &str, from: DateTime<Utc>) -> String {
     let book = unique("book");
     let mut rates = Vec::new();
     for (model, input_price, input_cost, output_price, output_cost) in RATES {
         rates.push((model, pb::TokenClass::Input, input_price, input_cost));
         rates.push((model, pb::TokenClass::Output, output_price, output_cost));
     }
-    api.version(&book, "USD", hour(72), &rates).await;
-    api.tenant("USD", "UTC", Some(&book)).await
+    api.version(&book, "USD", from, &rates).await;
+    api.tenant("USD", zone, Some(&book)).await
 }
 
-fn usage_event(rng: &mut Rng, tenant: &str, id: usize, transactions: &[String]) -> Op {
+/// When a scenario's events occur: usage in the last `usage_hours` whole hours before `end`,
+/// lifecycle events in the last `lifecycle_hours`.
+#[derive(Clone, Copy)]
+struct Span {
+    end: DateTime<Utc>,
+    usage_hours: usize,
+    lifecycle_hours: usize,
+}
+
+impl Span {
+    /// The spans of the scenarios that ran before daily rollups: usage in the last 3 hours,
+    /// lifecycle events in the last 40.
+    fn recent() -> Self {
+        Span {
+            end: hour(0),
+            usage_hours: 3,
+            lifecycle_hours: 40,
+        }
+    }
+}
+
+fn usage_event(rng: &mut Rng, span: Span, tenant: &str, id: usize, transactions: &[String]) -> Op {
     let transaction = rng.below(transactions.len() + 1);
     let input = i64::try_from(1 + rng.below(90_000)).expect("tokens");
     let output = i64::try_from(rng.below(9_000)).expect("tokens");
@@ -81,7 +103,10 @@ fn usage_event(rng: &mut Rng, tenant: &str, id: usize, transactions: &[String]) 
         service: rng.pick(&[None, Some("food-delivery")]).map(str::to_owned),
         provider: "openai".to_owned(),
         model: rng.pick(&MODELS).to_string(),
-        occurred_at: Some(ts(hour(1 + i64::try_from(rng.below(3)).expect("hours"))
+        occurred_at: Some(ts(span.end
+            - Duration::hours(
+                1 + i64::try_from(rng.below(span.usage_hours)).expect("hours"),
+            )
             + Duration::minutes(i64::try_from(rng.below(60)).expect("minutes")))),
         usage: Some(pb::usage_event::Usage::Tokens(pb::TokenCounts {
             input,
@@ -92,13 +117,20 @@ fn usage_event(rng: &mut Rng, tenant: &str, id: usize, transactions: &[String]) 
     }))
 }
 
-/// A minute within the last `hours` whole hours.
-fn hours_ago(rng: &mut Rng, hours: usize) -> DateTime<Utc> {
+/// A minute within the last `hours` whole hours before `end`.
+fn minute_before(rng: &mut Rng, end: DateTime<Utc>, hours: usize) -> DateTime<Utc> {
     let minutes = rng.below(hours * 60);
-    hour(1) + Duration::minutes(59 - i64::try_from(minutes).expect("minutes"))
+    end - Duration::minutes(1 + i64::try_from(minutes).expect("minutes"))
 }
 
-fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, kind: usize) -> Op {
+fn lifecycle_event(
+    rng: &mut Rng,
+    span: Span,
+    tenant: &str,
+    id: usize,
+    transaction: &str,
+    kind: usize,
+) -> Op {
     use pb::transaction_event::Kind;
     let usd = |amount: &str| {
         Some(pb::Money {
@@ -138,7 +170,7 @@ fn lifecycle_event(rng: &mut Rng, tenant: &str, id: usize, transaction: &str, ki
             .get(service)
             .unwrap_or(&"food-delivery")
             .to_string(),
-        occurred_at: Some(ts(hours_ago(rng, 40))),
+        occurred_at: Some(ts(minute_before(rng, span.end, span.lifecycle_hours))),
         kind: Some(kind),
         attributes: Default::default(),
     }))
@@ -341,10 +373,19 @@ async fn assert_rollup_matches(pool: &PgPool, tenant: &str, ops: &[Op], context:
     assert_eq!(by_value, expected(ops), "{context}");
 }
 
-/// The report lifecycle facts from the rollups, and one by one from the events, for one
-/// tenant: attributed rows equal to the digit for every window, zone and grouping the rollups
-/// answer.
-async fn assert_lifecycle_sources_agree(pool: &PgPool, tenant: &str, context: &str) {
+/// The report facts from every source that applies — lifecycle events one by one, the hourly
+/// rollups, the daily rollups — for one tenant: attributed rows equal to the digit for every
+/// window (and its zone), range, grouping and agent filter given. Returns how many of those
+/// reports the daily rollups answered.
+async fn assert_sources_agree(
+    pool: &PgPool,
+    tenant: &str,
+    windows: &[(Window, &str)],
+    ranges: &[(DateTime<Utc>, DateTime<Utc>)],
+    context: &str,
+) -> usize {
+    use attribution::Grain::{Day, Hour};
+    use attribution::LifecycleSource::{Events, Rollups};
     let mut conn = pool.acquire().await.expect("connection");
     let groupings = [
         Grouping::default(),
@@ -359,15 +400,9 @@ async fn assert_lifecycle_sources_agree(pool: &PgPool, tenant: &str, context: &s
             ..Grouping::default()
         },
     ];
-    let windows = [
-        (Window::Whole, "UTC"),
-        (Window::Day, "UTC"),
-        (Window::Day, "Europe/Berlin"),
-        (Window::Day, "America/New_York"),
-        (Window::Month, "Asia/Tokyo"),
-    ];
-    for (window, zone) in windows {
-        for (start, end) in [(hour(48), hour(-1)), (hour(20), hour(3))] {
+    let mut answered_daily = 0;
+    for &(window, zone) in windows {
+        for &(start, end) in ranges {
             for agents in [vec![], vec!["agent-1".to_owned()]] {
                 let query = AttributionQuery {
                     tenant_ids: vec![tenant.to_owned()],
@@ -381,45 +416,116 @@ async fn assert_lifecycle_sources_agree(pool: &PgPool, tenant: &str, context: &s
                     models: vec![],
                 };
                 assert!(attribution::rollups_apply(&query), "{query:?}");
+                let daily = attribution::daily_rollups_apply(&mut conn, &query)
+                    .await
+                    .expect("daily rollups apply");
+                answered_daily += usize::from(daily);
                 for grouping in groupings {
-                    let rows = |facts: &attribution::Facts| {
-                        format!(
-                            "{:?} {:?}",
-                            attribute(
-                                &facts.usage,
-                                &facts.lifecycle,
-                                &facts.shares,
-                                grouping,
-                                &ModelFilter::default()
-                            ),
-                            facts.bucket_ends
-                        )
-                    };
-                    let events = attribution::facts_from(
-                        &mut conn,
-                        &query,
-                        grouping,
-                        LifecycleSource::Events,
-                    )
-                    .await
-                    .expect("facts from events");
-                    let rollups = attribution::facts_from(
-                        &mut conn,
-                        &query,
-                        grouping,
-                        LifecycleSource::Rollups,
-                    )
-                    .await
-                    .expect("facts from rollups");
-                    assert_eq!(
-                        rows(&rollups),
-                        rows(&events),
-                        "{context}: {query:?} {grouping:?}"
-                    );
+                    let mut rows = Vec::new();
+                    for (grain, source) in [(Hour, Events), (Hour, Rollups), (Day, Rollups)] {
+                        if grain == Day && !daily {
+                            continue;
+                        }
+                        let facts =
+                            attribution::facts_from(&mut conn, &query, grouping, grain, source)
+                                .await
+                                .expect("facts");
+                        let attributed = attribute(
+                            &facts.usage,
+                            &facts.lifecycle,
+                            &facts.shares,
+                            grouping,
+                            &ModelFilter::default(),
+                        );
+                        rows.push((
+                            format!("{grain:?} {source:?}"),
+                            format!("{attributed:?} {:?}", facts.bucket_ends),
+                        ));
+                    }
+                    for (source, answer) in &rows[1..] {
+                        assert_eq!(
+                            answer, &rows[0].1,
+                            "{context}: {source} against events: {query:?} {grouping:?}"
+                        );
+                    }
                 }
             }
         }
     }
+    answered_daily
+}
+
+/// The windows every scenario is reported in.
+const WINDOWS: [(Window, &str); 5] = [
+    (Window::Whole, "UTC"),
+    (Window::Day, "UTC"),
+    (Window::Day, "Europe/Berlin"),
+    (Window::Day, "America/New_York"),
+    (Window::Month, "Asia/Tokyo"),
+];
+
+/// A tenant's daily rollups, and what they must hold: its hourly usage rows added up by local
+/// day of `zone`; distinct transactions and amounts counted straight from the lifecycle
+/// contributions (not from the hourly pairs the daily rows are computed with); each
+/// transaction's pairs of consecutive days with events of one kind and currency. As text.
+async fn daily_text(pool: &PgPool, tenant: &str, zone: &str) -> (Vec<String>, Vec<String>) {
+    let tokens = "input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
+                  input_audio, output_audio, input_image, output_image";
+    let summed: Vec<String> = tokens
+        .split(',')
+        .map(|c| format!("sum({})", c.trim()))
+        .collect();
+    let stored: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT format('usage %s %s %s %s %s %s %s %s %s %s %s %s', day, agent_id, service,
+                       provider, model, currency, state, ARRAY[{tokens}], billed_amount,
+                       cost_amount, events, unpriced_events)
+         FROM usage_state_daily_rollups WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('row %s %s %s %s %s %s %s', day, agent_id, service, kind, currency,
+                       transactions, amount)
+         FROM lifecycle_daily_rollups WHERE tenant_id = $1
+         UNION ALL
+         SELECT format('pair %s %s %s %s %s %s %s', day, agent_id, service, kind, currency,
+                       next_day, transactions)
+         FROM lifecycle_daily_rollup_pairs WHERE tenant_id = $1
+         ORDER BY 1"
+    )))
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .expect("daily rollups");
+    let expected: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT format('usage %s %s %s %s %s %s %s %s %s %s %s %s',
+                       date_trunc('day', hour, $2), agent_id, service, provider, model,
+                       currency, state, ARRAY[{}], sum(billed_amount), sum(cost_amount),
+                       sum(events), sum(unpriced_events))
+         FROM usage_state_rollups WHERE tenant_id = $1
+         GROUP BY date_trunc('day', hour, $2), agent_id, service, provider, model, currency,
+                  state
+         UNION ALL
+         SELECT format('row %s %s %s %s %s %s %s', date_trunc('day', hour, $2), agent_id,
+                       service, kind, currency, count(DISTINCT transaction_id), sum(amount))
+         FROM lifecycle_contributions WHERE tenant_id = $1
+         GROUP BY date_trunc('day', hour, $2), agent_id, service, kind, currency
+         UNION ALL
+         SELECT format('pair %s %s %s %s %s %s %s', day, agent_id, service, kind, currency,
+                       next_day, count(*))
+         FROM (SELECT *, lead(day) OVER (PARTITION BY transaction_id, kind, currency
+                                         ORDER BY day) AS next_day
+               FROM (SELECT DISTINCT transaction_id, date_trunc('day', hour, $2) AS day,
+                            agent_id, service, kind, currency
+                     FROM lifecycle_contributions WHERE tenant_id = $1) d) n
+         WHERE next_day IS NOT NULL
+         GROUP BY day, agent_id, service, kind, currency, next_day
+         ORDER BY 1",
+        summed.join(", ")
+    )))
+    .bind(tenant)
+    .bind(zone)
+    .fetch_all(pool)
+    .await
+    .expect("daily references");
+    (stored, expected)
 }
 
 /// Every lifecycle rollup, pair, contribution and transaction state of a tenant, as text.
@@ -486,14 +592,20 @@ fn lifecycle_rollups_only_answer_ranges_cut_at_whole_hours() {
 /// Usage on five transactions and on none, their lifecycle events (every kind, so states move
 /// through completed → refunded, failed → completed, … → reversed), and resends of a fifth of
 /// them, shuffled.
-fn scenario(rng: &mut Rng, tenant: &str, transactions: &[String], usage: usize) -> Vec<Op> {
+fn scenario(
+    rng: &mut Rng,
+    span: Span,
+    tenant: &str,
+    transactions: &[String],
+    usage: usize,
+) -> Vec<Op> {
     let mut ops: Vec<Op> = (0..usage)
-        .map(|i| usage_event(rng, tenant, i, transactions))
+        .map(|i| usage_event(rng, span, tenant, i, transactions))
         .collect();
     for i in 0..transactions.len() * 3 {
         let transaction = rng.pick(transactions).clone();
         let kind = rng.below(5);
-        ops.push(lifecycle_event(rng, tenant, i, &transaction, kind));
+        ops.push(lifecycle_event(rng, span, tenant, i, &transaction, kind));
     }
     for _ in 0..ops.len() / 5 {
         let again = ops[rng.below(ops.len())].clone();
@@ -511,25 +623,38 @@ async fn the_state_rollup_equals_both_references_for_any_order_of_usage_and_life
     let mut api = Clients::new(app.channel().await);
     for seed in 1..=12u64 {
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        let tenant = priced_tenant(&mut api).await;
+        let tenant = priced_tenant(&mut api, "UTC", hour(72)).await;
         let transactions: Vec<String> = (0..5).map(|i| format!("tx{i}")).collect();
-        let ops = scenario(&mut rng, &tenant, &transactions, 40);
+        let ops = scenario(&mut rng, Span::recent(), &tenant, &transactions, 40);
 
         send(&mut api, &mut rng, &ops, 6).await;
 
         let context = format!("seed {seed}");
         assert_rollup_matches(&app.pool, &tenant, &ops, &context).await;
-        assert_lifecycle_sources_agree(&app.pool, &tenant, &context).await;
+        let (daily, expected) = daily_text(&app.pool, &tenant, "UTC").await;
+        assert_eq!(daily, expected, "{context}");
+        let midnight = hour(0).duration_trunc(TimeDelta::days(1)).expect("day");
+        let ranges = [
+            (hour(48), hour(-1)),
+            (hour(20), hour(3)),
+            (midnight - Duration::days(2), midnight + Duration::days(1)),
+        ];
+        let answered_daily =
+            assert_sources_agree(&app.pool, &tenant, &WINDOWS, &ranges, &context).await;
+        // The UTC days: whole and by day in UTC, with and without the agent filter.
+        assert_eq!(answered_daily, 4, "{context}");
 
         // What the migrations' backfills make of the same rollups and events, as on an
         // upgraded database.
         let maintained = (
             stored_text(&app.pool, &tenant).await,
             lifecycle_text(&app.pool, &tenant).await,
+            daily,
         );
         sqlx::raw_sql(
             "DELETE FROM transaction_states; DELETE FROM usage_state_rollups;
-             SELECT backfill_usage_state_rollups(); SELECT backfill_lifecycle_rollups();",
+             SELECT backfill_usage_state_rollups(); SELECT backfill_lifecycle_rollups();
+             SELECT backfill_daily_attribution_rollups();",
         )
         .execute(&app.pool)
         .await
@@ -537,8 +662,85 @@ async fn the_state_rollup_equals_both_references_for_any_order_of_usage_and_life
         let backfilled = (
             stored_text(&app.pool, &tenant).await,
             lifecycle_text(&app.pool, &tenant).await,
+            daily_text(&app.pool, &tenant, "UTC").await.0,
         );
         assert_eq!(backfilled, maintained, "{context}");
+    }
+}
+
+/// The local midnight starting `date` in `zone` (never ambiguous in zones that change at 2 am).
+fn local_midnight(zone: chrono_tz::Tz, date: NaiveDate) -> DateTime<Utc> {
+    zone.from_local_datetime(&date.and_time(NaiveTime::MIN))
+        .single()
+        .expect("one local midnight")
+        .with_timezone(&Utc)
+}
+
+#[tokio::test]
+async fn daily_rollups_equal_the_hourly_ones_across_a_dst_change_in_the_tenants_zone() {
+    let name = "America/New_York";
+    let zone: chrono_tz::Tz = name.parse().expect("zone");
+    // The latest day of 23 or 25 hours there, at least two days ago.
+    let today = Utc::now().with_timezone(&zone).date_naive();
+    let change = (2..400)
+        .map(|back| today - Duration::days(back))
+        .find(|&day| {
+            let length = local_midnight(zone, day + Duration::days(1)) - local_midnight(zone, day);
+            length != Duration::hours(24)
+        })
+        .expect("a DST change within 400 days");
+    let (start, end) = (
+        local_midnight(zone, change - Duration::days(1)),
+        local_midnight(zone, change + Duration::days(2)),
+    );
+    let hours = usize::try_from((end - start).num_hours()).expect("hours");
+    assert_ne!(hours, 72, "the three days hold a DST change");
+    let span = Span {
+        end,
+        usage_hours: hours,
+        lifecycle_hours: hours,
+    };
+
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    for seed in 1..=4u64 {
+        let mut rng = Rng(seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1);
+        let tenant = priced_tenant(&mut api, name, start - Duration::days(1)).await;
+        let transactions: Vec<String> = (0..6).map(|i| format!("tx{i}")).collect();
+        let ops = scenario(&mut rng, span, &tenant, &transactions, 60);
+
+        send(&mut api, &mut rng, &ops, 6).await;
+
+        let context = format!("seed {seed}, days from {start}");
+        assert_rollup_matches(&app.pool, &tenant, &ops, &context).await;
+        let (daily, expected) = daily_text(&app.pool, &tenant, name).await;
+        assert_eq!(daily, expected, "{context}");
+        let windows = [
+            (Window::Whole, "UTC"),
+            (Window::Day, name),
+            (Window::Month, name),
+            (Window::Day, "UTC"),
+        ];
+        let ranges = [
+            (start, end),
+            (start, end - Duration::days(1)),
+            (start + Duration::hours(1), end),
+        ];
+        let answered_daily =
+            assert_sources_agree(&app.pool, &tenant, &windows, &ranges, &context).await;
+        // Local midnights of the tenant's zone, whole or bucketed in that zone: three windows,
+        // two ranges, with and without the agent filter.
+        assert_eq!(answered_daily, 12, "{context}");
+
+        sqlx::raw_sql("SELECT backfill_daily_attribution_rollups()")
+            .execute(&app.pool)
+            .await
+            .expect("backfill");
+        assert_eq!(
+            daily_text(&app.pool, &tenant, name).await.0,
+            daily,
+            "{context}: backfilled"
+        );
     }
 }
 
@@ -551,10 +753,10 @@ async fn the_state_rollup_is_exact_after_usage_and_lifecycle_events_race_on_thre
         apps.push(spawn_app_with(move |s| s.database.url = url).await);
     }
     let mut api = Clients::new(apps[0].channel().await);
-    let tenant = priced_tenant(&mut api).await;
+    let tenant = priced_tenant(&mut api, "UTC", hour(72)).await;
     let transactions: Vec<String> = (0..8).map(|i| format!("tx{i}")).collect();
     let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B);
-    let ops = scenario(&mut rng, &tenant, &transactions, 400);
+    let ops = scenario(&mut rng, Span::recent(), &tenant, &transactions, 400);
 
     // Six clients, two per server, each sending its share of the events in small batches.
     let mut clients = Vec::new();
@@ -572,5 +774,8 @@ async fn the_state_rollup_is_exact_after_usage_and_lifecycle_events_race_on_thre
     }
 
     assert_rollup_matches(&apps[0].pool, &tenant, &ops, "after the race").await;
-    assert_lifecycle_sources_agree(&apps[0].pool, &tenant, "after the race").await;
+    let (daily, expected) = daily_text(&apps[0].pool, &tenant, "UTC").await;
+    assert_eq!(daily, expected, "after the race");
+    let ranges = [(hour(48), hour(-1))];
+    assert_sources_agree(&apps[0].pool, &tenant, &WINDOWS, &ranges, "after the race").await;
 }
