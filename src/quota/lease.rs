@@ -20,8 +20,8 @@ use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Decision, PolicyState, QuotaError, ReserveInput, ReserveOutcome, catalog_for, counter_key,
-    denial_message,
+    Decision, PolicyState, QuotaError, QuotaMetrics, ReserveInput, ReserveOutcome, catalog_for,
+    counter_key, denial_message,
 };
 use crate::config::QuotaSettings;
 use crate::domain::lease::{self, Book};
@@ -79,12 +79,14 @@ impl Slot {
     }
 
     /// Whether the free budget last found cannot cover what `hold` lacks, recently enough to
-    /// deny without asking Postgres again.
+    /// deny without asking Postgres again. Whether the slice is still valid does not matter:
+    /// what it holds unused would return to the free budget if it lapsed, so `free` falls
+    /// short of `hold` less that exactly when a fresh lease would — and an exhausted budget
+    /// whose slice lapsed must not cost a transaction per denied call either.
     fn known_short(&self, hold: Decimal, now: Instant) -> bool {
-        self.valid(now)
-            && self.exhausted.is_some_and(|(at, free)| {
-                now.duration_since(at) < EXHAUSTED_FOR && free < self.book.shortfall(hold)
-            })
+        self.exhausted.is_some_and(|(at, free)| {
+            now.duration_since(at) < EXHAUSTED_FOR && free < self.book.shortfall(hold)
+        })
     }
 }
 
@@ -143,11 +145,17 @@ pub struct Leases {
     reload: tokio::sync::Mutex<()>,
     writers: Vec<mpsc::UnboundedSender<Write>>,
     closed: AtomicBool,
+    metrics: QuotaMetrics,
 }
 
 impl Leases {
     /// Starts the writer tasks on the current runtime; they stop when the `Leases` is dropped.
-    pub fn start(pool: PgPool, ingestor: Arc<Ingestor>, settings: QuotaSettings) -> Arc<Self> {
+    pub fn start(
+        pool: PgPool,
+        ingestor: Arc<Ingestor>,
+        settings: QuotaSettings,
+        metrics: QuotaMetrics,
+    ) -> Arc<Self> {
         let replica_id = uuid::Uuid::new_v4();
         let mut receivers = Vec::new();
         let writers = (0..settings.writers.max(1))
@@ -168,6 +176,7 @@ impl Leases {
             reload: tokio::sync::Mutex::new(()),
             writers,
             closed: AtomicBool::new(false),
+            metrics,
         });
         for receiver in receivers {
             tokio::spawn(write_batches(Arc::downgrade(&leases), receiver));
@@ -495,10 +504,12 @@ impl Leases {
         .await?;
         let Some(current) = current.first() else {
             tx.rollback().await?;
+            self.metrics.lease_transaction("gone");
             return Ok(Leased::Gone);
         };
         if current.revision != policy.revision {
             tx.rollback().await?;
+            self.metrics.lease_transaction("gone");
             self.lapse(&key.tenant_id, &[key.policy_id.as_str()]);
             return Ok(Leased::Gone);
         }
@@ -518,6 +529,7 @@ impl Leases {
             None if current.enforcement == Enforcement::Soft => free.max(Decimal::ZERO),
             None => {
                 tx.commit().await?;
+                self.metrics.lease_transaction("exhausted");
                 self.with_slot(key, |slot| {
                     slot.seen = counter;
                     slot.exhausted = Some((Instant::now(), free));
@@ -538,6 +550,7 @@ impl Leases {
         )
         .await?;
         tx.commit().await?;
+        self.metrics.lease_transaction("leased");
         let ttl = self.settings.lease_ttl;
         self.with_slot(key, |slot| {
             if lapsed.is_some() {

@@ -171,6 +171,7 @@ pub struct QuotaMetrics {
     decisions: prometheus::IntCounterVec,
     expired: prometheus::IntCounter,
     alerts_published: prometheus::IntCounter,
+    lease_transactions: prometheus::IntCounterVec,
 }
 
 impl QuotaMetrics {
@@ -190,17 +191,34 @@ impl QuotaMetrics {
             "tokenmeter_quota_alerts_published_total",
             "Threshold alerts sent to Kafka from the outbox",
         )?;
+        let lease_transactions = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tokenmeter_quota_lease_transactions_total",
+                "Transactions leasing budget slices (quota.leases), by outcome: leased, \
+                 exhausted (the free budget was too small), gone (the policy changed)",
+            ),
+            &["outcome"],
+        )?;
         registry.register(Box::new(decisions.clone()))?;
         registry.register(Box::new(expired.clone()))?;
         registry.register(Box::new(alerts_published.clone()))?;
+        registry.register(Box::new(lease_transactions.clone()))?;
         for decision in ["allow", "allow_soft_limit", "deny"] {
             decisions.with_label_values(&[decision]);
+        }
+        for outcome in ["leased", "exhausted", "gone"] {
+            lease_transactions.with_label_values(&[outcome]);
         }
         Ok(Self {
             decisions,
             expired,
             alerts_published,
+            lease_transactions,
         })
+    }
+
+    fn lease_transaction(&self, outcome: &str) {
+        self.lease_transactions.with_label_values(&[outcome]).inc();
     }
 
     fn decided(&self, decision: &Decision) {
@@ -237,11 +255,16 @@ impl QuotaEngine {
         metrics: QuotaMetrics,
     ) -> Self {
         Self {
-            metrics,
             writers: reserve::start(pool.clone(), ingestor.clone(), settings.clone()),
-            leases: settings
-                .leases
-                .then(|| lease::Leases::start(pool.clone(), ingestor.clone(), settings.clone())),
+            leases: settings.leases.then(|| {
+                lease::Leases::start(
+                    pool.clone(),
+                    ingestor.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                )
+            }),
+            metrics,
             pool,
             ingestor,
             settings,

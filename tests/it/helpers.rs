@@ -129,6 +129,16 @@ impl TestApp {
         format!("http://{}{path}", self.admin_addr)
     }
 
+    /// The Prometheus text the admin endpoint serves now.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     pub async fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Endpoint::from_shared(self.grpc_url())
             .expect("endpoint")

@@ -437,12 +437,7 @@ async fn an_unknown_model_is_stored_counted_and_surfaced_as_unpriced() {
     assert_eq!(dec(&known_row.billed_amount), dec("0.40"));
     assert_eq!(known_row.unpriced_event_count, 0);
 
-    let metrics = reqwest::get(app.admin_url("/metrics"))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("body");
+    let metrics = app.metrics().await;
     assert!(
         metrics
             .lines()

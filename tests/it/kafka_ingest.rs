@@ -409,12 +409,7 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
         Some("attributes.note")
     );
 
-    let metrics = reqwest::get(app.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = app.metrics().await;
     for line in [
         "tokenmeter_kafka_dead_letters_total{stage=\"decode\"} 2",
         "tokenmeter_kafka_dead_letters_total{stage=\"validate\"} 2",

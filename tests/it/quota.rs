@@ -455,12 +455,7 @@ async fn usage_without_a_reservation_counts_and_a_soft_limit_allows_and_flags() 
     assert_eq!(tokens(over.policies[0].used.as_ref()), 90);
     assert_eq!(tokens(over.policies[0].reserved.as_ref()), 30);
     assert_eq!(tokens(over.policies[0].remaining.as_ref()), -20);
-    let metrics = reqwest::get(app.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("body");
+    let metrics = app.metrics().await;
     for line in [
         "tokenmeter_quota_decisions_total{decision=\"allow\"} 1",
         "tokenmeter_quota_decisions_total{decision=\"allow_soft_limit\"} 1",
@@ -1063,6 +1058,70 @@ async fn a_limit_lowered_while_slices_are_out_binds_new_grants_within_the_policy
     assert_eq!(one_more.decision(), pb::QuotaDecision::Deny);
     assert_eq!(tokens(end[0].reserved.as_ref()), 150);
     assert_eq!(tokens(end[0].remaining.as_ref()), 0);
+    app.stop().await.expect("clean shutdown");
+}
+
+/// The value of `tokenmeter_quota_lease_transactions_total{outcome=…}` on `app`.
+async fn lease_transactions(app: &TestApp, outcome: &str) -> u64 {
+    let metrics = app.metrics().await;
+    let prefix = format!("tokenmeter_quota_lease_transactions_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .expect("lease transaction counter")
+        .parse()
+        .expect("count")
+}
+
+#[tokio::test]
+async fn an_exhausted_budget_denies_from_memory_after_its_slice_lapsed() {
+    // Slices are valid for three quarters of 400 ms.
+    let app = spawn_app_with(|s| s.quota.lease_ttl = Duration::from_millis(400)).await;
+    let (_, mut quota, tenant, _) = with_policy(&app, 1000, pb::QuotaEnforcement::Hard, &[]).await;
+    let mut allowed = 0;
+    while reserve(&mut quota, reserve_request(&tenant, 100))
+        .await
+        .decision()
+        == pb::QuotaDecision::Allow
+    {
+        allowed += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = lease_transactions(&app, "exhausted").await;
+
+    let started = std::time::Instant::now();
+    let callers: Vec<_> = (0..10)
+        .map(|_| {
+            let mut quota = quota.clone();
+            let tenant = tenant.clone();
+            tokio::spawn(async move {
+                let mut decisions = Vec::new();
+                for _ in 0..30 {
+                    decisions.push(reserve(&mut quota, reserve_request(&tenant, 100)).await);
+                }
+                decisions
+            })
+        })
+        .collect();
+    let mut denied = 0;
+    for caller in callers {
+        for answer in caller.await.expect("caller") {
+            assert_eq!(answer.decision(), pb::QuotaDecision::Deny, "{answer:?}");
+            denied += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    let transactions = lease_transactions(&app, "exhausted").await - before;
+
+    assert_eq!(allowed, 10);
+    assert_eq!(denied, 300);
+    // One transaction finds the budget spent again, then calls deny from memory for 100 ms at
+    // a time: not one transaction per denied call, as when the lapsed slice was ignored.
+    let windows = u64::try_from(elapsed.as_millis() / 100).expect("windows");
+    assert!(
+        transactions <= windows + 2,
+        "{transactions} lease transactions for 300 denials in {elapsed:?}"
+    );
     app.stop().await.expect("clean shutdown");
 }
 
