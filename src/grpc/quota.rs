@@ -633,6 +633,9 @@ impl QuotaService for QuotaApi {
                 (outcome, None)
             }
             Some(pb::settle_request::Actual::UsageEvent(mut event)) => {
+                // The event is stored and billed like any ingested one, so writing it takes
+                // the key's ingest scope too, not only quota.
+                require(&caller, KeyScope::Ingest, tenant)?;
                 if event.tenant_id != *tenant {
                     return Err(invalid_field(
                         "usage_event.tenant_id",

@@ -642,6 +642,72 @@ async fn a_tenant_bound_key_reads_only_its_tenants_and_issues_only_within_its_po
 }
 
 #[tokio::test]
+async fn settling_with_a_usage_event_takes_the_ingest_scope_as_well_as_quota() {
+    let app = spawn_app().await;
+    let channel = app.channel().await;
+    let mut admin = Clients::new(channel.clone());
+    let tenant = admin.tenant("USD", "UTC", None).await;
+    let mut quota = quota_client(channel.clone());
+    create(
+        &mut quota,
+        token_policy(&tenant, 1000, pb::QuotaEnforcement::Hard, &[]),
+    )
+    .await;
+    let (_, quota_only) = key(&mut admin, &[pb::ApiKeyScope::Quota], &[&tenant]).await;
+    let (_, gateway) = key(
+        &mut admin,
+        &[pb::ApiKeyScope::Ingest, pb::ApiKeyScope::Quota],
+        &[&tenant],
+    )
+    .await;
+    let settle = |reservation_id: String, event_id: &str| pb::SettleRequest {
+        tenant_id: tenant.clone(),
+        reservation_id,
+        actual: Some(pb::settle_request::Actual::UsageEvent(event(
+            &tenant, event_id, 7, 3,
+        ))),
+    };
+
+    let mut with_quota_only = Clients::with_key(channel.clone(), Some(&quota_only));
+    let held = reserve(&mut quota, reserve_request(&tenant, 10)).await;
+    let refused = with_quota_only
+        .quota
+        .settle(settle(held.reservation_id.clone(), "refused"))
+        .await
+        .expect_err("a quota-only key writes no usage");
+    let by_counts = with_quota_only
+        .quota
+        .settle(pb::SettleRequest {
+            tenant_id: tenant.clone(),
+            reservation_id: held.reservation_id,
+            actual: Some(pb::settle_request::Actual::ActualTokens(pb::TokenCounts {
+                input: 10,
+                ..Default::default()
+            })),
+        })
+        .await;
+    let mut with_both = Clients::with_key(channel, Some(&gateway));
+    let held = reserve(&mut quota, reserve_request(&tenant, 10)).await;
+    let by_event = with_both
+        .quota
+        .settle(settle(held.reservation_id, "accepted"))
+        .await;
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM usage_events WHERE tenant_id = $1")
+            .bind(&tenant)
+            .fetch_all(&app.pool)
+            .await
+            .expect("stored events");
+
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("ingest"), "{refused:?}");
+    assert!(by_counts.is_ok(), "{by_counts:?}");
+    assert!(by_event.is_ok(), "{by_event:?}");
+    assert_eq!(stored, ["accepted"]);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn keys_are_stored_only_as_hashes() {
     let app = spawn_app().await;
     let mut admin = Clients::new(app.channel().await);
