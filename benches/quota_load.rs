@@ -1,7 +1,9 @@
 //! Load for `benches/quota_reserve.sh`: Reserve then Settle over gRPC from a separate process,
 //! against hard daily token budgets it creates, and the figures: decisions/s, Reserve latency
 //! percentiles (measured from each call's scheduled start, so a stalled server is not hidden
-//! by a stalled client), and the overspend — granted holds above a budget, which must be 0.
+//! by a stalled client), the same measured from when each call was sent (without the load
+//! process's own lateness: Tokio's timer wakes a caller up to 1 ms after its slot, and a busy
+//! box delays it more), and the overspend — granted holds above a budget, which must be 0.
 //!
 //! Several `--target`s (comma-separated) share the same tenants and budgets, the connections
 //! spread over them: replicas racing for one budget. Each allowed call is settled by a task of
@@ -82,6 +84,7 @@ enum SettleMode {
 #[derive(Default)]
 struct Tally {
     reserve_micros: Vec<u32>,
+    sent_micros: Vec<u32>,
     settle_micros: Vec<u32>,
     allowed: u64,
     denied: u64,
@@ -148,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
     for worker in workers {
         let part = worker.await?;
         tally.reserve_micros.extend(part.reserve_micros);
+        tally.sent_micros.extend(part.sent_micros);
         tally.settle_micros.extend(part.settle_micros);
         tally.allowed += part.allowed;
         tally.denied += part.denied;
@@ -187,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let overspend: i64 = tally.granted.iter().map(|g| (g - args.budget).max(0)).sum();
     tally.reserve_micros.sort_unstable();
+    tally.sent_micros.sort_unstable();
     tally.settle_micros.sort_unstable();
     let decisions = tally.allowed + tally.denied;
     let pct = |v: &[u32], p: f64| -> f64 {
@@ -214,6 +219,12 @@ async fn main() -> anyhow::Result<()> {
                 "p90": pct(&tally.reserve_micros, 0.90),
                 "p99": pct(&tally.reserve_micros, 0.99),
                 "max": pct(&tally.reserve_micros, 1.0),
+            },
+            "sent_ms": {
+                "p50": pct(&tally.sent_micros, 0.50),
+                "p90": pct(&tally.sent_micros, 0.90),
+                "p99": pct(&tally.sent_micros, 0.99),
+                "max": pct(&tally.sent_micros, 1.0),
             },
             "settle_ms": {
                 "p50": pct(&tally.settle_micros, 0.50),
@@ -365,10 +376,12 @@ async fn call_loop(
             })),
             ..Default::default()
         };
+        let sent = Instant::now();
         let answer = client.quota.reserve(request).await;
-        tally
-            .reserve_micros
-            .push(u32::try_from(scheduled.elapsed().as_micros()).unwrap_or(u32::MAX));
+        let micros =
+            |since: Instant| u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
+        tally.reserve_micros.push(micros(scheduled));
+        tally.sent_micros.push(micros(sent));
         match answer.map(|r| r.into_inner()) {
             Ok(r) if r.decision() == pb::QuotaDecision::Deny => tally.denied += 1,
             Ok(r) => {
