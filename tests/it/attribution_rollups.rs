@@ -779,3 +779,30 @@ async fn the_state_rollup_is_exact_after_usage_and_lifecycle_events_race_on_thre
     let ranges = [(hour(48), hour(-1))];
     assert_sources_agree(&apps[0].pool, &tenant, &WINDOWS, &ranges, "after the race").await;
 }
+
+#[tokio::test]
+async fn postgres_refuses_a_billing_zone_it_cannot_cut_days_in() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = api.tenant("USD", "Europe/Berlin", None).await;
+
+    let error = sqlx::query(
+        "UPDATE tenants SET billing_timezone = 'Mars/Olympus_Mons' WHERE tenant_id = $1",
+    )
+    .bind(&tenant)
+    .execute(&app.pool)
+    .await
+    .expect_err("an unknown zone");
+    let moved =
+        sqlx::query("UPDATE tenants SET billing_timezone = 'Asia/Tokyo' WHERE tenant_id = $1")
+            .bind(&tenant)
+            .execute(&app.pool)
+            .await;
+
+    assert_eq!(
+        error.as_database_error().and_then(|e| e.constraint()),
+        Some("tenants_billing_timezone_known"),
+        "{error:?}"
+    );
+    assert!(moved.is_ok(), "{moved:?}");
+}
