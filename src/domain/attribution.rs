@@ -220,37 +220,67 @@ pub fn attribute(
     grouping: Grouping,
     filter: &ModelFilter,
 ) -> BTreeMap<RowKey, Row> {
-    let mut rows: BTreeMap<RowKey, Row> = BTreeMap::new();
-    let key = |bucket,
-               tenant: &str,
-               agent: &str,
-               service: &str,
-               model: Option<(&str, &str)>,
-               currency: &str| RowKey {
-        bucket,
-        tenant_id: grouping.tenant.then(|| tenant.to_owned()),
-        agent_id: grouping.agent.then(|| agent.to_owned()),
-        service: grouping.service.then(|| service.to_owned()),
-        provider: grouping
-            .provider
-            .then(|| model.map(|(p, _)| p.to_owned()).unwrap_or_default()),
-        model: grouping
-            .model
-            .then(|| model.map(|(_, m)| m.to_owned()).unwrap_or_default()),
-        currency: currency.to_owned(),
-    };
-
+    let mut attribution = Attribution::new(grouping, filter);
     for fact in usage {
-        let row = rows
-            .entry(key(
-                fact.bucket,
-                &fact.tenant_id,
-                &fact.agent_id,
-                &fact.service,
-                Some((&fact.provider, &fact.model)),
-                &fact.currency,
-            ))
-            .or_default();
+        attribution.add_usage(fact);
+    }
+    attribution.add_lifecycle(lifecycle, shares);
+    attribution.finish()
+}
+
+/// Rows built up as facts arrive — usage in any order, lifecycle facts a few transactions at a
+/// time — so that a report split by model need not hold every lifecycle fact of its range at
+/// once. [`attribute`] is the same over facts already in memory.
+pub struct Attribution<'f> {
+    grouping: Grouping,
+    filter: &'f ModelFilter,
+    rows: BTreeMap<RowKey, Row>,
+}
+
+impl<'f> Attribution<'f> {
+    pub fn new(grouping: Grouping, filter: &'f ModelFilter) -> Self {
+        Self {
+            grouping,
+            filter,
+            rows: BTreeMap::new(),
+        }
+    }
+
+    fn key(
+        &self,
+        bucket: DateTime<Utc>,
+        tenant: &str,
+        agent: &str,
+        service: &str,
+        model: Option<(&str, &str)>,
+        currency: &str,
+    ) -> RowKey {
+        let grouping = self.grouping;
+        RowKey {
+            bucket,
+            tenant_id: grouping.tenant.then(|| tenant.to_owned()),
+            agent_id: grouping.agent.then(|| agent.to_owned()),
+            service: grouping.service.then(|| service.to_owned()),
+            provider: grouping
+                .provider
+                .then(|| model.map(|(p, _)| p.to_owned()).unwrap_or_default()),
+            model: grouping
+                .model
+                .then(|| model.map(|(_, m)| m.to_owned()).unwrap_or_default()),
+            currency: currency.to_owned(),
+        }
+    }
+
+    pub fn add_usage(&mut self, fact: &UsageFact) {
+        let key = self.key(
+            fact.bucket,
+            &fact.tenant_id,
+            &fact.agent_id,
+            &fact.service,
+            Some((&fact.provider, &fact.model)),
+            &fact.currency,
+        );
+        let row = self.rows.entry(key).or_default();
         for (total, n) in row.tokens.iter_mut().zip(fact.tokens) {
             *total += n;
         }
@@ -269,65 +299,73 @@ pub fn attribute(
         }
     }
 
-    // Per model rows: each transaction's models and their share of its spend.
-    let mut weights: BTreeMap<(&str, &str), Vec<Weighted<'_>>> = BTreeMap::new();
-    if grouping.by_model() || !filter.is_empty() {
-        for share in shares {
-            weights
-                .entry((&share.tenant_id, &share.transaction_id))
-                .or_default()
-                .push(((&share.provider, &share.model), share.spend));
-        }
-    }
-    // Distinct transactions counted per row and kind.
-    let mut counted: BTreeSet<(RowKey, &str, u8)> = BTreeSet::new();
-    for fact in lifecycle {
-        let models = weights.get(&(fact.tenant_id.as_str(), fact.transaction_id.as_str()));
-        let placements: Vec<(Option<(&str, &str)>, Decimal)> = match models {
-            Some(models) if !models.is_empty() => split(fact.amount, models),
-            _ => vec![(None, fact.amount)],
-        };
-        for (model, amount) in placements {
-            if let Some((provider, name)) = model
-                && !filter.matches(provider, name)
-            {
-                continue;
-            }
-            if model.is_none() && !filter.is_empty() {
-                // A transaction with no usage on the filtered models is not in the report.
-                continue;
-            }
-            let row_key = key(
-                fact.bucket,
-                &fact.tenant_id,
-                &fact.agent_id,
-                &fact.service,
-                model,
-                &fact.currency,
-            );
-            let kind = fact.kind as u8;
-            let first = counted.insert((row_key.clone(), &fact.transaction_id, kind));
-            let row = rows.entry(row_key).or_default();
-            let count = if first { fact.transactions } else { 0 };
-            match fact.kind {
-                LifecycleKind::Started => row.started += count,
-                LifecycleKind::Completed => {
-                    row.completed += count;
-                    row.revenue += amount;
-                }
-                LifecycleKind::Failed => row.failed += count,
-                LifecycleKind::Refunded => {
-                    row.refunded += count;
-                    row.refunds += amount;
-                }
-                LifecycleKind::Reversed => {
-                    row.reversed += count;
-                    row.refunds += amount;
-                }
+    /// Adds lifecycle facts with the model spend of their transactions. Every fact of a
+    /// transaction must come in the same call: transactions are counted once per row and kind
+    /// among the facts of one call.
+    pub fn add_lifecycle(&mut self, lifecycle: &[LifecycleFact], shares: &[ModelSpend]) {
+        // Per model rows: each transaction's models and their share of its spend.
+        let mut weights: BTreeMap<(&str, &str), Vec<Weighted<'_>>> = BTreeMap::new();
+        if self.grouping.by_model() || !self.filter.is_empty() {
+            for share in shares {
+                weights
+                    .entry((&share.tenant_id, &share.transaction_id))
+                    .or_default()
+                    .push(((&share.provider, &share.model), share.spend));
             }
         }
+        // Distinct transactions counted per row and kind.
+        let mut counted: BTreeSet<(RowKey, &str, u8)> = BTreeSet::new();
+        for fact in lifecycle {
+            let models = weights.get(&(fact.tenant_id.as_str(), fact.transaction_id.as_str()));
+            let placements: Vec<(Option<(&str, &str)>, Decimal)> = match models {
+                Some(models) if !models.is_empty() => split(fact.amount, models),
+                _ => vec![(None, fact.amount)],
+            };
+            for (model, amount) in placements {
+                if let Some((provider, name)) = model
+                    && !self.filter.matches(provider, name)
+                {
+                    continue;
+                }
+                if model.is_none() && !self.filter.is_empty() {
+                    // A transaction with no usage on the filtered models is not in the report.
+                    continue;
+                }
+                let row_key = self.key(
+                    fact.bucket,
+                    &fact.tenant_id,
+                    &fact.agent_id,
+                    &fact.service,
+                    model,
+                    &fact.currency,
+                );
+                let kind = fact.kind as u8;
+                let first = counted.insert((row_key.clone(), &fact.transaction_id, kind));
+                let row = self.rows.entry(row_key).or_default();
+                let count = if first { fact.transactions } else { 0 };
+                match fact.kind {
+                    LifecycleKind::Started => row.started += count,
+                    LifecycleKind::Completed => {
+                        row.completed += count;
+                        row.revenue += amount;
+                    }
+                    LifecycleKind::Failed => row.failed += count,
+                    LifecycleKind::Refunded => {
+                        row.refunded += count;
+                        row.refunds += amount;
+                    }
+                    LifecycleKind::Reversed => {
+                        row.reversed += count;
+                        row.refunds += amount;
+                    }
+                }
+            }
+        }
     }
-    rows
+
+    pub fn finish(self) -> BTreeMap<RowKey, Row> {
+        self.rows
+    }
 }
 
 /// Splits `amount` over models in proportion to their spend, exactly: every share but the

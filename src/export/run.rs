@@ -14,7 +14,7 @@ use super::schema::{self, Schema};
 use super::watermark::Watermark;
 use super::{Bucket, ExportRequest, Range, Rows};
 use crate::domain::FieldError;
-use crate::domain::attribution::{self, ModelFilter};
+use crate::domain::attribution::ModelFilter;
 use crate::domain::period::{BillingCalendar, on_the_hour, whole_hour_offset};
 use crate::store::StoreError;
 use crate::store::attribution::AttributionQuery;
@@ -331,16 +331,10 @@ async fn attribution_rows(
             providers: filters.providers.clone(),
             models: filters.models.clone(),
         };
-        let facts = crate::store::attribution::facts(conn, &query, grouping).await?;
-        let attributed = attribution::attribute(
-            &facts.usage,
-            &facts.lifecycle,
-            &facts.shares,
-            grouping,
-            &models,
-        );
+        let report = crate::store::attribution::report(conn, &query, grouping, &models).await?;
+        let attributed = report.rows;
         for (key, row) in attributed {
-            let bucket_end = facts
+            let bucket_end = report
                 .bucket_ends
                 .get(&key.bucket)
                 .copied()

@@ -321,16 +321,10 @@ impl ReportService for ReportApi {
             .acquire()
             .await
             .map_err(|e| from_store(e.into()))?;
-        let facts = store::attribution::facts(&mut conn, &query, grouping)
+        let report = store::attribution::report(&mut conn, &query, grouping, &models)
             .await
             .map_err(from_store)?;
-        let rows = attribution::attribute(
-            &facts.usage,
-            &facts.lifecycle,
-            &facts.shares,
-            grouping,
-            &models,
-        );
+        let rows = report.rows;
         let (offset, page) = (
             page_offset(&request.page_token)?,
             page_size(request.page_size)?,
@@ -340,7 +334,7 @@ impl ReportService for ReportApi {
             .skip(usize::try_from(offset).unwrap_or(usize::MAX))
             .take(usize::try_from(page).unwrap_or(usize::MAX))
             .map(|(key, row)| {
-                let bucket_end = facts.bucket_ends.get(&key.bucket).copied().unwrap_or(end);
+                let bucket_end = report.bucket_ends.get(&key.bucket).copied().unwrap_or(end);
                 attribution_row(key, row, bucket_end)
             })
             .collect();

@@ -12,13 +12,17 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, DurationRound, Offset, TimeDelta, TimeZone, Utc};
+use futures::TryStreamExt;
 use rust_decimal::Decimal;
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row as _};
 
 use super::StoreError;
 use super::reports::{Bucket, Window};
-use crate::domain::attribution::{Grouping, LifecycleFact, LifecycleKind, ModelSpend, UsageFact};
+use crate::domain::attribution::{
+    Attribution, Grouping, LifecycleFact, LifecycleKind, ModelFilter, ModelSpend, Row, RowKey,
+    UsageFact, attribute,
+};
 use crate::domain::tokens::TokenClass;
 use crate::domain::transaction::State;
 
@@ -112,6 +116,105 @@ pub async fn facts(
         Grain::Hour
     };
     facts_from(conn, query, grouping, grain, source).await
+}
+
+/// An attribution report's rows, and where each of their buckets ends.
+#[derive(Debug)]
+pub struct Report {
+    pub rows: BTreeMap<RowKey, Row>,
+    pub bucket_ends: BTreeMap<DateTime<Utc>, DateTime<Utc>>,
+}
+
+/// The rows of a report. One split by model (or filtered by model or provider) reads every
+/// lifecycle event of its range and each transaction's spend per model, so it reads them from
+/// one query ordered by transaction and adds them up a transaction at a time: the service holds
+/// the rows and one transaction's facts instead of every event of the range (gigabytes for a
+/// busy tenant-month).
+pub async fn report(
+    conn: &mut PgConnection,
+    query: &AttributionQuery,
+    grouping: Grouping,
+    filter: &ModelFilter,
+) -> Result<Report, StoreError> {
+    if !with_shares(query, grouping) {
+        let facts = facts(conn, query, grouping).await?;
+        return Ok(Report {
+            rows: attribute(
+                &facts.usage,
+                &facts.lifecycle,
+                &facts.shares,
+                grouping,
+                filter,
+            ),
+            bucket_ends: facts.bucket_ends,
+        });
+    }
+    let grain = if daily_rollups_apply(conn, query).await? {
+        Grain::Day
+    } else {
+        Grain::Hour
+    };
+    let mut usage_facts = Facts::default();
+    usage(conn, query, grain, &mut usage_facts).await?;
+    let mut attribution = Attribution::new(grouping, filter);
+    for fact in &usage_facts.usage {
+        attribution.add_usage(fact);
+    }
+    let mut bucket_ends = usage_facts.bucket_ends;
+
+    let mut sql = lifecycle_facts_sql(query, Read::All);
+    sql.push("), picked AS (SELECT *, 1::int8 AS transactions FROM facts WHERE true");
+    any_of(&mut sql, "agent_id", &query.agent_ids);
+    any_of(&mut sql, "service", &query.services);
+    sql.push(
+        "), spend AS (
+             SELECT r.tenant_id::text AS tenant_id, r.transaction_id::text AS transaction_id,
+                    r.provider::text AS provider, r.model::text AS model,
+                    sum(r.billed_amount) AS spend
+             FROM usage_rollups r
+             WHERE (r.tenant_id, r.transaction_id) IN (SELECT tenant_id, transaction_id FROM picked)
+             GROUP BY 1, 2, 3, 4)
+         SELECT 0 AS part, tenant_id, transaction_id, provider, model, spend,
+                NULL::timestamptz AS bucket_start, NULL::timestamptz AS bucket_end,
+                NULL::text AS agent_id, NULL::text AS service, NULL::int2 AS kind,
+                NULL::numeric AS amount, NULL::text AS currency, NULL::int8 AS transactions
+         FROM spend
+         UNION ALL
+         SELECT 1, tenant_id, transaction_id, NULL, NULL, NULL, bucket_start, bucket_end,
+                agent_id, service, kind, amount, currency, transactions
+         FROM picked
+         ORDER BY 2, 3, 1, 4, 5",
+    );
+    // A transaction's spend per model (in the order `split` weighs them), then its events.
+    let mut transaction = Facts::default();
+    let mut current: Option<(String, String)> = None;
+    let mut rows = sql.build().fetch(&mut *conn);
+    while let Some(row) = rows.try_next().await? {
+        let key: (String, String) = (row.try_get("tenant_id")?, row.try_get("transaction_id")?);
+        if current.as_ref() != Some(&key) {
+            attribution.add_lifecycle(&transaction.lifecycle, &transaction.shares);
+            transaction.lifecycle.clear();
+            transaction.shares.clear();
+            current = Some(key.clone());
+        }
+        if row.try_get::<i32, _>("part")? == 0 {
+            transaction.shares.push(ModelSpend {
+                tenant_id: key.0,
+                transaction_id: key.1,
+                provider: row.try_get("provider")?,
+                model: row.try_get("model")?,
+                spend: row.try_get("spend")?,
+            });
+        } else {
+            push_lifecycle_fact(&row, &mut transaction)?;
+        }
+    }
+    attribution.add_lifecycle(&transaction.lifecycle, &transaction.shares);
+    bucket_ends.append(&mut transaction.bucket_ends);
+    Ok(Report {
+        rows: attribution.finish(),
+        bucket_ends,
+    })
 }
 
 /// [`facts`] from rollups of `grain` and with the lifecycle facts from `source` (all give the
@@ -318,6 +421,37 @@ async fn lifecycle(
     read: Read,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
+    let mut sql = lifecycle_facts_sql(query, read);
+    match added_up {
+        None => {
+            sql.push(") SELECT *, 1::int8 AS transactions FROM facts WHERE true");
+        }
+        Some(grouping) => {
+            sql.push(format_args!(
+                ") SELECT bucket_start, bucket_end, {}, {}, {}, ''::text AS transaction_id, kind,
+                          sum(amount) AS amount, currency,
+                          count(DISTINCT transaction_id)::int8 AS transactions
+                   FROM facts WHERE true",
+                dimension(grouping.tenant, "tenant_id"),
+                dimension(grouping.agent, "agent_id"),
+                dimension(grouping.service, "service"),
+            ));
+        }
+    }
+    any_of(&mut sql, "agent_id", &query.agent_ids);
+    any_of(&mut sql, "service", &query.services);
+    if added_up.is_some() {
+        sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 9");
+    }
+    for row in sql.build().fetch_all(&mut *conn).await? {
+        push_lifecycle_fact(&row, facts)?;
+    }
+    Ok(())
+}
+
+/// The lifecycle facts of the range, one per event, as the CTEs `first_completion` and
+/// `facts`; the caller closes the `WITH` and selects from them.
+fn lifecycle_facts_sql(query: &AttributionQuery, read: Read) -> QueryBuilder<Postgres> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "WITH first_completion AS (
              SELECT DISTINCT ON (tenant_id, transaction_id) tenant_id, transaction_id, event_id,
@@ -376,31 +510,7 @@ async fn lifecycle(
         any_of(&mut sql, "r.model", &query.models);
         sql.push(")");
     }
-    match added_up {
-        None => {
-            sql.push(") SELECT *, 1::int8 AS transactions FROM facts WHERE true");
-        }
-        Some(grouping) => {
-            sql.push(format_args!(
-                ") SELECT bucket_start, bucket_end, {}, {}, {}, ''::text AS transaction_id, kind,
-                          sum(amount) AS amount, currency,
-                          count(DISTINCT transaction_id)::int8 AS transactions
-                   FROM facts WHERE true",
-                dimension(grouping.tenant, "tenant_id"),
-                dimension(grouping.agent, "agent_id"),
-                dimension(grouping.service, "service"),
-            ));
-        }
-    }
-    any_of(&mut sql, "agent_id", &query.agent_ids);
-    any_of(&mut sql, "service", &query.services);
-    if added_up.is_some() {
-        sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 9");
-    }
-    for row in sql.build().fetch_all(&mut *conn).await? {
-        push_lifecycle_fact(&row, facts)?;
-    }
-    Ok(())
+    sql
 }
 
 /// The grouped column, or `''` under its name when rows are not grouped by it.
