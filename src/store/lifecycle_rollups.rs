@@ -75,14 +75,13 @@ async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<RowKey>) -> Result<(
         return Ok(());
     }
     bind_keys(
-        sqlx::query(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO lifecycle_rollups AS l
              (tenant_id, hour, agent_id, service, kind, currency, transactions, amount)
-         SELECT *, 0, 0 FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
-                                    $5::int2[], $6::text[])
+         SELECT *, 0, 0 FROM {HOURLY_KEYS}
          ON CONFLICT (tenant_id, hour, agent_id, service, kind, currency)
-         DO UPDATE SET transactions = l.transactions",
-        ),
+         DO UPDATE SET transactions = l.transactions"
+        ))),
         keys,
     )
     .execute(&mut *conn)
@@ -91,22 +90,20 @@ async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<RowKey>) -> Result<(
         "lifecycle_rollups",
         "lifecycle_rollup_pairs",
         "hour",
-        "SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
-                              $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)",
+        &format!("SELECT * FROM {HOURLY_KEYS}"),
         "lifecycle_rollup_of(k.tenant_id, k.hour, k.agent_id, k.service, k.kind, k.currency)",
     );
     bind_keys(sqlx::query(sqlx::AssertSqlSafe(set)), keys)
         .execute(&mut *conn)
         .await?;
     bind_keys(
-        sqlx::query(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO lifecycle_rollup_pairs
          SELECT k.*, f.next_hour, f.transactions
-         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
-                     $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)
+         FROM {HOURLY_KEYS}
          CROSS JOIN LATERAL lifecycle_rollup_pairs_of(k.tenant_id, k.hour, k.agent_id,
-                                                      k.service, k.kind, k.currency) f",
-        ),
+                                                      k.service, k.kind, k.currency) f"
+        ))),
         keys,
     )
     .execute(&mut *conn)
@@ -114,13 +111,19 @@ async fn recompute(conn: &mut PgConnection, keys: &BTreeSet<RowKey>) -> Result<(
     recompute_daily(conn, keys).await
 }
 
-/// The hourly keys bound by [`bind_keys`] as their daily keys `k`, with each day's end.
-const DAILY_KEYS: &str =
-    "(SELECT DISTINCT k.tenant_id, date_trunc('day', k.hour, t.billing_timezone) AS day,
+/// The six key arrays bound by [`bind_keys`], as a table `k` of hourly keys.
+const HOURLY_KEYS: &str = "unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
+                                  $5::int2[], $6::text[])
+         AS k (tenant_id, hour, agent_id, service, kind, currency)";
+
+/// The hourly keys bound by [`bind_keys`] as their daily keys `k`, with the tenant's zone.
+fn daily_keys() -> String {
+    format!(
+        "(SELECT DISTINCT k.tenant_id, date_trunc('day', k.hour, t.billing_timezone) AS day,
                 t.billing_timezone AS zone, k.agent_id, k.service, k.kind, k.currency
-         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
-                     $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)
-         JOIN tenants t ON t.tenant_id = k.tenant_id) k";
+         FROM {HOURLY_KEYS} JOIN tenants t ON t.tenant_id = k.tenant_id) k"
+    )
+}
 
 /// Locks the daily rows of the days the hourly `keys` fall in, in key order (creating the
 /// missing ones empty), then sets each, and its pairs, from the hourly rows and pairs of its
@@ -130,19 +133,18 @@ async fn recompute_daily(
     keys: &BTreeSet<RowKey>,
 ) -> Result<(), StoreError> {
     bind_keys(
-        sqlx::query(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO lifecycle_daily_rollups AS l
              (tenant_id, day, agent_id, service, kind, currency, transactions, amount)
          SELECT DISTINCT k.tenant_id COLLATE \"C\", date_trunc('day', k.hour, t.billing_timezone),
                 k.agent_id COLLATE \"C\", k.service COLLATE \"C\", k.kind,
                 k.currency COLLATE \"C\", 0, 0
-         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::int2[],
-                     $6::text[]) AS k (tenant_id, hour, agent_id, service, kind, currency)
+         FROM {HOURLY_KEYS}
          JOIN tenants t ON t.tenant_id = k.tenant_id
          ORDER BY 1, 2, 3, 4, 5, 6
          ON CONFLICT (tenant_id, day, agent_id, service, kind, currency)
-         DO UPDATE SET transactions = l.transactions",
-        ),
+         DO UPDATE SET transactions = l.transactions"
+        ))),
         keys,
     )
     .execute(&mut *conn)
@@ -151,7 +153,7 @@ async fn recompute_daily(
         "lifecycle_daily_rollups",
         "lifecycle_daily_rollup_pairs",
         "day",
-        &format!("SELECT * FROM {DAILY_KEYS}"),
+        &format!("SELECT * FROM {}", daily_keys()),
         "lifecycle_daily_rollup_of(k.tenant_id, k.day, local_day_end(k.day, k.zone), k.agent_id,
                                    k.service, k.kind, k.currency)",
     );
@@ -162,10 +164,11 @@ async fn recompute_daily(
         "INSERT INTO lifecycle_daily_rollup_pairs
          SELECT k.tenant_id, k.day, k.agent_id, k.service, k.kind, k.currency, f.next_day,
                 f.transactions
-         FROM {DAILY_KEYS}
+         FROM {}
          CROSS JOIN LATERAL lifecycle_daily_rollup_pairs_of(
              k.tenant_id, k.day, local_day_end(k.day, k.zone), k.zone, k.agent_id, k.service,
-             k.kind, k.currency) f"
+             k.kind, k.currency) f",
+        daily_keys()
     );
     bind_keys(sqlx::query(sqlx::AssertSqlSafe(pairs)), keys)
         .execute(&mut *conn)
