@@ -69,6 +69,7 @@ pub struct ConsumerMetrics {
     lag: IntGaugeVec,
     rebalances: IntCounterVec,
     running: IntGauge,
+    paused: IntGauge,
 }
 
 impl ConsumerMetrics {
@@ -140,7 +141,12 @@ impl ConsumerMetrics {
         registry.register(Box::new(end_to_end_seconds.clone()))?;
         registry.register(Box::new(lag.clone()))?;
         registry.register(Box::new(rebalances.clone()))?;
+        let paused = IntGauge::new(
+            "tokenmeter_kafka_consumer_paused",
+            "1 while the assignment is paused because too many messages are read but not committed",
+        )?;
         registry.register(Box::new(running.clone()))?;
+        registry.register(Box::new(paused.clone()))?;
         for stage in [Stage::Decode, Stage::Validate] {
             dead_letters.with_label_values(&[stage.as_str()]);
         }
@@ -157,6 +163,7 @@ impl ConsumerMetrics {
             lag,
             rebalances,
             running,
+            paused,
         })
     }
 }
@@ -252,6 +259,13 @@ impl ConsumerContext for Callbacks {
                 tracing::info!(partitions = ?describe(tpl), "kafka partitions assigned");
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "kafka assign failed");
+                }
+                // librdkafka keeps a partition's application pause across an unassign and a
+                // new assign of the same partition: a member paused for backpressure when the
+                // group rebalanced would get its partitions back paused and never fetch them
+                // again, while the poll loop believes a new assignment starts unpaused.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::error!(error = %e, "kafka resume of the new assignment failed");
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -492,14 +506,15 @@ impl UsageConsumer {
             ));
         }
         let poller = {
-            let (consumer, shared, settings, stop) = (
+            let (consumer, shared, settings, stop, paused) = (
                 self.consumer.clone(),
                 self.shared.clone(),
                 self.settings.clone(),
                 stop.clone(),
+                metrics.paused.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                poll_loop(&consumer, &shared, &settings, lanes, &stop)
+                poll_loop(&consumer, &shared, &settings, lanes, &stop, &paused)
             })
         };
         if let Err(e) = poller.await {
@@ -521,6 +536,7 @@ impl UsageConsumer {
             }
         }
         metrics.running.set(0);
+        metrics.paused.set(0);
         let consumer = self.consumer;
         drop(self.writer);
         // Leaving the group runs the revoke callback, which blocks: off the async threads.
@@ -544,6 +560,7 @@ fn poll_loop(
     settings: &ConsumerSettings,
     lanes: Vec<mpsc::Sender<Vec<OwnedMessage>>>,
     stop: &AtomicBool,
+    paused_gauge: &IntGauge,
 ) {
     let lane_count = lanes.len();
     let mut oldest: Vec<Option<Instant>> = vec![None; lane_count];
@@ -570,6 +587,7 @@ fn poll_loop(
         } else if paused && buffered <= settings.max_buffered_messages / 2 {
             paused = !set_paused(consumer, false);
         }
+        paused_gauge.set(i64::from(paused));
         match consumer.poll(Duration::from_millis(10)) {
             Some(Ok(message)) => {
                 let lane = usize::try_from(message.partition()).unwrap_or(0) % lane_count;

@@ -615,6 +615,21 @@ async fn a_consumer_killed_mid_stream_resumes_from_postgres_and_counts_every_eve
 
 #[tokio::test]
 async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_exact() {
+    second_consumer_joins_mid_stream(None).await;
+}
+
+/// The same rebalance while the first member has paused its assignment for backpressure:
+/// librdkafka keeps that pause on the partitions it gets back, so they must be resumed on
+/// assignment or they are never read again.
+#[tokio::test]
+async fn a_consumer_paused_for_backpressure_reads_again_after_a_rebalance() {
+    second_consumer_joins_mid_stream(Some("2000")).await;
+}
+
+/// Two members share the group, the second joining with work left. With `max_buffered`, the
+/// first member's writes are held back by a lock until it has paused its assignment and the
+/// second member's join has made it revoke, so the rebalance surely finds it paused.
+async fn second_consumer_joins_mid_stream(max_buffered: Option<&str>) {
     let (topic, dlq, group) = topics(4).await;
     let run = unique("rebalance");
     let (end, expected) = produce_events(&topic, &run, 30_000, 5).await;
@@ -624,6 +639,12 @@ async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_e
     // Small batches, one writer: slow enough that the second member joins with work left.
     env.push(("TOKENMETER_KAFKA__CONSUMER__BATCH_MAX_MESSAGES", "20"));
     env.push(("TOKENMETER_KAFKA__CONSUMER__WRITERS", "1"));
+    if let Some(max_buffered) = max_buffered {
+        env.push((
+            "TOKENMETER_KAFKA__CONSUMER__MAX_BUFFERED_MESSAGES",
+            max_buffered,
+        ));
+    }
 
     let mut first = spawn_serve(&url, &env).await;
     let pool = PgPool::connect(&url).await.expect("pool");
@@ -632,17 +653,37 @@ async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_e
         assert!(std::time::Instant::now() < deadline, "no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let blocker = match max_buffered {
+        None => None,
+        Some(_) => {
+            let mut blocker = pool.begin().await.expect("begin");
+            sqlx::query("LOCK TABLE kafka_offsets IN EXCLUSIVE MODE")
+                .execute(&mut *blocker)
+                .await
+                .expect("lock the positions");
+            while metric(first.admin_port, "tokenmeter_kafka_consumer_paused").await < 1.0 {
+                assert!(std::time::Instant::now() < deadline, "never paused");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some(blocker)
+        }
+    };
     let mut second = spawn_serve(&url, &env).await;
+    if let Some(blocker) = blocker {
+        while revocations(first.admin_port).await < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "no rebalance");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        blocker.rollback().await.expect("release the positions");
+    }
     wait_for_positions(&pool, &group, &end).await;
     assert_eq!(events_and_input_by_tenant(&pool).await, expected);
 
     // Both members did part of the work: the first gave partitions up, the second consumed.
-    let revoked = metric(
-        first.admin_port,
-        "tokenmeter_kafka_rebalances_total{kind=\"revoke\"}",
-    )
-    .await;
-    assert!(revoked >= 1.0, "first member never rebalanced");
+    assert!(
+        revocations(first.admin_port).await >= 1.0,
+        "first member never rebalanced"
+    );
     let consumed = metric(
         second.admin_port,
         &format!("tokenmeter_kafka_messages_total{{topic=\"{topic}\"}}"),
@@ -654,6 +695,14 @@ async fn a_second_consumer_joining_mid_stream_takes_partitions_and_totals_stay_e
         server.child().wait().expect("reap");
     }
     pool.close().await;
+}
+
+async fn revocations(admin_port: u16) -> f64 {
+    metric(
+        admin_port,
+        "tokenmeter_kafka_rebalances_total{kind=\"revoke\"}",
+    )
+    .await
 }
 
 /// The broker's SASL/PLAIN listener (see `deploy/local/kafka.sh`); override with
