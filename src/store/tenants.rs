@@ -59,8 +59,26 @@ pub async fn create(pool: &PgPool, tenant: &Tenant) -> Result<Tenant, StoreError
     let row = with_settings(sql, tenant)
         .fetch_one(pool)
         .await
-        .map_err(|e| StoreError::classify(e, &format!("tenant {:?}", tenant.tenant_id)))?;
+        .map_err(|e| write_error(e, &format!("tenant {:?}", tenant.tenant_id)))?;
     from_row(&row)
+}
+
+/// A tenant write's error; a zone the service knows but Postgres' older tz database does not
+/// (migration 0011's check) is the caller's field to fix, not an internal error.
+fn write_error(error: sqlx::Error, what: &str) -> StoreError {
+    let refused_zone = error
+        .as_database_error()
+        .and_then(|e| e.constraint())
+        .is_some_and(|c| c == "tenants_billing_timezone_known");
+    if refused_zone {
+        return StoreError::Invalid {
+            field: "tenant.billing_timezone".to_owned(),
+            reason: "is not a time zone the database knows (its tz database may be older than \
+                     the service's)"
+                .to_owned(),
+        };
+    }
+    StoreError::classify(error, what)
 }
 
 /// The tenant, locked until `conn`'s transaction ends (for a read-modify-write update).
@@ -98,7 +116,10 @@ pub async fn update(conn: &mut PgConnection, tenant: &Tenant) -> Result<Tenant, 
          WHERE tenant_id = $1
          RETURNING {COLUMNS}"
     );
-    let row = with_settings(sql, tenant).fetch_one(conn).await?;
+    let row = with_settings(sql, tenant)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| write_error(e, &format!("tenant {:?}", tenant.tenant_id)))?;
     from_row(&row)
 }
 
