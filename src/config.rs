@@ -411,16 +411,13 @@ impl Settings {
         if self.quota.alerts.enabled && self.quota.alerts.topic.trim().is_empty() {
             return Err(invalid("quota.alerts.topic", "is required"));
         }
-        if let Some(key) = self
-            .kafka
-            .client
-            .keys()
-            .find(|k| k.as_str() == "bootstrap.servers")
-        {
-            return Err(invalid(
-                &format!("kafka.client.{key}"),
-                "set kafka.brokers instead",
-            ));
+        if let Some((key, reason)) = self.kafka.client.keys().find_map(|key| {
+            OWNED_KAFKA_PROPERTIES
+                .iter()
+                .find(|(owned, _)| owned == key)
+                .map(|(_, reason)| (key, *reason))
+        }) {
+            return Err(invalid(&format!("kafka.client.{key}"), reason));
         }
         let prefix = &self.billing.number_prefix;
         if !(1..=16).contains(&prefix.len())
@@ -525,7 +522,13 @@ impl figment::Provider for EnvLayer {
             let Some(path) = env_var_to_path(name) else {
                 continue;
             };
-            let value: Value = raw.parse().unwrap_or_else(|never| match never {});
+            // librdkafka properties are strings whatever they look like ("45000", "true"):
+            // parsed, they would no longer fit `kafka.client`'s string map.
+            let value: Value = if path.starts_with(&["kafka".to_owned(), "client".to_owned()]) {
+                Value::from(raw.clone())
+            } else {
+                raw.parse().unwrap_or_else(|never| match never {})
+            };
             insert_path(&mut root, &path, value);
         }
         Ok(figment::Profile::Default.collect(root))
@@ -533,6 +536,33 @@ impl figment::Provider for EnvLayer {
 }
 
 /// Top-level settings that are not sections, so their variables have no `__`.
+/// librdkafka properties the service sets itself because exactly-once or durability rests on
+/// them; `kafka.client` may not override them (it would be overridden silently otherwise).
+const OWNED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("group.id", "set kafka.consumer.group_id instead"),
+    (
+        "enable.auto.commit",
+        "is set by tokenmeter: positions are stored in Postgres, the Kafka commit is advisory",
+    ),
+    (
+        "enable.auto.offset.store",
+        "is set by tokenmeter: positions are stored in Postgres, the Kafka commit is advisory",
+    ),
+    (
+        "auto.offset.reset",
+        "is set by tokenmeter: a partition with no position in Postgres is read from its start",
+    ),
+    (
+        "enable.idempotence",
+        "is set by tokenmeter: dead letters and alerts are written idempotently",
+    ),
+    (
+        "acks",
+        "is set by tokenmeter: dead letters and alerts wait for every in-sync replica",
+    ),
+];
+
 const TOP_LEVEL_SCALARS: &[&str] = &["shutdown_grace"];
 
 /// `TOKENMETER_DATABASE__URL` → `["database", "url"]`. Only variables with a `__` or naming a
@@ -771,6 +801,14 @@ mod tests {
             (
                 vec![("TOKENMETER_KAFKA__CLIENT__BOOTSTRAP_SERVERS", "h:1")],
                 "kafka.client.bootstrap.servers",
+            ),
+            (
+                vec![("TOKENMETER_KAFKA__CLIENT__ENABLE_AUTO_COMMIT", "true")],
+                "kafka.client.enable.auto.commit",
+            ),
+            (
+                vec![("TOKENMETER_KAFKA__CLIENT__GROUP_ID", "mine")],
+                "kafka.client.group.id",
             ),
             (vec![("TOKENMETER_LOG__FILTER", "[[[")], "log.filter"),
             (

@@ -436,17 +436,20 @@ impl UsageConsumer {
             shared: shared.clone(),
             metrics: metrics.clone(),
         };
-        let consumer: BaseConsumer<Callbacks> = base
-            .clone()
-            .set("group.id", &settings.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("statistics.interval.ms", "5000")
-            // Bounds what librdkafka prefetches (memory), on top of pausing.
-            .set("queued.max.messages.kbytes", "32768")
-            .create_with_context(callbacks)
-            .map_err(ConsumerError::Config)?;
+        let consumer: BaseConsumer<Callbacks> = super::with_defaults(
+            base.clone(),
+            &[
+                ("statistics.interval.ms", "5000"),
+                // Bounds what librdkafka prefetches (memory), on top of pausing.
+                ("queued.max.messages.kbytes", "32768"),
+            ],
+        )
+        .set("group.id", &settings.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .create_with_context(callbacks)
+        .map_err(ConsumerError::Config)?;
         let mut topics = vec![settings.usage_topic.as_str()];
         topics.extend(transactions_topic.as_deref());
         consumer

@@ -95,11 +95,9 @@ pub struct DeadLetterProducer {
 
 impl DeadLetterProducer {
     pub fn new(base: &ClientConfig, topic: &str, group: &str) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = base
-            .clone()
+        let producer: FutureProducer = super::with_defaults(base.clone(), &[("linger.ms", "5")])
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
             .create()?;
         Ok(Self {
             producer,

@@ -24,6 +24,17 @@ pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// Sets each `(property, value)` the operator did not set in `kafka.client`: tokenmeter's
+/// defaults for tunables (batching, prefetch, statistics) that an operator may change.
+pub fn with_defaults(mut config: ClientConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+    for (property, value) in defaults {
+        if config.get(property).is_none() {
+            config.set(*property, *value);
+        }
+    }
+    config
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error("kafka client configuration rejected: {0}")]
@@ -65,5 +76,32 @@ impl KafkaProbe {
                 .map_err(ProbeError::Unreachable)
         })
         .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    #[test]
+    fn an_operators_property_wins_over_a_default_and_the_rest_are_filled_in() {
+        let settings = Settings::load_from(
+            None,
+            vec![(
+                "TOKENMETER_KAFKA__CLIENT__QUEUED_MAX_MESSAGES_KBYTES".to_owned(),
+                "1024".to_owned(),
+            )],
+        )
+        .expect("settings");
+        let config = with_defaults(
+            client_config(&settings.kafka),
+            &[
+                ("queued.max.messages.kbytes", "32768"),
+                ("statistics.interval.ms", "5000"),
+            ],
+        );
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("1024"));
+        assert_eq!(config.get("statistics.interval.ms"), Some("5000"));
     }
 }

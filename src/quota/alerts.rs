@@ -82,11 +82,11 @@ impl AlertPublisher {
         topic: &str,
         metrics: QuotaMetrics,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = crate::kafka::client_config(kafka)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .create()?;
+        let producer: FutureProducer =
+            crate::kafka::with_defaults(crate::kafka::client_config(kafka), &[("linger.ms", "5")])
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .create()?;
         Ok(Self {
             metrics,
             pool,
