@@ -11,7 +11,7 @@ use super::convert::{next_page_token, optional_time, page_offset, page_size, tim
 use super::status::{from_ingest, from_store, invalid_field};
 use super::usage::answer;
 use crate::domain::auth::Scope;
-use crate::domain::transaction::{self, State, Summary};
+use crate::domain::transaction::{self, State, Summary, TransactionEvent};
 use crate::ingest::Channel;
 use crate::ingest::transactions::TransactionRecorder;
 use crate::proto::v1 as pb;
@@ -47,16 +47,34 @@ impl TransactionApi {
         let usage = store::transactions::usage_of(&self.pool, tenant_id, transaction_id)
             .await
             .map_err(from_store)?;
-        if events.is_empty() && usage.events == 0 {
-            return Ok(None);
-        }
-        let summary = transaction::summarize(&events);
-        let mut read = read_model(tenant_id, transaction_id, &summary, &usage);
-        if include_events {
-            read.events = events.iter().map(wire_event).collect();
-        }
-        Ok(Some(read))
+        Ok(read_model_of(
+            tenant_id,
+            transaction_id,
+            &events,
+            &usage,
+            include_events,
+        ))
     }
+}
+
+/// The transaction as read from its lifecycle events and linked usage; `None` when neither
+/// exists.
+fn read_model_of(
+    tenant_id: &str,
+    transaction_id: &str,
+    events: &[TransactionEvent],
+    usage: &LinkedUsage,
+    include_events: bool,
+) -> Option<pb::Transaction> {
+    if events.is_empty() && usage.events == 0 {
+        return None;
+    }
+    let summary = transaction::summarize(events);
+    let mut read = read_model(tenant_id, transaction_id, &summary, usage);
+    if include_events {
+        read.events = events.iter().map(wire_event).collect();
+    }
+    Some(read)
 }
 
 fn money(amount: rust_decimal::Decimal, currency: &str) -> pb::Money {
@@ -274,15 +292,22 @@ impl TransactionService for TransactionApi {
             store::transactions::list(&self.pool, &request.tenant_id, &filter, offset, page)
                 .await
                 .map_err(from_store)?;
-        let mut transactions = Vec::with_capacity(listed.len());
-        for entry in &listed {
-            if let Some(read) = self
-                .transaction(&request.tenant_id, &entry.transaction_id, false)
-                .await?
-            {
-                transactions.push(read);
-            }
-        }
+        let ids: Vec<String> = listed.iter().map(|e| e.transaction_id.clone()).collect();
+        let tenant_id = request.tenant_id.as_str();
+        let mut events = store::transactions::events_of_many(&self.pool, tenant_id, &ids)
+            .await
+            .map_err(from_store)?;
+        let mut usage = store::transactions::usage_of_many(&self.pool, tenant_id, &ids)
+            .await
+            .map_err(from_store)?;
+        let transactions = ids
+            .iter()
+            .filter_map(|id| {
+                let events = events.remove(id).unwrap_or_default();
+                let usage = usage.remove(id).unwrap_or_default();
+                read_model_of(tenant_id, id, &events, &usage, false)
+            })
+            .collect();
         Ok(Response::new(pb::ListTransactionsResponse {
             transactions,
             next_page_token: next_page_token(offset, listed.len(), page),

@@ -1,7 +1,7 @@
 //! SQL of service transactions: lifecycle events with their exactly-once keys, and the reads
 //! a transaction is derived from (its events, and its usage from the rollups).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -132,62 +132,83 @@ pub async fn events_of(
     tenant_id: &str,
     transaction_id: &str,
 ) -> Result<Vec<TransactionEvent>, StoreError> {
+    let mut by_transaction = events_of_many(pool, tenant_id, &[transaction_id.to_owned()]).await?;
+    Ok(by_transaction.remove(transaction_id).unwrap_or_default())
+}
+
+/// Every lifecycle event of each of `transaction_ids`, in one query (a page of a list is
+/// read with two queries, not two per transaction).
+pub async fn events_of_many(
+    pool: &PgPool,
+    tenant_id: &str,
+    transaction_ids: &[String],
+) -> Result<HashMap<String, Vec<TransactionEvent>>, StoreError> {
     let rows = sqlx::query(
-        "SELECT source, event_id, kind, occurred_at, agent_id, service, amount, currency,
-                reason, attributes::text AS attributes
-         FROM transaction_events WHERE tenant_id = $1 AND transaction_id = $2
-         ORDER BY occurred_at, event_id",
+        "SELECT transaction_id, source, event_id, kind, occurred_at, agent_id, service, amount,
+                currency, reason, attributes::text AS attributes
+         FROM transaction_events WHERE tenant_id = $1 AND transaction_id = ANY($2)
+         ORDER BY transaction_id, occurred_at, event_id",
     )
     .bind(tenant_id)
-    .bind(transaction_id)
+    .bind(transaction_ids)
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|row| {
-            let kind: i16 = row.try_get("kind")?;
-            let amount: Option<Decimal> = row.try_get("amount")?;
-            let currency: Option<String> = row.try_get("currency")?;
-            let reason: String = row.try_get("reason")?;
-            let money = || {
-                (
-                    amount.unwrap_or_default(),
-                    currency.clone().unwrap_or_default(),
-                )
-            };
-            let lifecycle = match kind {
-                1 => Lifecycle::Started,
-                2 => {
-                    let (revenue, currency) = money();
-                    Lifecycle::Completed { revenue, currency }
-                }
-                3 => Lifecycle::Failed { reason },
-                4 => {
-                    let (amount, currency) = money();
-                    Lifecycle::Refunded {
-                        amount,
-                        currency,
-                        reason,
-                    }
-                }
-                _ => Lifecycle::Reversed { reason },
-            };
-            let attributes: String = row.try_get("attributes")?;
-            Ok(TransactionEvent {
-                identity: EventIdentity {
-                    tenant_id: tenant_id.to_owned(),
-                    source: row.try_get("source")?,
-                    event_id: row.try_get("event_id")?,
-                },
-                transaction_id: transaction_id.to_owned(),
-                agent_id: row.try_get("agent_id")?,
-                service: row.try_get("service")?,
-                occurred_at: row.try_get("occurred_at")?,
-                lifecycle,
-                attributes: serde_json::from_str(&attributes).unwrap_or_default(),
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(StoreError::from)
+    let mut by_transaction: HashMap<String, Vec<TransactionEvent>> = HashMap::new();
+    for row in rows {
+        let event = event_from_row(tenant_id, &row)?;
+        by_transaction
+            .entry(event.transaction_id.clone())
+            .or_default()
+            .push(event);
+    }
+    Ok(by_transaction)
+}
+
+fn event_from_row(
+    tenant_id: &str,
+    row: &sqlx::postgres::PgRow,
+) -> Result<TransactionEvent, sqlx::Error> {
+    let kind: i16 = row.try_get("kind")?;
+    let amount: Option<Decimal> = row.try_get("amount")?;
+    let currency: Option<String> = row.try_get("currency")?;
+    let reason: String = row.try_get("reason")?;
+    let money = || {
+        (
+            amount.unwrap_or_default(),
+            currency.clone().unwrap_or_default(),
+        )
+    };
+    let lifecycle = match kind {
+        1 => Lifecycle::Started,
+        2 => {
+            let (revenue, currency) = money();
+            Lifecycle::Completed { revenue, currency }
+        }
+        3 => Lifecycle::Failed { reason },
+        4 => {
+            let (amount, currency) = money();
+            Lifecycle::Refunded {
+                amount,
+                currency,
+                reason,
+            }
+        }
+        _ => Lifecycle::Reversed { reason },
+    };
+    let attributes: String = row.try_get("attributes")?;
+    Ok(TransactionEvent {
+        identity: EventIdentity {
+            tenant_id: tenant_id.to_owned(),
+            source: row.try_get("source")?,
+            event_id: row.try_get("event_id")?,
+        },
+        transaction_id: row.try_get("transaction_id")?,
+        agent_id: row.try_get("agent_id")?,
+        service: row.try_get("service")?,
+        occurred_at: row.try_get("occurred_at")?,
+        lifecycle,
+        attributes: serde_json::from_str(&attributes).unwrap_or_default(),
+    })
 }
 
 /// The usage linked to a transaction, per currency it was priced in.
@@ -200,26 +221,48 @@ pub struct LinkedUsage {
     pub first_hour: Option<DateTime<Utc>>,
 }
 
-/// (class, currency, tokens, billed, cost, events, unpriced events, first hour)
-type LinkedRow = (i16, String, i64, Decimal, Decimal, i64, i64, DateTime<Utc>);
+/// (transaction, class, currency, tokens, billed, cost, events, unpriced events, first hour)
+type LinkedRow = (
+    String,
+    i16,
+    String,
+    i64,
+    Decimal,
+    Decimal,
+    i64,
+    i64,
+    DateTime<Utc>,
+);
 
 pub async fn usage_of(
     pool: &PgPool,
     tenant_id: &str,
     transaction_id: &str,
 ) -> Result<LinkedUsage, StoreError> {
+    let mut by_transaction = usage_of_many(pool, tenant_id, &[transaction_id.to_owned()]).await?;
+    Ok(by_transaction.remove(transaction_id).unwrap_or_default())
+}
+
+/// The usage linked to each of `transaction_ids` (absent: none), in one query.
+pub async fn usage_of_many(
+    pool: &PgPool,
+    tenant_id: &str,
+    transaction_ids: &[String],
+) -> Result<HashMap<String, LinkedUsage>, StoreError> {
     let rows: Vec<LinkedRow> = sqlx::query_as(
-        "SELECT token_class, currency::text, sum(tokens)::int8, sum(billed_amount),
-                    sum(cost_amount), sum(events)::int8, sum(unpriced_events)::int8, min(hour)
-             FROM usage_rollups WHERE tenant_id = $1 AND transaction_id = $2
-             GROUP BY token_class, currency",
+        "SELECT transaction_id::text, token_class, currency::text, sum(tokens)::int8,
+                    sum(billed_amount), sum(cost_amount), sum(events)::int8,
+                    sum(unpriced_events)::int8, min(hour)
+             FROM usage_rollups WHERE tenant_id = $1 AND transaction_id = ANY($2)
+             GROUP BY transaction_id, token_class, currency",
     )
     .bind(tenant_id)
-    .bind(transaction_id)
+    .bind(transaction_ids)
     .fetch_all(pool)
     .await?;
-    let mut usage = LinkedUsage::default();
-    for (class, currency, tokens, billed, cost, events, unpriced, hour) in rows {
+    let mut by_transaction: HashMap<String, LinkedUsage> = HashMap::new();
+    for (transaction_id, class, currency, tokens, billed, cost, events, unpriced, hour) in rows {
+        let usage = by_transaction.entry(transaction_id).or_default();
         if let Some(class) = TokenClass::from_proto(i32::from(class)) {
             usage.tokens[class.index()] += tokens;
         }
@@ -230,7 +273,7 @@ pub async fn usage_of(
         usage.unpriced_events += unpriced;
         usage.first_hour = Some(usage.first_hour.map_or(hour, |h| h.min(hour)));
     }
-    Ok(usage)
+    Ok(by_transaction)
 }
 
 /// One row of a transaction list: enough to show it without its events.

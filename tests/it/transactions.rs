@@ -272,6 +272,23 @@ async fn transactions_list_newest_first_filtered_by_state_including_usage_only_o
     // first seen: order-failed at +30 min, order-done at +5, order-usage-only at the hour.
     assert_eq!(ids, vec!["order-failed", "order-done", "order-usage-only"]);
     assert_eq!(all[2].state(), pb::TransactionState::NotStarted);
+    // A page is read in two queries for all its transactions; each entry is still exactly
+    // what GetTransaction answers for it (usage, revenue and state of its own).
+    for listed in &all {
+        let got = api
+            .transactions
+            .get_transaction(pb::GetTransactionRequest {
+                tenant_id: tenant.clone(),
+                transaction_id: listed.transaction_id.clone(),
+                include_events: false,
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .transaction
+            .expect("transaction");
+        assert_eq!(&got, listed);
+    }
     let failed_only = api
         .transactions
         .list_transactions(list(vec![pb::TransactionState::Failed]))
