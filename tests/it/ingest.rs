@@ -467,18 +467,28 @@ async fn usage_groups_by_class_and_by_local_day_of_the_tenant() {
     early.occurred_at = Some(ts(tokyo_midnight + Duration::minutes(1)));
     api.ingest(vec![late, early]).await;
 
+    // Both events, whatever the time of day the test runs at (a range relative to now would
+    // leave them out from 15:00 UTC on).
+    let around_midnight = pb::TimeRange {
+        start: Some(ts(tokyo_midnight - Duration::hours(24))),
+        end: Some(ts(tokyo_midnight + Duration::hours(24))),
+    };
     let days = api
         .query(pb::QueryUsageRequest {
             tenant_ids: vec![tenant.clone()],
-            time_range: Some(pb::TimeRange {
-                start: Some(ts(tokyo_midnight - Duration::hours(24))),
-                end: Some(ts(tokyo_midnight + Duration::hours(24))),
-            }),
+            time_range: Some(around_midnight),
             window: pb::TimeBucket::Day as i32,
             ..Default::default()
         })
         .await;
-    let by_class = api.usage(&tenant, &[pb::UsageDimension::TokenClass]).await;
+    let by_class = api
+        .query(pb::QueryUsageRequest {
+            tenant_ids: vec![tenant.clone()],
+            time_range: Some(around_midnight),
+            group_by: vec![pb::UsageDimension::TokenClass as i32],
+            ..Default::default()
+        })
+        .await;
 
     assert_eq!(days.len(), 2, "{days:?}");
     assert_eq!(days[0].bucket_end, Some(ts(tokyo_midnight)));
