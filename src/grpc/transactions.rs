@@ -11,7 +11,7 @@ use super::convert::{next_page_token, optional_time, page_offset, page_size, tim
 use super::status::{from_ingest, from_store, invalid_field};
 use super::usage::answer;
 use crate::domain::auth::Scope;
-use crate::domain::transaction::{self, State, Summary, TransactionEvent};
+use crate::domain::transaction::{self, State, Summary};
 use crate::ingest::Channel;
 use crate::ingest::transactions::TransactionRecorder;
 use crate::proto::v1 as pb;
@@ -34,47 +34,37 @@ impl TransactionApi {
         }
     }
 
-    /// The read model of one transaction: its events folded, and its linked usage.
-    async fn transaction(
+    /// The read models of `transaction_ids`, in their order, from two queries whatever their
+    /// number: each one's events folded, and its linked usage. Ids with neither are left out.
+    async fn transactions(
         &self,
         tenant_id: &str,
-        transaction_id: &str,
+        transaction_ids: &[String],
         include_events: bool,
-    ) -> Result<Option<pb::Transaction>, Status> {
-        let events = store::transactions::events_of(&self.pool, tenant_id, transaction_id)
+    ) -> Result<Vec<pb::Transaction>, Status> {
+        let mut events = store::transactions::events_of(&self.pool, tenant_id, transaction_ids)
             .await
             .map_err(from_store)?;
-        let usage = store::transactions::usage_of(&self.pool, tenant_id, transaction_id)
+        let mut usage = store::transactions::usage_of(&self.pool, tenant_id, transaction_ids)
             .await
             .map_err(from_store)?;
-        Ok(read_model_of(
-            tenant_id,
-            transaction_id,
-            &events,
-            &usage,
-            include_events,
-        ))
+        Ok(transaction_ids
+            .iter()
+            .filter_map(|id| {
+                let events = events.remove(id).unwrap_or_default();
+                let usage = usage.remove(id).unwrap_or_default();
+                if events.is_empty() && usage.events == 0 {
+                    return None;
+                }
+                let summary = transaction::summarize(&events);
+                let mut read = read_model(tenant_id, id, &summary, &usage);
+                if include_events {
+                    read.events = events.iter().map(wire_event).collect();
+                }
+                Some(read)
+            })
+            .collect())
     }
-}
-
-/// The transaction as read from its lifecycle events and linked usage; `None` when neither
-/// exists.
-fn read_model_of(
-    tenant_id: &str,
-    transaction_id: &str,
-    events: &[TransactionEvent],
-    usage: &LinkedUsage,
-    include_events: bool,
-) -> Option<pb::Transaction> {
-    if events.is_empty() && usage.events == 0 {
-        return None;
-    }
-    let summary = transaction::summarize(events);
-    let mut read = read_model(tenant_id, transaction_id, &summary, usage);
-    if include_events {
-        read.events = events.iter().map(wire_event).collect();
-    }
-    Some(read)
 }
 
 fn money(amount: rust_decimal::Decimal, currency: &str) -> pb::Money {
@@ -248,12 +238,13 @@ impl TransactionService for TransactionApi {
             return Err(invalid_field("transaction_id", "is required"));
         }
         let transaction = self
-            .transaction(
+            .transactions(
                 &request.tenant_id,
-                &request.transaction_id,
+                std::slice::from_ref(&request.transaction_id),
                 request.include_events,
             )
             .await?
+            .pop()
             .ok_or_else(|| Status::not_found("transaction not found"))?;
         Ok(Response::new(pb::GetTransactionResponse {
             transaction: Some(transaction),
@@ -293,21 +284,7 @@ impl TransactionService for TransactionApi {
                 .await
                 .map_err(from_store)?;
         let ids: Vec<String> = listed.iter().map(|e| e.transaction_id.clone()).collect();
-        let tenant_id = request.tenant_id.as_str();
-        let mut events = store::transactions::events_of_many(&self.pool, tenant_id, &ids)
-            .await
-            .map_err(from_store)?;
-        let mut usage = store::transactions::usage_of_many(&self.pool, tenant_id, &ids)
-            .await
-            .map_err(from_store)?;
-        let transactions = ids
-            .iter()
-            .filter_map(|id| {
-                let events = events.remove(id).unwrap_or_default();
-                let usage = usage.remove(id).unwrap_or_default();
-                read_model_of(tenant_id, id, &events, &usage, false)
-            })
-            .collect();
+        let transactions = self.transactions(&request.tenant_id, &ids, false).await?;
         Ok(Response::new(pb::ListTransactionsResponse {
             transactions,
             next_page_token: next_page_token(offset, listed.len(), page),

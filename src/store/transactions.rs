@@ -126,19 +126,9 @@ pub async fn insert_conflicts(
     Ok(())
 }
 
-/// Every lifecycle event of one transaction.
-pub async fn events_of(
-    pool: &PgPool,
-    tenant_id: &str,
-    transaction_id: &str,
-) -> Result<Vec<TransactionEvent>, StoreError> {
-    let mut by_transaction = events_of_many(pool, tenant_id, &[transaction_id.to_owned()]).await?;
-    Ok(by_transaction.remove(transaction_id).unwrap_or_default())
-}
-
 /// Every lifecycle event of each of `transaction_ids`, in one query (a page of a list is
 /// read with two queries, not two per transaction).
-pub async fn events_of_many(
+pub async fn events_of(
     pool: &PgPool,
     tenant_id: &str,
     transaction_ids: &[String],
@@ -234,17 +224,8 @@ type LinkedRow = (
     DateTime<Utc>,
 );
 
-pub async fn usage_of(
-    pool: &PgPool,
-    tenant_id: &str,
-    transaction_id: &str,
-) -> Result<LinkedUsage, StoreError> {
-    let mut by_transaction = usage_of_many(pool, tenant_id, &[transaction_id.to_owned()]).await?;
-    Ok(by_transaction.remove(transaction_id).unwrap_or_default())
-}
-
 /// The usage linked to each of `transaction_ids` (absent: none), in one query.
-pub async fn usage_of_many(
+pub async fn usage_of(
     pool: &PgPool,
     tenant_id: &str,
     transaction_ids: &[String],
