@@ -23,13 +23,27 @@ pub fn kafka_brokers() -> String {
     std::env::var("TOKENMETER_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// Test databases are named `tm_test_<unix seconds>_<uuid>`; those older than this are left
+/// over from earlier runs (tests do not drop their own: a failing test's database is worth
+/// looking at) and are dropped when a test process creates its first database.
+const STALE_TEST_DATABASE: Duration = Duration::from_secs(3600);
+
 /// Creates an empty database with a unique name and returns its URL.
 pub async fn create_database() -> String {
     let base = base_database_url();
-    let name = format!("tm_test_{}", uuid::Uuid::new_v4().simple());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    let name = format!(
+        "tm_test_{}_{}",
+        now.as_secs(),
+        uuid::Uuid::new_v4().simple()
+    );
     let mut conn = PgConnection::connect(&base)
         .await
         .expect("connect to the test postgres (is deploy/local/postgres.sh running?)");
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT.get_or_init(|| drop_stale_databases(&base, now)).await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
         .execute(&mut conn)
         .await
@@ -37,6 +51,35 @@ pub async fn create_database() -> String {
     let mut url = url::Url::parse(&base).expect("test database url");
     url.set_path(&name);
     url.to_string()
+}
+
+/// Drops the test databases created before `now` less [`STALE_TEST_DATABASE`], and those named
+/// before names carried a time. One still in use (a concurrent run's) makes `DROP DATABASE`
+/// fail, which is ignored: it is dropped by a later run.
+async fn drop_stale_databases(base: &str, now: Duration) {
+    let mut conn = PgConnection::connect(base)
+        .await
+        .expect("connect to the test postgres");
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'tm\\_test\\_%'",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("list test databases");
+    let cutoff = now.saturating_sub(STALE_TEST_DATABASE).as_secs();
+    for name in names {
+        let created = name
+            .strip_prefix("tm_test_")
+            .and_then(|rest| rest.split_once('_'))
+            .and_then(|(secs, _)| secs.parse::<u64>().ok());
+        if created.is_none_or(|secs| secs < cutoff) {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                r#"DROP DATABASE IF EXISTS "{name}""#
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
 }
 
 /// The bootstrap admin key every test server accepts (every scope, every tenant).
