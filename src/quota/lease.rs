@@ -142,7 +142,7 @@ pub struct Leases {
     /// call before it leased.
     gates: Mutex<HashMap<CounterKey, Arc<tokio::sync::Mutex<()>>>>,
     cache: Mutex<HashMap<String, Arc<Cached>>>,
-    reload: tokio::sync::Mutex<()>,
+    reloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     writers: Vec<mpsc::UnboundedSender<Write>>,
     closed: AtomicBool,
     metrics: QuotaMetrics,
@@ -173,7 +173,7 @@ impl Leases {
             slots: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
-            reload: tokio::sync::Mutex::new(()),
+            reloads: Mutex::new(HashMap::new()),
             writers,
             closed: AtomicBool::new(false),
             metrics,
@@ -191,33 +191,42 @@ impl Leases {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The tenant's policies, from the cache while younger than `quota.policy_cache_ttl`. A
-    /// policy whose revision changed (or that is gone) lapses its slices, so nothing more is
-    /// granted from a slice leased under an older limit.
+    /// The tenant's policies, from the cache while younger than `quota.policy_cache_ttl`. Past
+    /// half that age one call reloads them while the others go on with the entry still within
+    /// its TTL, so a busy tenant's calls do not all stop for a reload every TTL; only an entry
+    /// that reached its TTL (an idle tenant, or reloads failing) makes calls wait. A policy
+    /// whose revision changed (or that is gone) lapses its slices, so nothing more is granted
+    /// from a slice leased under an older limit.
     async fn cached(&self, tenant_id: &str) -> Result<Arc<Cached>, QuotaError> {
-        let fresh = |cache: &HashMap<String, Arc<Cached>>| {
-            cache
+        let ttl = self.settings.policy_cache_ttl;
+        let entry = || {
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
                 .get(tenant_id)
-                .filter(|c| c.loaded.elapsed() < self.settings.policy_cache_ttl)
                 .cloned()
         };
-        if let Some(hit) = fresh(&self.cache.lock().unwrap_or_else(|e| e.into_inner())) {
-            return Ok(hit);
-        }
-        let _reload = self.reload.lock().await;
-        let previous = {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(hit) = fresh(&cache) {
-                return Ok(hit);
+        let (_reloading, ahead) = match entry() {
+            Some(hit) if hit.loaded.elapsed() < ttl / 2 => return Ok(hit),
+            Some(hit) if hit.loaded.elapsed() < ttl => {
+                let Ok(reloading) = self.reload_gate(tenant_id).try_lock_owned() else {
+                    return Ok(hit);
+                };
+                (reloading, true)
             }
-            cache.get(tenant_id).cloned()
+            _ => (self.reload_gate(tenant_id).lock_owned().await, false),
         };
+        let previous = entry();
+        if let Some(hit) = previous.as_ref().filter(|c| c.loaded.elapsed() < ttl / 2) {
+            return Ok(hit.clone());
+        }
         let loaded = Instant::now();
         let tenant = store::tenant(&self.pool, tenant_id).await?;
         let mut conn = self.pool.acquire().await?;
         let policies = store::enabled_policies(&mut conn, tenant_id, Selection::Every).await?;
         drop(conn);
         let catalog = catalog_for(&self.ingestor, &policies).await?;
+        self.metrics.policies_loaded(ahead);
         if let Some(previous) = previous {
             let changed: Vec<&str> = previous
                 .policies
@@ -242,6 +251,11 @@ impl Leases {
             .unwrap_or_else(|e| e.into_inner())
             .insert(tenant_id.to_owned(), cached.clone());
         Ok(cached)
+    }
+
+    /// One reload at a time per tenant.
+    fn reload_gate(&self, tenant_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        gate_in(&self.reloads, tenant_id.to_owned())
     }
 
     /// Stops grants from this replica's slices of changed policies: they were leased under
@@ -573,12 +587,7 @@ impl Leases {
     }
 
     fn gate(&self, key: &CounterKey) -> Arc<tokio::sync::Mutex<()>> {
-        self.gates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .clone()
+        gate_in(&self.gates, key.clone())
     }
 
     fn with_slot(&self, key: &CounterKey, change: impl FnOnce(&mut Slot)) {
@@ -791,6 +800,19 @@ async fn write_batches(leases: std::sync::Weak<Leases>, mut queue: mpsc::Unbound
             let _ = ack.send(());
         }
     }
+}
+
+/// The gate of `key` in `gates`, made on first use.
+fn gate_in<K: std::hash::Hash + Eq>(
+    gates: &Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+    key: K,
+) -> Arc<tokio::sync::Mutex<()>> {
+    gates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .clone()
 }
 
 /// The hold of a call on one policy: tokens, or money priced with the cached catalog (`None`:

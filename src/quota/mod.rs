@@ -172,6 +172,7 @@ pub struct QuotaMetrics {
     expired: prometheus::IntCounter,
     alerts_published: prometheus::IntCounter,
     lease_transactions: prometheus::IntCounterVec,
+    policy_loads: prometheus::IntCounterVec,
 }
 
 impl QuotaMetrics {
@@ -199,26 +200,44 @@ impl QuotaMetrics {
             ),
             &["outcome"],
         )?;
+        let policy_loads = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "tokenmeter_quota_policy_loads_total",
+                "Loads of a tenant's policies into the lease cache (quota.policy_cache_ttl): \
+                 ahead (one call reloaded while the others went on) or waited (calls waited)",
+            ),
+            &["when"],
+        )?;
         registry.register(Box::new(decisions.clone()))?;
         registry.register(Box::new(expired.clone()))?;
         registry.register(Box::new(alerts_published.clone()))?;
         registry.register(Box::new(lease_transactions.clone()))?;
+        registry.register(Box::new(policy_loads.clone()))?;
         for decision in ["allow", "allow_soft_limit", "deny"] {
             decisions.with_label_values(&[decision]);
         }
         for outcome in ["leased", "exhausted", "gone"] {
             lease_transactions.with_label_values(&[outcome]);
         }
+        for when in ["ahead", "waited"] {
+            policy_loads.with_label_values(&[when]);
+        }
         Ok(Self {
             decisions,
             expired,
             alerts_published,
             lease_transactions,
+            policy_loads,
         })
     }
 
     fn lease_transaction(&self, outcome: &str) {
         self.lease_transactions.with_label_values(&[outcome]).inc();
+    }
+
+    fn policies_loaded(&self, ahead: bool) {
+        let when = if ahead { "ahead" } else { "waited" };
+        self.policy_loads.with_label_values(&[when]).inc();
     }
 
     fn decided(&self, decision: &Decision) {

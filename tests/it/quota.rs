@@ -1061,16 +1061,54 @@ async fn a_limit_lowered_while_slices_are_out_binds_new_grants_within_the_policy
     app.stop().await.expect("clean shutdown");
 }
 
-/// The value of `tokenmeter_quota_lease_transactions_total{outcome=…}` on `app`.
-async fn lease_transactions(app: &TestApp, outcome: &str) -> u64 {
+/// The value of the counter `name{label="value"}` on `app`.
+async fn counter(app: &TestApp, name: &str, label: &str, value: &str) -> u64 {
     let metrics = app.metrics().await;
-    let prefix = format!("tokenmeter_quota_lease_transactions_total{{outcome=\"{outcome}\"}} ");
+    let prefix = format!("{name}{{{label}=\"{value}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
-        .expect("lease transaction counter")
+        .unwrap_or_else(|| panic!("{prefix}in the metrics"))
         .parse()
         .expect("count")
+}
+
+async fn lease_transactions(app: &TestApp, outcome: &str) -> u64 {
+    counter(
+        app,
+        "tokenmeter_quota_lease_transactions_total",
+        "outcome",
+        outcome,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_busy_tenant_reloads_its_policies_ahead_without_making_calls_wait() {
+    let app = spawn_app_with(|s| s.quota.policy_cache_ttl = Duration::from_millis(1000)).await;
+    let (_, mut quota, tenant, _) =
+        with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    let loads = |when: &'static str| {
+        let app = &app;
+        async move { counter(app, "tokenmeter_quota_policy_loads_total", "when", when).await }
+    };
+
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2600) {
+        let answer = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+        assert_eq!(answer.decision(), pb::QuotaDecision::Allow);
+    }
+
+    // The first call found nothing cached and waited for the load; after that the policies
+    // were reloaded each half TTL (at about 0.5, 1.0, … 2.5 s) by one call while the others
+    // went on, so no call waited again.
+    assert_eq!(loads("waited").await, 1);
+    assert!(
+        loads("ahead").await >= 3,
+        "{} loads ahead",
+        loads("ahead").await
+    );
+    app.stop().await.expect("clean shutdown");
 }
 
 #[tokio::test]
