@@ -154,7 +154,7 @@ samples="$scratch/samples.tsv"
 : >"$samples"
 
 # Polls until the group's stored positions reach `ends`; records (seconds since $1, messages
-# drained) per sample in $samples and the CPU of the database's backends in backend_ticks.
+# drained, server RSS in KiB) per sample in $samples and the CPU of the database's backends in backend_ticks.
 drain() {
   local t0="$1" ends="$2" partitions="$3" timeout_s="$4" now out progress done_parts pid
   while :; do
@@ -172,7 +172,7 @@ drain() {
     for pid in $(sed -n 2p <<<"$out"); do
       backend_ticks[$pid]="$(cpu_ticks "$pid")"
     done
-    echo "$(awk -v a="$t0" -v b="$now" 'BEGIN {printf "%.3f", (b - a) / 1e9}') ${progress:-0}" >>"$samples"
+    echo "$(awk -v a="$t0" -v b="$now" 'BEGIN {printf "%.3f", (b - a) / 1e9}') ${progress:-0} $(rss_kib "$server_pid" VmRSS)" >>"$samples"
     [[ "${done_parts:-0}" == "$partitions" ]] && return 0
     kill -0 "$server_pid" 2>/dev/null || { tail -30 "$server_log" >&2; die "the server died while draining"; }
     (($(date +%s) - t0 / 1000000000 < timeout_s)) || die "not drained within $timeout_s s (log: $server_log)"
@@ -248,6 +248,17 @@ read -r eps steady_eps steady_window < <(awk -v total="$lg_messages" -v wall="$d
     steady = (b > a && t[b] > t[a]) ? (n[b] - n[a]) / (t[b] - t[a]) : 0
     printf "%.0f %.0f %.1f-%.1fs\n", total / wall, steady, t[a], t[b]
   }' "$samples")
+# Server RSS as the drain went on (the sample nearest each fraction drained): growth with the
+# events consumed, rather than a steady level, would point at a leak or fragmentation.
+rss_course="$(awk -v total="$lg_messages" '
+  { n[NR] = $2; r[NR] = $3 }
+  END {
+    split("0.1 0.25 0.5 0.75 0.9", fr, " ")
+    for (j = 1; j <= 5; j++)
+      for (i = 1; i <= NR; i++)
+        if (n[i] >= fr[j] * total) { printf "%s%d %% %.1f", (j > 1 ? ", " : ""), fr[j] * 100, r[i] / 1024; break }
+    print " MiB"
+  }' "$samples")"
 e2e_drain="$(histogram tokenmeter_kafka_end_to_end_seconds " s" "$metrics_txt.drain")"
 batch_size="$(histogram tokenmeter_kafka_batch_messages " messages" "$metrics_txt.drain")"
 flush="$(histogram tokenmeter_kafka_batch_flush_seconds " s" "$metrics_txt.drain")"
@@ -319,7 +330,7 @@ conflicts_note=""
   echo "conflicts       $stored_conflicts in usage_event_conflicts$conflicts_note"
   echo "dead letters    $dead_check"
   echo "stored tokens   $stored_check"
-  echo "server RSS      peak (VmHWM) $(mib "$rss_peak_kib")"
+  echo "server RSS      peak (VmHWM) $(mib "$rss_peak_kib"); during the drain (VmRSS at % drained) $rss_course"
   echo "CPU (drain)     tokenmeter $(cpu_s "$tm_ticks") s ($(per_event_us "$tm_ticks") µs/event),"\
     "its Postgres backends $(cpu_s "$backend_total") s ($(per_event_us "$backend_total") µs/event),"\
     "all Postgres processes $(cpu_s "$(ticks_between "$scratch/pg_before" "$scratch/pg_after")") s (at least), Kafka broker $(cpu_s $((kafka_after - kafka_before))) s;"\
