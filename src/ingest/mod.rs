@@ -445,6 +445,14 @@ impl Pipeline {
         self.ensure_partitions(&candidates).await?;
 
         let mut tx = self.pool.begin().await?;
+        if self.currency_moved(&mut tx, &catalog, &candidates).await? {
+            let current = self.pricing.catalog().await?;
+            for candidate in &mut candidates {
+                candidate.priced = price(&current, candidate.event, None).map_err(|e| {
+                    IngestError::Group(format!("repricing after a currency change: {e}"))
+                })?;
+            }
+        }
         let inserted: HashSet<EventIdentity> = if candidates.is_empty() {
             HashSet::new()
         } else {
@@ -523,6 +531,31 @@ impl Pipeline {
             .collect();
         self.metrics.record(channel, &outcomes);
         Ok(outcomes)
+    }
+
+    /// Holds the candidates' tenants against a currency change until `tx` ends, and tells
+    /// whether one committed since `catalog` was read: the batch must then be repriced, or
+    /// its amounts would be stored in the old currency of a tenant that has changed it.
+    async fn currency_moved(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        catalog: &PricingCatalog,
+        candidates: &[Candidate<'_>],
+    ) -> Result<bool, IngestError> {
+        let mut tenants: Vec<&str> = candidates
+            .iter()
+            .map(|c| c.event.identity.tenant_id.as_str())
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        if tenants.is_empty() {
+            return Ok(false);
+        }
+        let held = store::tenants::hold_currencies(tx, &tenants).await?;
+        Ok(tenants.iter().any(|t| {
+            held.get(*t).map(String::as_str)
+                != catalog.tenant(t).map(|pricing| pricing.currency.as_str())
+        }))
     }
 
     /// Creates tenants seen for the first time (when configured to), or marks their events

@@ -1,6 +1,6 @@
 //! SQL of the `tenants` table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -90,6 +90,24 @@ pub async fn lock(conn: &mut PgConnection, tenant_id: &str) -> Result<Tenant, St
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("tenant {tenant_id:?}")))?;
     from_row(&row)
+}
+
+/// The currencies of `tenant_ids`, their rows locked `FOR KEY SHARE` until the transaction
+/// ends: `UpdateTenant` locks the row `FOR UPDATE` before it checks for history, so a currency
+/// change either waits for this transaction (and then finds its usage) or committed before
+/// these rows were read (and the currency read is the new one).
+pub async fn hold_currencies(
+    conn: &mut PgConnection,
+    tenant_ids: &[&str],
+) -> Result<HashMap<String, String>, StoreError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT tenant_id, currency::text FROM tenants WHERE tenant_id = ANY($1)
+         ORDER BY tenant_id FOR KEY SHARE",
+    )
+    .bind(tenant_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// Whether anything was recorded or billed for the tenant: usage, lifecycle events, quota

@@ -828,3 +828,122 @@ async fn list_tenants_filters_by_status_before_paging() {
     );
     app.stop().await.expect("clean shutdown");
 }
+
+/// Polls until `n` backends of the test database wait for a lock (or fails after 10 s).
+async fn until_lock_waiters(pool: &sqlx::PgPool, n: i64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never waited");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_the_old_currency() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let dollar_book = unique("book").to_lowercase();
+    let euro_book = unique("book").to_lowercase();
+    api.version(
+        &dollar_book,
+        "USD",
+        hour(48),
+        &[("gpt-4.1-mini", pb::TokenClass::Input, "0.40", "0.30")],
+    )
+    .await;
+    api.version(
+        &euro_book,
+        "EUR",
+        hour(48),
+        &[("gpt-4.1-mini", pb::TokenClass::Input, "0.50", "0.35")],
+    )
+    .await;
+    let to_euros = |tenant: &str| pb::UpdateTenantRequest {
+        tenant: Some(pb::Tenant {
+            tenant_id: tenant.to_owned(),
+            currency: "EUR".into(),
+            price_book_id: euro_book.clone(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["currency".into(), "price_book_id".into()],
+        }),
+    };
+
+    // The change commits after the batch priced its events in dollars but before it wrote
+    // them: the batch waits for it and is repriced in euros. (The test's transaction stands
+    // in for UpdateTenant, which holds the tenant row the same way.)
+    let repriced = api.tenant("USD", "UTC", Some(&dollar_book)).await;
+    let mut change = app.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = $1 FOR UPDATE")
+        .bind(&repriced)
+        .execute(&mut *change)
+        .await
+        .expect("hold the tenant row");
+    let mut other = Clients::new(app.channel().await);
+    let batch = {
+        let tenant = repriced.clone();
+        tokio::spawn(async move { other.ingest(vec![event(&tenant, "e", 1_000_000, 0)]).await })
+    };
+    until_lock_waiters(&app.pool, 1, "the batch").await;
+    sqlx::query("UPDATE tenants SET currency = 'EUR', price_book_id = $2 WHERE tenant_id = $1")
+        .bind(&repriced)
+        .bind(&euro_book)
+        .execute(&mut *change)
+        .await
+        .expect("change the currency");
+    change.commit().await.expect("commit the change");
+    assert_eq!(statuses(&batch.await.expect("batch")), vec![Accepted]);
+    let row = &api.usage(&repriced, &[]).await[0];
+    assert_eq!(row.currency, "EUR");
+    // 1,000,000 input tokens at 0.50 EUR per million.
+    assert_eq!(dec(&row.billed_amount), dec("0.50"));
+
+    // UpdateTenant arrives while the first batch is being written (held at its rollups): it
+    // waits for the batch, then finds its usage and refuses.
+    let kept = api.tenant("USD", "UTC", Some(&dollar_book)).await;
+    let mut stall = app.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE usage_rollups IN EXCLUSIVE MODE")
+        .execute(&mut *stall)
+        .await
+        .expect("stall rollup writes");
+    let mut other = Clients::new(app.channel().await);
+    let batch = {
+        let tenant = kept.clone();
+        tokio::spawn(async move { other.ingest(vec![event(&tenant, "e", 1_000_000, 0)]).await })
+    };
+    until_lock_waiters(&app.pool, 1, "the batch").await;
+    let mut admin = api.admin.clone();
+    let update = {
+        let request = to_euros(&kept);
+        tokio::spawn(async move { admin.update_tenant(request).await })
+    };
+    until_lock_waiters(&app.pool, 2, "UpdateTenant").await;
+    stall.commit().await.expect("release the rollups");
+    assert_eq!(statuses(&batch.await.expect("batch")), vec![Accepted]);
+    let refused = update
+        .await
+        .expect("update task")
+        .expect_err("usage exists by the time the update reads history");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().starts_with("tenant.currency:"),
+        "{}",
+        refused.message()
+    );
+    let row = &api.usage(&kept, &[]).await[0];
+    assert_eq!(row.currency, "USD");
+    // 1,000,000 input tokens at 0.40 USD per million.
+    assert_eq!(dec(&row.billed_amount), dec("0.40"));
+    app.stop().await.expect("clean shutdown");
+}
