@@ -194,9 +194,10 @@ impl Leases {
     /// The tenant's policies, from the cache while younger than `quota.policy_cache_ttl`. Past
     /// half that age one call reloads them while the others go on with the entry still within
     /// its TTL, so a busy tenant's calls do not all stop for a reload every TTL; only an entry
-    /// that reached its TTL (an idle tenant, or reloads failing) makes calls wait. A policy
-    /// whose revision changed (or that is gone) lapses its slices, so nothing more is granted
-    /// from a slice leased under an older limit.
+    /// that reached its TTL (an idle tenant, or reloads failing) makes calls wait, and a reload
+    /// ahead that fails leaves the entry in use. A policy whose revision changed (or that is
+    /// gone) lapses its slices, so nothing more is granted from a slice leased under an older
+    /// limit.
     async fn cached(&self, tenant_id: &str) -> Result<Arc<Cached>, QuotaError> {
         let ttl = self.settings.policy_cache_ttl;
         let entry = || {
@@ -206,20 +207,42 @@ impl Leases {
                 .get(tenant_id)
                 .cloned()
         };
-        let (_reloading, ahead) = match entry() {
+        let (_reloading, current) = match entry() {
             Some(hit) if hit.loaded.elapsed() < ttl / 2 => return Ok(hit),
             Some(hit) if hit.loaded.elapsed() < ttl => {
                 let Ok(reloading) = self.reload_gate(tenant_id).try_lock_owned() else {
                     return Ok(hit);
                 };
-                (reloading, true)
+                (reloading, Some(hit))
             }
-            _ => (self.reload_gate(tenant_id).lock_owned().await, false),
+            _ => (self.reload_gate(tenant_id).lock_owned().await, None),
         };
         let previous = entry();
         if let Some(hit) = previous.as_ref().filter(|c| c.loaded.elapsed() < ttl / 2) {
             return Ok(hit.clone());
         }
+        match (
+            self.load(tenant_id, previous, current.is_some()).await,
+            current,
+        ) {
+            (Ok(loaded), _) => Ok(loaded),
+            // Only while still within the TTL: a reload can fail slowly (a pool timeout).
+            (Err(error), Some(current)) if current.loaded.elapsed() < ttl => {
+                tracing::warn!(error = %error, tenant_id, "reloading quota policies ahead failed; the cached ones stay in use within their TTL");
+                Ok(current)
+            }
+            (Err(error), _) => Err(error),
+        }
+    }
+
+    /// Reads the tenant's policies into the cache (`ahead`: while the cached ones are still
+    /// within their TTL); policies changed since `previous` lapse their slices.
+    async fn load(
+        &self,
+        tenant_id: &str,
+        previous: Option<Arc<Cached>>,
+        ahead: bool,
+    ) -> Result<Arc<Cached>, QuotaError> {
         let loaded = Instant::now();
         let tenant = store::tenant(&self.pool, tenant_id).await?;
         let mut conn = self.pool.acquire().await?;

@@ -1112,6 +1112,54 @@ async fn a_busy_tenant_reloads_its_policies_ahead_without_making_calls_wait() {
 }
 
 #[tokio::test]
+async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
+    // The slice stays out (not given back as idle), so granting needs no lease transaction,
+    // which would read the policies too.
+    let app = spawn_app_with(|s| {
+        s.quota.policy_cache_ttl = Duration::from_secs(2);
+        s.quota.lease_idle = Duration::from_secs(60);
+    })
+    .await;
+    let (_, mut quota, tenant, _) =
+        with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    // Loads the policies (and leases a slice that covers the calls below).
+    let loaded_at = std::time::Instant::now();
+    let first = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+    assert_eq!(first.decision(), pb::QuotaDecision::Allow);
+
+    // From now on every reload fails.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
+        "quota_policies",
+        "quota_policies_away",
+    )))
+    .execute(&app.pool)
+    .await
+    .expect("hide the policies");
+    // Past half the TTL the call that reloads ahead fails to; it and the others still get
+    // answers from the cached policies.
+    tokio::time::sleep_until((loaded_at + Duration::from_millis(1200)).into()).await;
+    let ahead = quota.reserve(reserve_request(&tenant, 1)).await;
+    // Past the TTL the calls must wait for a reload, which fails.
+    tokio::time::sleep_until((loaded_at + Duration::from_millis(2300)).into()).await;
+    let expired = quota.reserve(reserve_request(&tenant, 1)).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
+        "quota_policies_away",
+        "quota_policies",
+    )))
+    .execute(&app.pool)
+    .await
+    .expect("restore the policies");
+    let restored = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+
+    let ahead = ahead.expect("answered from the cache").into_inner();
+    assert_eq!(ahead.decision(), pb::QuotaDecision::Allow);
+    assert!(expired.is_err(), "{expired:?}");
+    assert_eq!(restored.decision(), pb::QuotaDecision::Allow);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn an_exhausted_budget_denies_from_memory_after_its_slice_lapsed() {
     // Slices are valid for three quarters of 400 ms.
     let app = spawn_app_with(|s| s.quota.lease_ttl = Duration::from_millis(400)).await;
