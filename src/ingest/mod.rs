@@ -542,15 +542,10 @@ impl Pipeline {
         catalog: &PricingCatalog,
         candidates: &[Candidate<'_>],
     ) -> Result<bool, IngestError> {
-        let mut tenants: Vec<&str> = candidates
+        let tenants: Vec<&str> = candidates
             .iter()
             .map(|c| c.event.identity.tenant_id.as_str())
             .collect();
-        tenants.sort_unstable();
-        tenants.dedup();
-        if tenants.is_empty() {
-            return Ok(false);
-        }
         let held = store::tenants::hold_currencies(tx, &tenants).await?;
         Ok(tenants.iter().any(|t| {
             held.get(*t).map(String::as_str)

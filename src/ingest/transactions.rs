@@ -111,6 +111,14 @@ impl TransactionRecorder {
         before_commit(invalid_so_far(&outcomes)).await?;
 
         let mut tx = self.pool.begin().await?;
+        // The lifecycle rollups read the tenants' currency and time zone in this transaction;
+        // held like a usage batch's, they cannot change between that and the history check of
+        // UpdateTenant.
+        let tenants: Vec<&str> = candidates
+            .iter()
+            .map(|(e, _)| e.identity.tenant_id.as_str())
+            .collect();
+        store::tenants::hold_currencies(&mut tx, &tenants).await?;
         let inserted: HashSet<EventIdentity> =
             store::transactions::insert_new(&mut tx, &candidates, channel.as_str())
                 .await?

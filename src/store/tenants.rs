@@ -92,14 +92,20 @@ pub async fn lock(conn: &mut PgConnection, tenant_id: &str) -> Result<Tenant, St
     from_row(&row)
 }
 
-/// The currencies of `tenant_ids`, their rows locked `FOR KEY SHARE` until the transaction
-/// ends: `UpdateTenant` locks the row `FOR UPDATE` before it checks for history, so a currency
+/// The currencies of `tenant_ids` (in any order, repeats allowed), their rows locked
+/// `FOR KEY SHARE`, in id order, until the transaction ends: `UpdateTenant` locks the row `FOR UPDATE` before it checks for history, so a currency
 /// change either waits for this transaction (and then finds its usage) or committed before
 /// these rows were read (and the currency read is the new one).
 pub async fn hold_currencies(
     conn: &mut PgConnection,
     tenant_ids: &[&str],
 ) -> Result<HashMap<String, String>, StoreError> {
+    let mut tenant_ids = tenant_ids.to_vec();
+    tenant_ids.sort_unstable();
+    tenant_ids.dedup();
+    if tenant_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT tenant_id, currency::text FROM tenants WHERE tenant_id = ANY($1)
          ORDER BY tenant_id FOR KEY SHARE",

@@ -829,8 +829,23 @@ async fn list_tenants_filters_by_status_before_paging() {
     app.stop().await.expect("clean shutdown");
 }
 
+/// A transaction holding `table` in EXCLUSIVE mode: writes to it wait until it ends.
+pub async fn stall_writes(
+    pool: &sqlx::PgPool,
+    table: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut stall = pool.begin().await.expect("begin");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {table} IN EXCLUSIVE MODE"
+    )))
+    .execute(&mut *stall)
+    .await
+    .expect("lock the table");
+    stall
+}
+
 /// Polls until `n` backends of the test database wait for a lock (or fails after 10 s).
-async fn until_lock_waiters(pool: &sqlx::PgPool, n: i64, what: &str) {
+pub async fn until_lock_waiters(pool: &sqlx::PgPool, n: i64, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let waiting: i64 = sqlx::query_scalar(
@@ -912,11 +927,7 @@ async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_th
     // UpdateTenant arrives while the first batch is being written (held at its rollups): it
     // waits for the batch, then finds its usage and refuses.
     let kept = api.tenant("USD", "UTC", Some(&dollar_book)).await;
-    let mut stall = app.pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE usage_rollups IN EXCLUSIVE MODE")
-        .execute(&mut *stall)
-        .await
-        .expect("stall rollup writes");
+    let stall = stall_writes(&app.pool, "usage_rollups").await;
     let mut other = Clients::new(app.channel().await);
     let batch = {
         let tenant = kept.clone();

@@ -328,3 +328,48 @@ async fn the_sql_state_rule_agrees_with_the_domain_fold_for_every_set_of_kinds()
     }
     app.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_calendar_change_racing_a_tenants_first_lifecycle_batch_waits_for_it_and_is_refused() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = api.tenant("USD", "UTC", None).await;
+    // The batch is held at its first write, after it took its tenant's row.
+    let stall = crate::ingest::stall_writes(&app.pool, "transaction_events").await;
+    let mut other = Clients::new(app.channel().await);
+    let batch = {
+        let tenant = tenant.clone();
+        tokio::spawn(async move { record(&mut other, vec![started(&tenant, "o1", "e1")]).await })
+    };
+    crate::ingest::until_lock_waiters(&app.pool, 1, "the batch").await;
+    let mut admin = api.admin.clone();
+    let update = {
+        let request = pb::UpdateTenantRequest {
+            tenant: Some(pb::Tenant {
+                tenant_id: tenant.clone(),
+                billing_timezone: "Europe/Berlin".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["billing_timezone".into()],
+            }),
+        };
+        tokio::spawn(async move { admin.update_tenant(request).await })
+    };
+    crate::ingest::until_lock_waiters(&app.pool, 2, "UpdateTenant").await;
+    stall.commit().await.expect("release the writes");
+
+    let results = batch.await.expect("batch");
+    assert_eq!(results[0].status(), pb::IngestStatus::Accepted);
+    let refused = update
+        .await
+        .expect("update task")
+        .expect_err("the lifecycle event exists by the time the update reads history");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().starts_with("tenant.billing_timezone:"),
+        "{}",
+        refused.message()
+    );
+    app.stop().await.expect("clean shutdown");
+}
