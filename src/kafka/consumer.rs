@@ -440,8 +440,9 @@ impl UsageConsumer {
             base.clone(),
             &[
                 ("statistics.interval.ms", "5000"),
-                // Bounds what librdkafka prefetches (memory), on top of pausing.
-                ("queued.max.messages.kbytes", "32768"),
+                // Bounds what librdkafka prefetches (memory), on top of pausing; the service's
+                // own buffer (max_buffered_messages) is what keeps the writers fed.
+                ("queued.max.messages.kbytes", "16384"),
             ],
         )
         .set("group.id", &settings.group_id)
