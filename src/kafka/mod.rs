@@ -97,7 +97,7 @@ mod tests {
         let config = with_defaults(
             client_config(&settings.kafka),
             &[
-                ("queued.max.messages.kbytes", "32768"),
+                ("queued.max.messages.kbytes", "16384"),
                 ("statistics.interval.ms", "5000"),
             ],
         );

@@ -881,18 +881,7 @@ async fn transaction_events_over_kafka_count_once_and_bad_ones_are_dead_lettered
         ]
     );
     let mut clients = Clients::new(app.channel().await);
-    let read = clients
-        .transactions
-        .get_transaction(pb::GetTransactionRequest {
-            tenant_id: tenant.clone(),
-            transaction_id: order.clone(),
-            include_events: false,
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .transaction
-        .expect("transaction");
+    let read = crate::transactions::get(&mut clients, &tenant, &order, false).await;
     assert_eq!(read.state(), pb::TransactionState::Completed);
     assert_eq!(
         read.net_revenue,

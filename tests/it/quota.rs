@@ -1122,20 +1122,23 @@ async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
     .await;
     let (_, mut quota, tenant, _) =
         with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
-    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    let rename = |from: &str, to: &str| {
+        let sql = format!("ALTER TABLE {from} RENAME TO {to}");
+        let pool = app.pool.clone();
+        async move {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .expect("rename the policies table");
+        }
+    };
     // Loads the policies (and leases a slice that covers the calls below).
     let loaded_at = std::time::Instant::now();
     let first = reserve(&mut quota, reserve_request(&tenant, 1)).await;
     assert_eq!(first.decision(), pb::QuotaDecision::Allow);
 
     // From now on every reload fails.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
-        "quota_policies",
-        "quota_policies_away",
-    )))
-    .execute(&app.pool)
-    .await
-    .expect("hide the policies");
+    rename("quota_policies", "quota_policies_away").await;
     // Past half the TTL the call that reloads ahead fails to; it and the others still get
     // answers from the cached policies.
     tokio::time::sleep_until((loaded_at + Duration::from_millis(1200)).into()).await;
@@ -1143,13 +1146,7 @@ async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
     // Past the TTL the calls must wait for a reload, which fails.
     tokio::time::sleep_until((loaded_at + Duration::from_millis(2300)).into()).await;
     let expired = quota.reserve(reserve_request(&tenant, 1)).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(rename(
-        "quota_policies_away",
-        "quota_policies",
-    )))
-    .execute(&app.pool)
-    .await
-    .expect("restore the policies");
+    rename("quota_policies_away", "quota_policies").await;
     let restored = reserve(&mut quota, reserve_request(&tenant, 1)).await;
 
     let ahead = ahead.expect("answered from the cache").into_inner();

@@ -105,12 +105,18 @@ pub async fn record(api: &mut Clients, events: Vec<pb::TransactionEvent>) -> Vec
         .results
 }
 
-async fn get(api: &mut Clients, tenant: &str, transaction: &str) -> pb::Transaction {
+/// GetTransaction of one transaction, with its events or without.
+pub async fn get(
+    api: &mut Clients,
+    tenant: &str,
+    transaction: &str,
+    include_events: bool,
+) -> pb::Transaction {
     api.transactions
         .get_transaction(pb::GetTransactionRequest {
             tenant_id: tenant.to_owned(),
             transaction_id: transaction.to_owned(),
-            include_events: true,
+            include_events,
         })
         .await
         .expect("get")
@@ -147,7 +153,7 @@ async fn lifecycle_events_count_once_and_the_transaction_nets_revenue_against_it
     // Usage arrives before the transaction exists: it is already linked.
     api.ingest(vec![usage_on(&tenant, "u1", &order, 100_000, 20_000)])
         .await;
-    let early = get(&mut api, &tenant, &order).await;
+    let early = get(&mut api, &tenant, &order, true).await;
     assert_eq!(early.state(), pb::TransactionState::NotStarted);
 
     // The completion arrives before the start, then a refund, a retry and a conflict.
@@ -195,7 +201,7 @@ async fn lifecycle_events_count_once_and_the_transaction_nets_revenue_against_it
         .await;
     assert_eq!(statuses(&usage), vec![pb::IngestStatus::Accepted]);
 
-    let read = get(&mut api, &tenant, &order).await;
+    let read = get(&mut api, &tenant, &order, true).await;
     assert_eq!(read.state(), pb::TransactionState::Refunded);
     assert_eq!(read.agent_id, "agent-1");
     assert_eq!(read.service, "food-delivery");
@@ -275,18 +281,7 @@ async fn transactions_list_newest_first_filtered_by_state_including_usage_only_o
     // A page is read in two queries for all its transactions; each entry is still exactly
     // what GetTransaction answers for it (usage, revenue and state of its own).
     for listed in &all {
-        let got = api
-            .transactions
-            .get_transaction(pb::GetTransactionRequest {
-                tenant_id: tenant.clone(),
-                transaction_id: listed.transaction_id.clone(),
-                include_events: false,
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .transaction
-            .expect("transaction");
+        let got = get(&mut api, &tenant, &listed.transaction_id, false).await;
         assert_eq!(&got, listed);
     }
     let failed_only = api
