@@ -444,15 +444,25 @@ impl Pipeline {
 
         self.ensure_partitions(&candidates).await?;
 
-        let mut tx = self.pool.begin().await?;
-        if self.currency_moved(&mut tx, &catalog, &candidates).await? {
-            let current = self.pricing.catalog().await?;
+        let mut priced_with = catalog;
+        let mut tx = loop {
+            let mut tx = self.pool.begin().await?;
+            if !self
+                .currency_moved(&mut tx, &priced_with, &candidates)
+                .await?
+            {
+                break tx;
+            }
+            // Give the connection back before reading the new catalog, so a batch never
+            // holds one connection while it waits for another.
+            tx.rollback().await?;
+            priced_with = self.pricing.catalog().await?;
             for candidate in &mut candidates {
-                candidate.priced = price(&current, candidate.event, None).map_err(|e| {
+                candidate.priced = price(&priced_with, candidate.event, None).map_err(|e| {
                     IngestError::Group(format!("repricing after a currency change: {e}"))
                 })?;
             }
-        }
+        };
         let inserted: HashSet<EventIdentity> = if candidates.is_empty() {
             HashSet::new()
         } else {
@@ -553,8 +563,6 @@ impl Pipeline {
         }))
     }
 
-    /// Creates tenants seen for the first time (when configured to), or marks their events
-    /// invalid.
     /// Validation, pricing and the duplicate/conflict verdict against stored events, read only.
     /// Unknown tenants are priced as they would be created (or invalid without auto-create).
     async fn dry_run(&self, events: &[pb::UsageEvent]) -> Result<Vec<DryRun>, IngestError> {

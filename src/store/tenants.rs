@@ -93,9 +93,10 @@ pub async fn lock(conn: &mut PgConnection, tenant_id: &str) -> Result<Tenant, St
 }
 
 /// The currencies of `tenant_ids` (in any order, repeats allowed), their rows locked
-/// `FOR KEY SHARE`, in id order, until the transaction ends: `UpdateTenant` locks the row `FOR UPDATE` before it checks for history, so a currency
-/// change either waits for this transaction (and then finds its usage) or committed before
-/// these rows were read (and the currency read is the new one).
+/// `FOR KEY SHARE`, in id order, until the transaction ends: `UpdateTenant` locks the row
+/// `FOR UPDATE` before it checks for history, so a currency change either waits for this
+/// transaction (and then finds its usage) or committed before these rows were read (and the
+/// currency read is the new one).
 pub async fn hold_currencies(
     conn: &mut PgConnection,
     tenant_ids: &[&str],

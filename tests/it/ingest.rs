@@ -3,10 +3,11 @@
 
 use chrono::Duration;
 use rust_decimal::Decimal;
+use sqlx::PgPool;
 use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::IngestStatus::{Accepted, Conflict, Duplicate, Invalid};
 
-use crate::helpers::{spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with};
 use crate::usage_support::{Clients, event, hour, statuses, ts, unique};
 
 fn dec(text: &str) -> Decimal {
@@ -831,7 +832,7 @@ async fn list_tenants_filters_by_status_before_paging() {
 
 /// A transaction holding `table` in EXCLUSIVE mode: writes to it wait until it ends.
 pub async fn stall_writes(
-    pool: &sqlx::PgPool,
+    pool: &PgPool,
     table: &str,
 ) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut stall = pool.begin().await.expect("begin");
@@ -845,7 +846,7 @@ pub async fn stall_writes(
 }
 
 /// Polls until `n` backends of the test database wait for a lock (or fails after 10 s).
-pub async fn until_lock_waiters(pool: &sqlx::PgPool, n: i64, what: &str) {
+pub async fn until_lock_waiters(pool: &PgPool, n: i64, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let waiting: i64 = sqlx::query_scalar(
@@ -863,10 +864,8 @@ pub async fn until_lock_waiters(pool: &sqlx::PgPool, n: i64, what: &str) {
     }
 }
 
-#[tokio::test]
-async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_the_old_currency() {
-    let app = spawn_app().await;
-    let mut api = Clients::new(app.channel().await);
+/// A dollar and a euro price book for `gpt-4.1-mini` input: 0.40 USD and 0.50 EUR per million.
+async fn dollar_and_euro_books(api: &mut Clients) -> (String, String) {
     let dollar_book = unique("book").to_lowercase();
     let euro_book = unique("book").to_lowercase();
     api.version(
@@ -883,6 +882,52 @@ async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_th
         &[("gpt-4.1-mini", pb::TokenClass::Input, "0.50", "0.35")],
     )
     .await;
+    (dollar_book, euro_book)
+}
+
+/// A currency change commits after a batch of a new dollar tenant priced its events but
+/// before it wrote them: the batch waits for it, then must be repriced in euros. `watcher`
+/// holds the change (standing in for UpdateTenant, which holds the tenant row the same way)
+/// and watches the batch wait.
+async fn a_batch_waits_for_a_currency_change_and_is_repriced(
+    app: &TestApp,
+    watcher: &PgPool,
+    api: &mut Clients,
+    dollar_book: &str,
+    euro_book: &str,
+) {
+    let repriced = api.tenant("USD", "UTC", Some(dollar_book)).await;
+    let mut change = watcher.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = $1 FOR UPDATE")
+        .bind(&repriced)
+        .execute(&mut *change)
+        .await
+        .expect("hold the tenant row");
+    let mut other = Clients::new(app.channel().await);
+    let batch = {
+        let tenant = repriced.clone();
+        tokio::spawn(async move { other.ingest(vec![event(&tenant, "e", 1_000_000, 0)]).await })
+    };
+    until_lock_waiters(watcher, 1, "the batch").await;
+    sqlx::query("UPDATE tenants SET currency = 'EUR', price_book_id = $2 WHERE tenant_id = $1")
+        .bind(&repriced)
+        .bind(euro_book)
+        .execute(&mut *change)
+        .await
+        .expect("change the currency");
+    change.commit().await.expect("commit the change");
+    assert_eq!(statuses(&batch.await.expect("batch")), vec![Accepted]);
+    let row = &api.usage(&repriced, &[]).await[0];
+    assert_eq!(row.currency, "EUR");
+    // 1,000,000 input tokens at 0.50 EUR per million.
+    assert_eq!(dec(&row.billed_amount), dec("0.50"));
+}
+
+#[tokio::test]
+async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_the_old_currency() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let (dollar_book, euro_book) = dollar_and_euro_books(&mut api).await;
     let to_euros = |tenant: &str| pb::UpdateTenantRequest {
         tenant: Some(pb::Tenant {
             tenant_id: tenant.to_owned(),
@@ -895,34 +940,14 @@ async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_th
         }),
     };
 
-    // The change commits after the batch priced its events in dollars but before it wrote
-    // them: the batch waits for it and is repriced in euros. (The test's transaction stands
-    // in for UpdateTenant, which holds the tenant row the same way.)
-    let repriced = api.tenant("USD", "UTC", Some(&dollar_book)).await;
-    let mut change = app.pool.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = $1 FOR UPDATE")
-        .bind(&repriced)
-        .execute(&mut *change)
-        .await
-        .expect("hold the tenant row");
-    let mut other = Clients::new(app.channel().await);
-    let batch = {
-        let tenant = repriced.clone();
-        tokio::spawn(async move { other.ingest(vec![event(&tenant, "e", 1_000_000, 0)]).await })
-    };
-    until_lock_waiters(&app.pool, 1, "the batch").await;
-    sqlx::query("UPDATE tenants SET currency = 'EUR', price_book_id = $2 WHERE tenant_id = $1")
-        .bind(&repriced)
-        .bind(&euro_book)
-        .execute(&mut *change)
-        .await
-        .expect("change the currency");
-    change.commit().await.expect("commit the change");
-    assert_eq!(statuses(&batch.await.expect("batch")), vec![Accepted]);
-    let row = &api.usage(&repriced, &[]).await[0];
-    assert_eq!(row.currency, "EUR");
-    // 1,000,000 input tokens at 0.50 EUR per million.
-    assert_eq!(dec(&row.billed_amount), dec("0.50"));
+    a_batch_waits_for_a_currency_change_and_is_repriced(
+        &app,
+        &app.pool,
+        &mut api,
+        &dollar_book,
+        &euro_book,
+    )
+    .await;
 
     // UpdateTenant arrives while the first batch is being written (held at its rollups): it
     // waits for the batch, then finds its usage and refuses.
@@ -956,5 +981,26 @@ async fn a_currency_change_racing_a_tenants_first_batch_never_leaves_usage_in_th
     assert_eq!(row.currency, "USD");
     // 1,000,000 input tokens at 0.40 USD per million.
     assert_eq!(dec(&row.billed_amount), dec("0.40"));
+    app.stop().await.expect("clean shutdown");
+}
+
+/// Repricing reads the new catalog after the batch has given its connection back: a server
+/// with a single database connection still reprices instead of waiting for a second one.
+#[tokio::test]
+async fn a_batch_repriced_after_a_currency_change_needs_no_second_connection() {
+    let app = spawn_app_with(|settings| settings.database.max_connections = 1).await;
+    let watcher = PgPool::connect_with((*app.pool.connect_options()).clone())
+        .await
+        .expect("a pool of the test's own");
+    let mut api = Clients::new(app.channel().await);
+    let (dollar_book, euro_book) = dollar_and_euro_books(&mut api).await;
+    a_batch_waits_for_a_currency_change_and_is_repriced(
+        &app,
+        &watcher,
+        &mut api,
+        &dollar_book,
+        &euro_book,
+    )
+    .await;
     app.stop().await.expect("clean shutdown");
 }
