@@ -9,7 +9,7 @@
 //! checks the free budget under the counter's row lock — the only time a decision waits for
 //! Postgres. Policies, the tenant and the price catalog are cached for `quota.policy_cache_ttl`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -250,18 +250,23 @@ impl Leases {
         drop(conn);
         let catalog = catalog_for(&self.ingestor, &policies).await?;
         self.metrics.policies_loaded(ahead);
-        if let Some(previous) = previous {
-            let changed: Vec<&str> = previous
-                .policies
-                .iter()
-                .filter(|old| {
-                    !policies
-                        .iter()
-                        .any(|p| p.policy_id == old.policy_id && p.revision == old.revision)
-                })
-                .map(|p| p.policy_id.as_str())
-                .collect();
-            self.lapse(tenant_id, &changed);
+        match previous {
+            Some(previous) => {
+                let changed: Vec<&str> = previous
+                    .policies
+                    .iter()
+                    .filter(|old| {
+                        !policies
+                            .iter()
+                            .any(|p| p.policy_id == old.policy_id && p.revision == old.revision)
+                    })
+                    .map(|p| p.policy_id.as_str())
+                    .collect();
+                self.lapse(tenant_id, |policy_id| changed.contains(&policy_id));
+            }
+            // Nothing to compare with (a first load, or an entry forgotten): no slice may go
+            // on granting under a revision nobody checked.
+            None => self.lapse(tenant_id, |_| true),
         }
         let cached = Arc::new(Cached {
             loaded,
@@ -283,9 +288,9 @@ impl Leases {
 
     /// Stops grants from this replica's slices of changed policies: they were leased under
     /// another revision, and are given back whole before the next lease.
-    fn lapse(&self, tenant_id: &str, policy_ids: &[&str]) {
+    fn lapse(&self, tenant_id: &str, changed: impl Fn(&str) -> bool) {
         for (key, slot) in self.slots().iter_mut() {
-            if key.tenant_id == tenant_id && policy_ids.contains(&key.policy_id.as_str()) {
+            if key.tenant_id == tenant_id && changed(&key.policy_id) {
                 slot.valid_until = None;
             }
         }
@@ -547,7 +552,7 @@ impl Leases {
         if current.revision != policy.revision {
             tx.rollback().await?;
             self.metrics.lease_transaction("gone");
-            self.lapse(&key.tenant_id, &[key.policy_id.as_str()]);
+            self.lapse(&key.tenant_id, |policy_id| policy_id == key.policy_id);
             return Ok(Leased::Gone);
         }
         let mut counter = store::lock_counters(&mut tx, std::slice::from_ref(key))
@@ -683,7 +688,9 @@ impl Leases {
     }
 
     /// Gives back the unused part of slices no call took from for `quota.lease_idle`, so
-    /// another replica can lease it; forgets empty slots of past windows.
+    /// another replica can lease it; forgets empty slots of past windows, and the gates and
+    /// cached policies nothing uses any more, so the maps do not grow with every window and
+    /// every tenant ever seen.
     pub async fn give_back_idle(&self) {
         let idle = self.settings.lease_idle;
         let keys: Vec<CounterKey> = {
@@ -693,6 +700,7 @@ impl Leases {
                     || !s.book.leased().is_zero()
                     || !s.book.unwritten().is_zero()
             });
+            self.forget_unused(&slots);
             slots
                 .iter()
                 .filter(|(_, s)| {
@@ -704,6 +712,29 @@ impl Leases {
         for key in keys {
             self.give_back(&key, Some(idle)).await;
         }
+    }
+
+    /// Drops the lease gates of counters without a slot, and the cached policies (with their
+    /// reload gates) of tenants without a slot once the entry reached its TTL: calls reload
+    /// such an entry anyway, and a load without one lapses every slice of the tenant.
+    fn forget_unused(&self, slots: &HashMap<CounterKey, Slot>) {
+        prune_gates(&self.gates, |key| slots.contains_key(key));
+        let tenants: HashSet<&str> = slots.keys().map(|k| k.tenant_id.as_str()).collect();
+        let ttl = self.settings.policy_cache_ttl;
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|tenant, cached| {
+                tenants.contains(tenant.as_str()) || cached.loaded.elapsed() < ttl
+            });
+        let cached: HashSet<String> = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        prune_gates(&self.reloads, |tenant| cached.contains(tenant));
     }
 
     /// Gives the unused part of one slice back (when it has been idle at least `idle`, if
@@ -838,6 +869,19 @@ fn gate_in<K: std::hash::Hash + Eq>(
         .clone()
 }
 
+/// Drops the gates of `gates` that nobody holds or waits for and whose key is not `in_use`; a
+/// later call makes a fresh one. Gates are only handed out (cloned) under the map's lock, so a
+/// gate found here with no other reference cannot be in use, nor become so while it is dropped.
+fn prune_gates<K: std::hash::Hash + Eq>(
+    gates: &Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>,
+    in_use: impl Fn(&K) -> bool,
+) {
+    gates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|key, gate| Arc::strong_count(gate) > 1 || in_use(key));
+}
+
 /// The hold of a call on one policy: tokens, or money priced with the cached catalog (`None`:
 /// unpriced).
 fn hold_of(
@@ -902,5 +946,29 @@ fn denied(
         policies,
         held_tokens,
         held_amount: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pruning_keeps_the_gates_held_or_in_use_and_drops_the_rest() {
+        let gates: Mutex<HashMap<&str, Arc<tokio::sync::Mutex<()>>>> = Mutex::default();
+        let held = gate_in(&gates, "held").lock_owned().await;
+        let _ = gate_in(&gates, "idle");
+        let in_use = Arc::as_ptr(&gate_in(&gates, "in use"));
+
+        prune_gates(&gates, |key| *key == "in use");
+        let mut left: Vec<&str> = gates.lock().unwrap().keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["held", "in use"]);
+        // The kept gate is still the one handed out before: never two gates for one key.
+        assert_eq!(Arc::as_ptr(&gate_in(&gates, "in use")), in_use);
+
+        drop(held);
+        prune_gates(&gates, |_| false);
+        assert!(gates.lock().unwrap().is_empty());
     }
 }

@@ -1012,19 +1012,8 @@ async fn a_limit_lowered_while_slices_are_out_binds_new_grants_within_the_policy
     // Leases a quarter (250) and grants 100 of it.
     let first = reserve(&mut quota, reserve_request(&tenant, 100)).await;
 
-    let mut lowered = token_policy(&tenant, 150, pb::QuotaEnforcement::Hard, &[]);
-    lowered.policy_id = policy_id;
     let changed_at = std::time::Instant::now();
-    quota
-        .update_quota_policy(pb::UpdateQuotaPolicyRequest {
-            policy: Some(lowered),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["limit".into()],
-            }),
-            expected_revision: None,
-        })
-        .await
-        .expect("lower the limit");
+    set_limit(&mut quota, &tenant, &policy_id, 150).await;
     // Until the cache turns over, grants may still come from the slice leased under 1000: at
     // most its unused 150.
     let mut meanwhile = Vec::new();
@@ -1058,6 +1047,60 @@ async fn a_limit_lowered_while_slices_are_out_binds_new_grants_within_the_policy
     assert_eq!(one_more.decision(), pb::QuotaDecision::Deny);
     assert_eq!(tokens(end[0].reserved.as_ref()), 150);
     assert_eq!(tokens(end[0].remaining.as_ref()), 0);
+    app.stop().await.expect("clean shutdown");
+}
+
+/// Changes the token limit of a tenant-wide policy (its revision moves on).
+async fn set_limit(
+    quota: &mut QuotaServiceClient<Authed>,
+    tenant: &str,
+    policy_id: &str,
+    limit: i64,
+) {
+    let mut changed = token_policy(tenant, limit, pb::QuotaEnforcement::Hard, &[]);
+    changed.policy_id = policy_id.to_owned();
+    quota
+        .update_quota_policy(pb::UpdateQuotaPolicyRequest {
+            policy: Some(changed),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["limit".into()],
+            }),
+            expected_revision: None,
+        })
+        .await
+        .expect("change the limit");
+}
+
+/// A lease that finds one policy changed makes the replica reload the tenant's policies
+/// without an entry to compare them with; every slice of the tenant lapses then, so a limit
+/// lowered meanwhile binds the next grant instead of the slice leased under the old one.
+#[tokio::test]
+async fn a_reload_after_a_changed_policy_lapses_every_slice_of_the_tenant() {
+    // Long enough that only the changed policy's lease makes the replica reload.
+    let app = spawn_app_with(|s| s.quota.policy_cache_ttl = Duration::from_secs(60)).await;
+    let (_, mut quota, tenant, small) =
+        with_policy(&app, 100, pb::QuotaEnforcement::Hard, &[]).await;
+    let large = create(
+        &mut quota,
+        token_policy(&tenant, 4000, pb::QuotaEnforcement::Hard, &[]),
+    )
+    .await;
+    // `small`'s slice is all of its 100, granted; `large` leases more than the call needs.
+    let first = reserve(&mut quota, reserve_request(&tenant, 100)).await;
+    assert_eq!(first.decision(), pb::QuotaDecision::Allow);
+
+    // `small` grows and `large` shrinks to 150, 100 of which are held.
+    set_limit(&mut quota, &tenant, &small, 10_000).await;
+    set_limit(&mut quota, &tenant, &large, 150).await;
+    // `small`'s slice is empty, so this call leases and finds `small` changed.
+    let second = reserve(&mut quota, reserve_request(&tenant, 100)).await;
+
+    assert_eq!(second.decision(), pb::QuotaDecision::Deny, "{second:?}");
+    assert_eq!(second.denial.expect("denial").policy_id, large);
+    let end = status(&mut quota, &tenant).await;
+    let large_now = end.iter().find(|p| p.policy_id == large).expect("large");
+    assert_eq!(tokens(large_now.reserved.as_ref()), 100);
+    assert_eq!(tokens(large_now.remaining.as_ref()), 50);
     app.stop().await.expect("clean shutdown");
 }
 
