@@ -721,19 +721,13 @@ impl Leases {
         prune_gates(&self.gates, |key| slots.contains_key(key));
         let tenants: HashSet<&str> = slots.keys().map(|k| k.tenant_id.as_str()).collect();
         let ttl = self.settings.policy_cache_ttl;
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|tenant, cached| {
+        let cached: HashSet<String> = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.retain(|tenant, cached| {
                 tenants.contains(tenant.as_str()) || cached.loaded.elapsed() < ttl
             });
-        let cached: HashSet<String> = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+            cache.keys().cloned().collect()
+        };
         prune_gates(&self.reloads, |tenant| cached.contains(tenant));
     }
 
