@@ -9,6 +9,10 @@
 //! spread over them: replicas racing for one budget. Each allowed call is settled by a task of
 //! its own, so a slow settle path shows in the settle figures (latency from the Reserve answer,
 //! waits for one of `--settle-in-flight` slots included) instead of stalling the next Reserve.
+//!
+//! `--call health` sends the gRPC health check instead of Reserve, with the same callers,
+//! connections, pacing and clocks: the floor any decision served over gRPC on this machine
+//! stands on (HTTP/2, the load process and the server sharing the cores), measured the same way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +26,8 @@ use tokenmeter::proto::v1::quota_service_client::QuotaServiceClient;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 type Authed = InterceptedService<Channel, Bearer>;
 
@@ -29,6 +35,8 @@ type Authed = InterceptedService<Channel, Bearer>;
 #[derive(Clone)]
 struct Client {
     quota: QuotaServiceClient<Authed>,
+    health: HealthClient<Authed>,
+    call: CallKind,
     usage: UsageServiceClient<Authed>,
     settle: SettleMode,
     /// Slots for settle calls in flight.
@@ -72,6 +80,16 @@ struct Args {
     /// Settle calls in flight at most, over all callers.
     #[arg(long, default_value_t = 256)]
     settle_in_flight: usize,
+    /// What each call is: `reserve`, or `health` (the gRPC health check, no decision: the
+    /// transport's floor).
+    #[arg(long, default_value = "reserve")]
+    call: CallKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CallKind {
+    Reserve,
+    Health,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -88,6 +106,8 @@ struct Tally {
     settle_micros: Vec<u32>,
     allowed: u64,
     denied: u64,
+    /// Health checks answered (`--call health`).
+    checks: u64,
     errors: u64,
     settle_errors: u64,
     /// When this caller made its last Reserve (its settles may still be running).
@@ -125,6 +145,8 @@ async fn main() -> anyhow::Result<()> {
         let channel = channels[worker % channels.len()].clone();
         let client = Client {
             quota: QuotaServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel.clone()),
+            call: args.call,
             usage: UsageServiceClient::new(channel),
             settle: args.settle,
             settles: settles.clone(),
@@ -155,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
         tally.settle_micros.extend(part.settle_micros);
         tally.allowed += part.allowed;
         tally.denied += part.denied;
+        tally.checks += part.checks;
         tally.errors += part.errors;
         tally.settle_errors += part.settle_errors;
         tally.reserves_done = tally.reserves_done.max(part.reserves_done);
@@ -193,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
     tally.reserve_micros.sort_unstable();
     tally.sent_micros.sort_unstable();
     tally.settle_micros.sort_unstable();
-    let decisions = tally.allowed + tally.denied;
+    let decisions = tally.allowed + tally.denied + tally.checks;
     let pct = |v: &[u32], p: f64| -> f64 {
         if v.is_empty() {
             return 0.0;
@@ -212,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
             "decisions": decisions,
             "allowed": tally.allowed,
             "denied": tally.denied,
+            "health_checks": tally.checks,
             "errors": tally.errors,
             "decisions_per_s": decisions as f64 / elapsed,
             "reserve_ms": {
@@ -363,6 +387,20 @@ async fn call_loop(
         } else {
             Instant::now()
         };
+        let micros =
+            |since: Instant| u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
+        if client.call == CallKind::Health {
+            let sent = Instant::now();
+            let answer = client.health.check(HealthCheckRequest::default()).await;
+            tally.reserve_micros.push(micros(scheduled));
+            tally.sent_micros.push(micros(sent));
+            match answer {
+                Ok(_) => tally.checks += 1,
+                Err(_) => tally.errors += 1,
+            }
+            advance(&mut next, period);
+            continue;
+        }
         let tenant = n % tenants.len();
         n += concurrency;
         let request = pb::ReserveRequest {
@@ -378,8 +416,6 @@ async fn call_loop(
         };
         let sent = Instant::now();
         let answer = client.quota.reserve(request).await;
-        let micros =
-            |since: Instant| u32::try_from(since.elapsed().as_micros()).unwrap_or(u32::MAX);
         tally.reserve_micros.push(micros(scheduled));
         tally.sent_micros.push(micros(sent));
         match answer.map(|r| r.into_inner()) {
@@ -401,11 +437,7 @@ async fn call_loop(
             }
             Err(_) => tally.errors += 1,
         }
-        if let Some(period) = period {
-            next += period;
-        } else {
-            next = Instant::now();
-        }
+        advance(&mut next, period);
     }
     tally.reserves_done = Some(Instant::now());
     for settled in futures::future::join_all(settling).await {
@@ -415,4 +447,12 @@ async fn call_loop(
         }
     }
     tally
+}
+
+/// The next call's slot: one period on in an open loop, now in a closed one.
+fn advance(next: &mut Instant, period: Option<Duration>) {
+    match period {
+        Some(period) => *next += period,
+        None => *next = Instant::now(),
+    }
 }

@@ -16,6 +16,8 @@
 #   over them, so they race for the same budgets)  QUOTA_WRITERS (quota.writers)
 #   QUOTA_LEASES=true (quota.leases: false decides every Reserve in a transaction)
 #   SETTLE=event (IngestUsage with the reservation id) | counts (Settle RPC) | none
+#   CALL=reserve | health (the gRPC health check instead of Reserve, same callers and clocks:
+#   the floor a decision over gRPC stands on here; its "decisions" are answered checks)
 #   TOKENMETER_LOCAL_DIR (where deploy/local/postgres.sh keeps its cluster)
 #
 # Exit status: non-zero if anything fails or any run overspends; missing the latency or
@@ -31,6 +33,7 @@ TOKENS="${TOKENS:-100}"
 RATES="${RATES:-2000 20000}"
 REPLICAS="${REPLICAS:-1}"
 SETTLE="${SETTLE:-event}"
+CALL="${CALL:-reserve}"
 
 log() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
@@ -121,13 +124,13 @@ run() {
   local rate="$1" label="$2" out="$out_dir/quota_reserve-$stamp.$2.json" rc=0
   "$load" --target "$(IFS=,; echo "${targets[*]}")" --concurrency "$CONCURRENCY" --rate "$rate" \
     --duration "$DURATION" --tenants "$TENANTS" --budget "$BUDGET" --tokens "$TOKENS" \
-    --settle "$SETTLE" >"$out" || rc=1
+    --settle "$SETTLE" --call "$CALL" >"$out" || rc=1
   python3 - "$label" "$out" <<'PY'
 import json, sys
 label, f = sys.argv[1], sys.argv[2]
 r = json.load(open(f))
 ms = r["reserve_ms"]
-print(f"{label:<16} decisions {r['decisions']:>8}  ({r['allowed']} allowed, {r['denied']} denied, {r['errors']} errors)  "
+print(f"{label:<16} decisions {r['decisions']:>8}  ({r['allowed']} allowed, {r['denied']} denied, {r['health_checks']} health checks, {r['errors']} errors)  "
       f"{r['decisions_per_s']:>8.0f} decisions/s  reserve p50 {ms['p50']:.2f} ms  p90 {ms['p90']:.2f} ms  "
       f"p99 {ms['p99']:.2f} ms  max {ms['max']:.2f} ms  from send p50 {r['sent_ms']['p50']:.2f} ms  "
       f"p99 {r['sent_ms']['p99']:.2f} ms  settles {r['settles']} ({r['settle_errors']} errors, "
@@ -144,7 +147,7 @@ PY
   echo "machine     $machine"
   echo "postgres    $pg_version (deploy/local/postgres.sh settings)"
   echo "load        $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15-min load average before the runs; the box may be shared)"
-  echo "setup       $REPLICAS serve process(es), quota.leases ${QUOTA_LEASES:-true}, $CONCURRENCY callers, $TENANTS tenants x hard daily budget $BUDGET tokens, $TOKENS tokens per Reserve, settle of each allow: $SETTLE, $DURATION per run"
+  echo "setup       $REPLICAS serve process(es), quota.leases ${QUOTA_LEASES:-true}, $CONCURRENCY callers, $TENANTS tenants x hard daily budget $BUDGET tokens, $TOKENS tokens per Reserve, settle of each allow: $SETTLE, calls: $CALL, $DURATION per run"
 } | tee "$figures"
 status=0
 run 0 "saturation" | tee -a "$figures" || status=1
