@@ -1200,6 +1200,54 @@ async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
 }
 
 #[tokio::test]
+async fn a_reload_ahead_that_fails_after_the_ttl_serves_no_stale_policies() {
+    let app = spawn_app_with(|s| {
+        s.quota.policy_cache_ttl = Duration::from_secs(2);
+        s.quota.lease_idle = Duration::from_secs(60);
+    })
+    .await;
+    let (_, mut quota, tenant, _) =
+        with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    let first = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+    assert_eq!(first.decision(), pb::QuotaDecision::Allow);
+    // The policies were loaded before this instant: the ages below are at least these.
+    let loaded_at = std::time::Instant::now();
+
+    // Past half the TTL a reload ahead starts and blocks on a lock held here …
+    tokio::time::sleep_until((loaded_at + Duration::from_millis(1100)).into()).await;
+    let mut locker = app.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE quota_policies IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .expect("lock the policies");
+    let ahead = {
+        let (mut quota, request) = (quota.clone(), reserve_request(&tenant, 1));
+        tokio::spawn(async move { quota.reserve(request).await })
+    };
+    // … and fails only once the cached policies are past their TTL: its backend is ended.
+    tokio::time::sleep_until((loaded_at + Duration::from_millis(2300)).into()).await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut *locker)
+    .await
+    .expect("end the blocked reload");
+    locker.rollback().await.expect("release the lock");
+    let ahead = ahead.await.expect("the call ran");
+    let restored = reserve(&mut quota, reserve_request(&tenant, 1)).await;
+
+    assert_eq!(ended, vec![true], "exactly the reload waited on the lock");
+    assert!(
+        ahead.is_err(),
+        "policies past their TTL were used after a slow failure: {ahead:?}"
+    );
+    assert_eq!(restored.decision(), pb::QuotaDecision::Allow);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn an_exhausted_budget_denies_from_memory_after_its_slice_lapsed() {
     // Slices are valid for three quarters of 400 ms.
     let app = spawn_app_with(|s| s.quota.lease_ttl = Duration::from_millis(400)).await;
