@@ -1154,17 +1154,22 @@ async fn a_busy_tenant_reloads_its_policies_ahead_without_making_calls_wait() {
     app.stop().await.expect("clean shutdown");
 }
 
-#[tokio::test]
-async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
-    // The slice stays out (not given back as idle), so granting needs no lease transaction,
-    // which would read the policies too.
+/// An app caching policies for 2 s, and a tenant with a hard budget. The slice stays out (not
+/// given back as idle), so granting needs no lease transaction, which would read the policies
+/// too: only the policy cache's reloads do.
+async fn policies_cached_for_two_seconds() -> (TestApp, QuotaServiceClient<Authed>, String) {
     let app = spawn_app_with(|s| {
         s.quota.policy_cache_ttl = Duration::from_secs(2);
         s.quota.lease_idle = Duration::from_secs(60);
     })
     .await;
-    let (_, mut quota, tenant, _) =
-        with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    let (_, quota, tenant, _) = with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    (app, quota, tenant)
+}
+
+#[tokio::test]
+async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
+    let (app, mut quota, tenant) = policies_cached_for_two_seconds().await;
     let rename = |from: &str, to: &str| {
         let sql = format!("ALTER TABLE {from} RENAME TO {to}");
         let pool = app.pool.clone();
@@ -1201,13 +1206,7 @@ async fn a_failed_reload_ahead_keeps_the_cached_policies_until_their_ttl() {
 
 #[tokio::test]
 async fn a_reload_ahead_that_fails_after_the_ttl_serves_no_stale_policies() {
-    let app = spawn_app_with(|s| {
-        s.quota.policy_cache_ttl = Duration::from_secs(2);
-        s.quota.lease_idle = Duration::from_secs(60);
-    })
-    .await;
-    let (_, mut quota, tenant, _) =
-        with_policy(&app, 1_000_000, pb::QuotaEnforcement::Hard, &[]).await;
+    let (app, mut quota, tenant) = policies_cached_for_two_seconds().await;
     let first = reserve(&mut quota, reserve_request(&tenant, 1)).await;
     assert_eq!(first.decision(), pb::QuotaDecision::Allow);
     // The policies were loaded before this instant: the ages below are at least these.
