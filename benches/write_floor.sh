@@ -4,8 +4,8 @@
 # generated itself (loadgen-shaped: 100 tenants, 60 % of events on one of events/8 transactions,
 # two token classes, 5 % exact resends in later batches), in batches of BATCH events, one
 # transaction per batch, two sessions in parallel, each owning half of the tenants (as the
-# ingest writers and Kafka lanes do). Against each: a binary COPY of the same rows into the same
-# empty table, in the same run.
+# ingest writers and Kafka lanes do). Against them: a binary COPY of the same rows into the
+# same empty table of a fresh database, in the same run (copy_baseline of benches/lib.sh).
 #
 #   as shipped     dedup-key insert + raw rows of the keys it inserted + the hourly rollup upsert,
 #                  with the indexes the migrations create
@@ -183,19 +183,6 @@ reset_tables() {
 }
 seconds_since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN {printf "%.2f", e - s}'; }
 
-# The COPY baseline: the unique rows, as the end-to-end benchmarks copy them.
-columns="tenant_id, source, event_id, occurred_at, agent_id, transaction_id, service, session_id,
-  request_id, reservation_id, provider, model, input, cache_read, cache_write_5m, cache_write_1h,
-  output, reasoning, input_audio, output_audio, input_image, output_image, usage_source, status,
-  attributes, currency, billed_amount, cost_amount, unpriced_tokens, price_book_version_id, channel"
-copy_file="$scratch/floor_events.bin"
-psql_q "$url" -c "\\copy (SELECT DISTINCT ON (event_id) $columns FROM floor_rows ORDER BY event_id, batch) TO '$copy_file' WITH (FORMAT binary)"
-reset_tables
-start="$(date +%s.%N)"
-psql_q "$url" -c "\\copy usage_events ($columns) FROM '$copy_file' WITH (FORMAT binary)"
-copy_s="$(seconds_since "$start")"
-copy_rps="$(awk -v n="$unique" -v s="$copy_s" 'BEGIN {printf "%.0f", n / s}')"
-
 # run_variant NAME ROLLUPS: both sessions in parallel, then (ROLLUPS = append) the compaction of
 # the deltas into usage_rollups, timed with them; checks what they stored.
 results=()
@@ -224,8 +211,7 @@ run_variant() {
     [[ "$rolled" == t ]] || die "variant $name: rollup tokens differ from the raw rows"
   fi
   eps="$(awk -v n="$messages" -v s="$elapsed" 'BEGIN {printf "%.0f", n / s}')"
-  results+=("$(printf '%-46s %8s s  %9s events/s  ratio to COPY %s' "$name" "$elapsed" "$eps" \
-    "$(awk -v e="$eps" -v c="$copy_rps" 'BEGIN {printf "%.3f", e / c}')")")
+  results+=("$name|$elapsed|$eps")
 }
 
 run_variant "as shipped: keys + raw + rollup upsert" upsert
@@ -233,6 +219,11 @@ psql_q "$url" -c 'DROP INDEX usage_event_keys_by_time' -c 'DROP INDEX usage_roll
 run_variant "keys + raw + rollup upsert (primary keys only)" upsert
 run_variant "keys + raw + rollup deltas, compacted at end" append
 run_variant "exactly-once: keys + raw (primary key)" none
+
+# The COPY baseline, as the end-to-end benchmarks take it: the unique rows the last variant
+# stored, copied into usage_events of a freshly migrated database.
+copy_baseline "$url" "${db}_copy"
+[[ "$copied_rows" == "$unique" ]] || die "the COPY baseline copied $copied_rows rows, not $unique"
 
 report="$out_dir/write_floor-$stamp.txt"
 {
@@ -242,8 +233,12 @@ report="$out_dir/write_floor-$stamp.txt"
   echo "machine   $machine"
   echo "postgres  $pg_version (deploy/local/postgres.sh settings)"
   echo "events    $messages messages ($unique unique + $((messages - unique)) resends), batches of $batch, 2 sessions"
-  echo "COPY      $unique rows in $copy_s s = $copy_rps rows/s (binary, same table, empty)"
-  printf '%s\n' "${results[@]}"
+  echo "COPY      $copied_rows rows in $copy_s s = $copy_rps rows/s (binary, same table, empty)"
+  for result in "${results[@]}"; do
+    IFS='|' read -r name elapsed eps <<<"$result"
+    printf '%-46s %8s s  %9s events/s  ratio to COPY %s\n' "$name" "$elapsed" "$eps" \
+      "$(awk -v e="$eps" -v c="$copy_rps" 'BEGIN {printf "%.3f", e / c}')"
+  done
   echo "load avg  $(cut -d' ' -f1-3 /proc/loadavg) (after)"
 } | tee "$report"
 log "kept $report"
