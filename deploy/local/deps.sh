@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build prerequisites of tokenmeter on Debian: a C toolchain and the headers the bundled
-# librdkafka build links against. protoc is vendored by a crate, so it is not needed here.
+# librdkafka build links against, and python3-venv for the SDK conformance fixtures
+# (tests/sdk). protoc is vendored by a crate, so it is not needed here.
 # Installs only what is missing; a second run is a few dpkg queries.
 set -euo pipefail
 
-packages=(build-essential pkg-config libssl-dev zlib1g-dev make perl python3 ca-certificates)
+packages=(build-essential pkg-config libssl-dev zlib1g-dev make perl python3 python3-venv
+  ca-certificates)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

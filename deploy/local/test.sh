@@ -27,6 +27,17 @@ if command -v promtool >/dev/null 2>&1; then
 else
   echo "test.sh: promtool not installed; skipping deploy/prometheus/alerts.test.yml" >&2
 fi
+# Provider SDK conformance: the official SDKs pinned in tests/sdk/requirements.txt (from PyPI)
+# regenerate tests/sdk's fixtures and field lists; a difference fails here, before the Rust
+# tests that read them.
+sdk_venv=.local/sdk-venv
+if ! cmp -s tests/sdk/requirements.txt "$sdk_venv/requirements.txt"; then
+  python3 -m venv --clear "$sdk_venv"
+  "$sdk_venv/bin/pip" install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+  cp tests/sdk/requirements.txt "$sdk_venv/requirements.txt"
+fi
+"$sdk_venv/bin/python" tests/sdk/generate.py --check
+
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked "$@"

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 
+use super::tokens::CLASS_COUNT;
 use super::transaction::State;
 
 /// Which dimensions rows are grouped by (the time bucket always is).
@@ -45,7 +46,7 @@ pub struct UsageFact {
     pub currency: String,
     /// The transactions' state now; `None` for usage with no transaction (unattributed).
     pub state: Option<State>,
-    pub tokens: [i64; 10],
+    pub tokens: [i64; CLASS_COUNT],
     pub spend: Decimal,
     pub cost: Decimal,
     pub events: i64,
@@ -135,7 +136,7 @@ pub struct Row {
     pub revenue: Decimal,
     /// Refunds plus reversed revenue, positive.
     pub refunds: Decimal,
-    pub tokens: [i64; 10],
+    pub tokens: [i64; CLASS_COUNT],
     pub spend: Decimal,
     pub cost: Decimal,
     pub usage_events: i64,
@@ -415,7 +416,7 @@ mod tests {
         spend: Decimal,
         cost: Decimal,
     ) -> UsageFact {
-        let mut tokens = [0; 10];
+        let mut tokens = [0; CLASS_COUNT];
         tokens[0] = input;
         UsageFact {
             bucket: day(1),

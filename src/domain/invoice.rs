@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 
+use super::exact;
 use super::money::Currency;
 use super::period::BillingPeriod;
 use super::pricing::{RateKey, amount};
 use super::tenant::RoundingMode;
 use super::tiers::TierSchedule;
 
-const ONE_HUNDRED: Decimal = Decimal::from_parts(100, 0, 0, false, 0);
 const ONE_MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -232,13 +232,16 @@ pub struct PeriodCharges {
 }
 
 fn add(a: Decimal, b: Decimal) -> Result<Decimal, InvoiceError> {
-    a.checked_add(b).ok_or(InvoiceError::Overflow)
+    exact::add(a, b).ok_or(InvoiceError::Overflow)
+}
+
+fn sub(a: Decimal, b: Decimal) -> Result<Decimal, InvoiceError> {
+    exact::sub(a, b).ok_or(InvoiceError::Overflow)
 }
 
 fn percent_of(percent: Decimal, base: Decimal) -> Result<Decimal, InvoiceError> {
-    percent
-        .checked_mul(base)
-        .and_then(|v| v.checked_div(ONE_HUNDRED))
+    exact::mul(percent, base)
+        .and_then(|v| exact::div_pow10(v, 2))
         .ok_or(InvoiceError::Overflow)
 }
 
@@ -259,89 +262,54 @@ fn grouped(n: i64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
-/// Prices a period's usage: one USAGE line per flat slice, one TIER line per tier a tiered
-/// slice reaches. Consecutive slices with equal pricing are merged first, so a boundary that
-/// does not change this key's price (another key's override, say) does not split its line.
+/// Prices a period's usage: one USAGE line per (provider, model, class, unit price) and one
+/// TIER line per (…, tier, unit price). Slices are priced in time order — graduated tiers
+/// continue where the earlier slices left off — and their pieces are then summed into lines
+/// wherever the unit price (and the own-price override behind it) is the same, whichever
+/// price-book versions they came from, so a new version that leaves a price unchanged neither
+/// splits its line nor rounds it twice. Discounts and what each key amounts to are taken from
+/// the pieces, so they do not depend on how lines merge.
 pub fn charge_period(usage: &[KeyUsage]) -> Result<PeriodCharges, InvoiceError> {
     let mut out = PeriodCharges::default();
     let mut keys: Vec<&KeyUsage> = usage.iter().collect();
     keys.sort_by(|a, b| a.key.cmp(&b.key));
     for key_usage in keys {
         let key = &key_usage.key;
-        let mut merged: Vec<UsageSlice> = Vec::new();
-        for slice in &key_usage.slices {
-            match merged.last_mut() {
-                Some(last) if last.pricing == slice.pricing => {
-                    last.quantity += slice.quantity;
-                    last.events += slice.events;
-                }
-                _ => merged.push(slice.clone()),
-            }
-        }
-        let total: i64 = merged
+        let total: i64 = key_usage
+            .slices
             .iter()
             .filter(|s| s.pricing.is_some())
             .map(|s| s.quantity)
             .sum();
         let mut before = 0;
         let mut charge = Charge::default();
-        for slice in merged.iter().filter(|s| s.quantity > 0) {
+        let mut lines: Vec<Line> = Vec::new();
+        for slice in key_usage.slices.iter().filter(|s| s.quantity > 0) {
             let Some(pricing) = &slice.pricing else {
                 out.unpriced_tokens += slice.quantity;
                 out.unpriced_events += slice.events;
                 continue;
             };
-            let mut lines = Vec::new();
-            match &pricing.price {
-                Price::Flat(unit) => {
-                    let mut line = Line::new(
-                        LineKind::Usage,
-                        label(key),
-                        amount(slice.quantity, *unit).map_err(|_| InvoiceError::Overflow)?,
-                    );
-                    line.quantity = slice.quantity;
-                    line.unit_price = *unit;
-                    line.list_unit_price = pricing.list_price;
-                    lines.push(line);
-                }
-                Price::Tiered(schedule) => {
-                    for tier in schedule.slices(before, slice.quantity, total) {
-                        let bounds = match tier.up_to {
-                            Some(up_to) => format!("{}–{}", grouped(tier.from), grouped(up_to)),
-                            None => format!("{}+", grouped(tier.from)),
-                        };
-                        let mut line = Line::new(
-                            LineKind::Tier,
-                            format!("{} · tier {bounds}", label(key)),
-                            amount(tier.quantity, tier.price_per_million)
-                                .map_err(|_| InvoiceError::Overflow)?,
-                        );
-                        line.quantity = tier.quantity;
-                        line.unit_price = tier.price_per_million;
-                        line.tier = Some((tier.from, tier.up_to));
-                        lines.push(line);
-                    }
-                }
-            }
-            before += slice.quantity;
-            charge.quantity += slice.quantity;
-            for mut line in lines {
-                line.key = Some(key.clone());
-                line.version_id = Some(pricing.version_id.clone());
-                line.override_id = pricing.override_id.clone();
-                charge.amount = add(charge.amount, line.precise)?;
+            for mut piece in slice_pieces(key, pricing, before, slice.quantity, total)? {
+                charge.amount = add(charge.amount, piece.precise)?;
                 if let Some(discount) = &pricing.discount {
                     let entry = out
                         .discounts
                         .entry(discount.override_id.clone())
                         .or_insert((discount.percent, Decimal::ZERO));
-                    entry.1 = add(entry.1, line.precise)?;
+                    entry.1 = add(entry.1, piece.precise)?;
                     charge.amount =
-                        add(charge.amount, -percent_of(discount.percent, line.precise)?)?;
+                        sub(charge.amount, percent_of(discount.percent, piece.precise)?)?;
                 }
-                out.lines.push(line);
+                piece.key = Some(key.clone());
+                piece.version_id = Some(pricing.version_id.clone());
+                piece.override_id = pricing.override_id.clone();
+                merge_into(&mut lines, piece)?;
             }
+            before += slice.quantity;
+            charge.quantity += slice.quantity;
         }
+        out.lines.extend(lines);
         if charge.quantity > 0 {
             out.per_key.insert(key.clone(), charge);
         }
@@ -349,14 +317,74 @@ pub fn charge_period(usage: &[KeyUsage]) -> Result<PeriodCharges, InvoiceError> 
     Ok(out)
 }
 
+/// The USAGE piece of a flat slice, or the TIER pieces a tiered slice reaches, `before` tokens
+/// into the period's `total`.
+fn slice_pieces(
+    key: &RateKey,
+    pricing: &SlicePricing,
+    before: i64,
+    quantity: i64,
+    total: i64,
+) -> Result<Vec<Line>, InvoiceError> {
+    let priced = |quantity, unit| amount(quantity, unit).map_err(|_| InvoiceError::Overflow);
+    Ok(match &pricing.price {
+        Price::Flat(unit) => {
+            let mut line = Line::new(LineKind::Usage, label(key), priced(quantity, *unit)?);
+            line.quantity = quantity;
+            line.unit_price = *unit;
+            line.list_unit_price = pricing.list_price;
+            vec![line]
+        }
+        Price::Tiered(schedule) => schedule
+            .slices(before, quantity, total)
+            .into_iter()
+            .map(|tier| {
+                let bounds = match tier.up_to {
+                    Some(up_to) => format!("{}–{}", grouped(tier.from), grouped(up_to)),
+                    None => format!("{}+", grouped(tier.from)),
+                };
+                let mut line = Line::new(
+                    LineKind::Tier,
+                    format!("{} · tier {bounds}", label(key)),
+                    priced(tier.quantity, tier.price_per_million)?,
+                );
+                line.quantity = tier.quantity;
+                line.unit_price = tier.price_per_million;
+                line.tier = Some((tier.from, tier.up_to));
+                Ok(line)
+            })
+            .collect::<Result<_, InvoiceError>>()?,
+    })
+}
+
+/// Adds `piece` to the line of the same kind, tier, unit price and own-price override, or
+/// starts one. A line summing pieces of several price-book versions names none of them.
+fn merge_into(lines: &mut Vec<Line>, piece: Line) -> Result<(), InvoiceError> {
+    let same = |line: &&mut Line| {
+        line.kind == piece.kind
+            && line.tier == piece.tier
+            && line.unit_price == piece.unit_price
+            && line.list_unit_price == piece.list_unit_price
+            && line.override_id == piece.override_id
+    };
+    match lines.iter_mut().find(same) {
+        Some(line) => {
+            line.quantity += piece.quantity;
+            line.precise = add(line.precise, piece.precise)?;
+            if line.version_id != piece.version_id {
+                line.version_id = None;
+            }
+        }
+        None => lines.push(piece),
+    }
+    Ok(())
+}
+
 /// The difference between two charges of a key: what is still to bill.
 fn difference(expected: Charge, billed: Charge) -> Result<Charge, InvoiceError> {
     Ok(Charge {
         quantity: expected.quantity - billed.quantity,
-        amount: expected
-            .amount
-            .checked_sub(billed.amount)
-            .ok_or(InvoiceError::Overflow)?,
+        amount: sub(expected.amount, billed.amount)?,
     })
 }
 
@@ -649,19 +677,89 @@ mod tests {
         // v1: 800,000 × 3.00 / 1M = 2.40 (tier 0)
         // v2 continues at token 800,000: 200,000 × 3.00 / 1M = 0.60 (tier 0),
         //    200,000 × 2.00 / 1M = 0.40 (tier 1)
-        let parts: Vec<(Option<String>, i64, Decimal)> = invoice
+        // Tier 0 is one line at one price: 1,000,000 × 3.00 / 1M = 3.00, naming no version.
+        type Part = (Option<String>, Option<(i64, Option<i64>)>, i64, Decimal);
+        let parts: Vec<Part> = invoice
             .lines
             .iter()
-            .map(|l| (l.version_id.clone(), l.quantity, l.amount))
+            .map(|l| (l.version_id.clone(), l.tier, l.quantity, l.amount))
             .collect();
         assert_eq!(
             parts,
             vec![
-                (Some("v1".into()), 800_000, dec!(2.40)),
-                (Some("v2".into()), 200_000, dec!(0.60)),
-                (Some("v2".into()), 200_000, dec!(0.40)),
+                (None, Some((0, Some(1_000_000))), 1_000_000, dec!(3.00)),
+                (
+                    Some("v2".into()),
+                    Some((1_000_000, Some(10_000_000))),
+                    200_000,
+                    dec!(0.40)
+                ),
             ]
         );
+    }
+
+    fn versioned(version: &str, price: Decimal, quantity: i64) -> UsageSlice {
+        UsageSlice {
+            pricing: Some(SlicePricing {
+                version_id: version.into(),
+                ..flat(price)
+            }),
+            quantity,
+            events: 1,
+        }
+    }
+
+    #[test]
+    fn a_new_version_that_keeps_a_price_leaves_one_line_rounded_once() {
+        let used = KeyUsage {
+            key: key("m", TokenClass::Input),
+            slices: vec![
+                versioned("v1", dec!(0.40), 1_234_567),
+                versioned("v2", dec!(0.400), 1_234_567),
+            ],
+        };
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        // One line: 2,469,134 × 0.40 / 1M = 0.9876536 → 0.99. Two lines would have rounded
+        // each 0.4938268 to 0.49 and billed 0.98.
+        assert_eq!(
+            amounts(&invoice),
+            vec![(LineKind::Usage, dec!(0.9876536), dec!(0.99))]
+        );
+        assert_eq!(invoice.lines[0].quantity, 2_469_134);
+        assert_eq!(invoice.lines[0].version_id, None);
+        assert_eq!(invoice.total, dec!(0.99));
+    }
+
+    #[test]
+    fn a_price_that_changes_and_changes_back_bills_one_line_per_price() {
+        let used = KeyUsage {
+            key: key("m", TokenClass::Input),
+            slices: vec![
+                versioned("v1", dec!(1.00), 1_500_000),
+                versioned("v2", dec!(2.00), 1_000_000),
+                versioned("v3", dec!(1), 500_000),
+            ],
+        };
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        // 1.00: (1,500,000 + 500,000) × 1.00 / 1M = 2.00 ; 2.00: 1,000,000 × 2.00 / 1M = 2.00
+        let lines: Vec<(i64, Decimal, Decimal, Option<String>)> = invoice
+            .lines
+            .iter()
+            .map(|l| (l.quantity, l.unit_price, l.amount, l.version_id.clone()))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                (2_000_000, dec!(1.00), dec!(2.00), None),
+                (1_000_000, dec!(2.00), dec!(2.00), Some("v2".into())),
+            ]
+        );
+        assert_eq!(invoice.billed[0].charge.quantity, 3_000_000);
+        assert_eq!(invoice.billed[0].charge.amount, dec!(4.00));
     }
 
     #[test]

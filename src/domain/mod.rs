@@ -3,6 +3,7 @@
 
 pub mod attribution;
 pub mod auth;
+pub mod exact;
 pub mod invoice;
 pub mod lease;
 pub mod money;

@@ -1,6 +1,7 @@
 //! Usage normalization: the `usage` of an event — disjoint buckets, or the raw usage object of
-//! OpenAI Chat Completions / Responses, Anthropic Messages or Gemini — into validated, disjoint
-//! [`TokenCounts`].
+//! OpenAI Chat Completions / Responses, Anthropic Messages, Gemini or DashScope (Qwen) — into
+//! validated, disjoint [`TokenCounts`]. The objects are the ones the providers' official SDKs
+//! define; `src/ingest/codec/sdk_conformance.rs` checks this against fixtures those SDKs build.
 //!
 //! This is where double counting is stopped at the door. Providers nest their counts
 //! differently (OpenAI and Gemini count cached tokens inside the prompt, Anthropic outside it;
@@ -16,8 +17,8 @@
 //! - Informational counts (OpenAI `text_tokens`, `accepted_prediction_tokens`,
 //!   `rejected_prediction_tokens`; Anthropic `server_tool_use`) are rejected when negative but
 //!   neither metered nor cross-checked: they overlap the buckets or are not tokens.
-//! - OpenAI subsets are taken out of their whole in the order cached, audio, image (reasoning,
-//!   audio, image for output); when several do not fit together the error names the first that
+//! - OpenAI subsets are taken out of their whole in the order cached, cache writes, audio, image
+//!   (reasoning, audio, image for output); when several do not fit together the error names the first that
 //!   does not fit in what the earlier ones left: `exceeds prompt_tokens - cached_tokens (50 > 40)`.
 //! - OpenAI `cached_tokens` and `audio_tokens` are treated as disjoint, as the proto formula
 //!   says. Realtime models can count cached audio in both (with a `cached_tokens_details` the
@@ -25,7 +26,15 @@
 //! - Anthropic: a present `cache_creation` must split `cache_creation_input_tokens` exactly —
 //!   also when it is an empty object — and the mismatch names `cache_creation_input_tokens`,
 //!   the count the split is checked against, as a mismatched total names the total. Without
-//!   `cache_creation` every cache write is a 5-minute one (the API's default TTL).
+//!   `cache_creation` every cache write is a 5-minute one (the API's default TTL). The same
+//!   rule holds for OpenAI Responses' `cache_write_tokens_details` (30-minute writes without
+//!   it, the default retention) and for Qwen's `cache_creation`. Chat Completions writes are
+//!   always 30-minute ones (the only retention Chat offers).
+//! - Anthropic's `output_tokens_details.thinking_tokens` moves thinking from `output` to
+//!   `reasoning`, as OpenAI's reasoning tokens are; Anthropic bills both at the output rate, so
+//!   price books price `reasoning` like `output` for Anthropic models.
+//! - DashScope does not say which modality its cache held; cached and written tokens are taken
+//!   from the image tokens first (images lead a prompt). Σ is exact either way.
 //! - Gemini modalities match the API's upper-case strings exactly ("AUDIO", "IMAGE"); any other
 //!   string, lower-case ones included, is text. Beyond the proto formula — whose Σ is right
 //!   whatever the details say — each details list must be a breakdown of its own count
@@ -50,6 +59,7 @@ pub fn normalize(usage: &Usage) -> Result<TokenCounts, FieldError> {
         Usage::OpenaiResponses(u) => openai_responses(u).map_err(|e| e.within("openai_responses")),
         Usage::Anthropic(u) => anthropic(u).map_err(|e| e.within("anthropic")),
         Usage::Gemini(u) => gemini(u).map_err(|e| e.within("gemini")),
+        Usage::Dashscope(u) => dashscope(u).map_err(|e| e.within("dashscope")),
     }
 }
 
@@ -66,18 +76,22 @@ pub fn buckets(t: &pb::TokenCounts) -> Result<TokenCounts, FieldError> {
         t.output_audio,
         t.input_image,
         t.output_image,
+        t.cache_write_30m,
+        t.cache_write_12h,
     ])
 }
 
-/// One side of an OpenAI usage object: a count and the three details that are subsets of it.
-struct Side<'a> {
+/// One side of an OpenAI-shaped usage object: a count and the details that are subsets of it,
+/// taken out of it in this order.
+struct Side<'a, const N: usize> {
     whole: (&'a str, i64),
     details: &'a str,
-    parts: [(&'a str, i64); 3],
+    parts: [(&'a str, i64); N],
 }
 
 fn openai_chat(u: &pb::OpenAiChatUsage) -> Result<TokenCounts, FieldError> {
-    let p = u.prompt_tokens_details.unwrap_or_default();
+    let no_details = pb::OpenAiPromptTokensDetails::default();
+    let p = u.prompt_tokens_details.as_ref().unwrap_or(&no_details);
     let c = u.completion_tokens_details.unwrap_or_default();
     for (field, value) in [
         ("prompt_tokens_details.text_tokens", p.text_tokens),
@@ -93,66 +107,50 @@ fn openai_chat(u: &pb::OpenAiChatUsage) -> Result<TokenCounts, FieldError> {
     ] {
         count(field, value)?;
     }
-    openai(
-        Side {
-            whole: ("prompt_tokens", u.prompt_tokens),
-            details: "prompt_tokens_details",
-            parts: [
-                ("cached_tokens", p.cached_tokens),
-                ("audio_tokens", p.audio_tokens),
-                ("image_tokens", p.image_tokens),
-            ],
-        },
-        Side {
-            whole: ("completion_tokens", u.completion_tokens),
-            details: "completion_tokens_details",
-            parts: [
-                ("reasoning_tokens", c.reasoning_tokens),
-                ("audio_tokens", c.audio_tokens),
-                ("image_tokens", c.image_tokens),
-            ],
-        },
-        u.total_tokens,
-    )
-}
-
-fn openai_responses(u: &pb::OpenAiResponsesUsage) -> Result<TokenCounts, FieldError> {
-    let i = u.input_tokens_details.unwrap_or_default();
-    let o = u.output_tokens_details.unwrap_or_default();
-    count("input_tokens_details.text_tokens", i.text_tokens)?;
-    count("output_tokens_details.text_tokens", o.text_tokens)?;
-    openai(
-        Side {
-            whole: ("input_tokens", u.input_tokens),
-            details: "input_tokens_details",
-            parts: [
-                ("cached_tokens", i.cached_tokens),
-                ("audio_tokens", i.audio_tokens),
-                ("image_tokens", i.image_tokens),
-            ],
-        },
-        Side {
-            whole: ("output_tokens", u.output_tokens),
-            details: "output_tokens_details",
-            parts: [
-                ("reasoning_tokens", o.reasoning_tokens),
-                ("audio_tokens", o.audio_tokens),
-                ("image_tokens", o.image_tokens),
-            ],
-        },
-        u.total_tokens,
-    )
-}
-
-/// OpenAI's two shapes differ in names only: cached, audio and image tokens are inside the
-/// input count, reasoning, audio and image tokens inside the output count.
-fn openai(input: Side, output: Side, total: Option<i64>) -> Result<TokenCounts, FieldError> {
-    let (text_in, [cache_read, input_audio, input_image]) = split(&input)?;
-    let (text_out, [reasoning, output_audio, output_image]) = split(&output)?;
-    sum(&[input.whole, output.whole])?;
+    let (
+        text_in,
+        [
+            cache_read,
+            cache_write_30m,
+            creation,
+            input_audio,
+            input_image,
+        ],
+    ) = split(&Side {
+        whole: ("prompt_tokens", u.prompt_tokens),
+        details: "prompt_tokens_details",
+        parts: [
+            ("cached_tokens", p.cached_tokens),
+            ("cache_write_tokens", p.cache_write_tokens),
+            ("cache_creation_input_tokens", p.cache_creation_input_tokens),
+            ("audio_tokens", p.audio_tokens),
+            ("image_tokens", p.image_tokens),
+        ],
+    })?;
+    let (cache_write_5m, cache_write_1h) = by_ttl(
+        "prompt_tokens_details.",
+        creation,
+        p.cache_creation.as_ref(),
+    )?;
+    let (text_out, [reasoning, output_audio, output_image]) = split(&Side {
+        whole: ("completion_tokens", u.completion_tokens),
+        details: "completion_tokens_details",
+        parts: [
+            ("reasoning_tokens", c.reasoning_tokens),
+            ("audio_tokens", c.audio_tokens),
+            ("image_tokens", c.image_tokens),
+        ],
+    })?;
+    sum(&[
+        ("prompt_tokens", u.prompt_tokens),
+        ("completion_tokens", u.completion_tokens),
+    ])?;
     let counts = buckets(&pb::TokenCounts {
         input: text_in,
         cache_read,
+        cache_write_5m,
+        cache_write_1h,
+        cache_write_30m,
         input_audio,
         input_image,
         output: text_out,
@@ -161,12 +159,71 @@ fn openai(input: Side, output: Side, total: Option<i64>) -> Result<TokenCounts, 
         output_image,
         ..Default::default()
     })?;
-    check_total("total_tokens", total, &counts)?;
+    check_total("total_tokens", u.total_tokens, &counts)?;
+    Ok(counts)
+}
+
+fn openai_responses(u: &pb::OpenAiResponsesUsage) -> Result<TokenCounts, FieldError> {
+    let i = u.input_tokens_details.unwrap_or_default();
+    let o = u.output_tokens_details.unwrap_or_default();
+    count("input_tokens_details.text_tokens", i.text_tokens)?;
+    count("output_tokens_details.text_tokens", o.text_tokens)?;
+    let (text_in, [cache_read, written, input_audio, input_image]) = split(&Side {
+        whole: ("input_tokens", u.input_tokens),
+        details: "input_tokens_details",
+        parts: [
+            ("cached_tokens", i.cached_tokens),
+            ("cache_write_tokens", i.cache_write_tokens),
+            ("audio_tokens", i.audio_tokens),
+            ("image_tokens", i.image_tokens),
+        ],
+    })?;
+    let (cache_write_30m, cache_write_12h) = match i.cache_write_tokens_details {
+        None => (written, 0),
+        Some(d) => {
+            let details = "input_tokens_details.cache_write_tokens_details";
+            let m30 = count(&format!("{details}.ttl_30m_tokens"), d.ttl_30m_tokens)?;
+            let h12 = count(&format!("{details}.ttl_12h_tokens"), d.ttl_12h_tokens)?;
+            exact_split(
+                "input_tokens_details.cache_write_tokens",
+                "cache_write_tokens_details",
+                (m30, h12),
+                written,
+            )?
+        }
+    };
+    let (text_out, [reasoning, output_audio, output_image]) = split(&Side {
+        whole: ("output_tokens", u.output_tokens),
+        details: "output_tokens_details",
+        parts: [
+            ("reasoning_tokens", o.reasoning_tokens),
+            ("audio_tokens", o.audio_tokens),
+            ("image_tokens", o.image_tokens),
+        ],
+    })?;
+    sum(&[
+        ("input_tokens", u.input_tokens),
+        ("output_tokens", u.output_tokens),
+    ])?;
+    let counts = buckets(&pb::TokenCounts {
+        input: text_in,
+        cache_read,
+        cache_write_30m,
+        cache_write_12h,
+        input_audio,
+        input_image,
+        output: text_out,
+        reasoning,
+        output_audio,
+        output_image,
+        ..Default::default()
+    })?;
+    check_total("total_tokens", u.total_tokens, &counts)?;
     Ok(counts)
 }
 
 /// `whole − Σ parts`, and the parts. Each part must fit in what the earlier ones left.
-fn split(side: &Side) -> Result<(i64, [i64; 3]), FieldError> {
+fn split<const N: usize>(side: &Side<'_, N>) -> Result<(i64, [i64; N]), FieldError> {
     let (whole_name, whole) = side.whole;
     let mut left = count(whole_name, whole)?;
     for (i, &(name, value)) in side.parts.iter().enumerate() {
@@ -186,11 +243,58 @@ fn split(side: &Side) -> Result<(i64, [i64; 3]), FieldError> {
     Ok((left, side.parts.map(|(_, value)| value)))
 }
 
+/// Cache writes by TTL from Anthropic's `cache_creation` shape (also Qwen's): its 5-minute and
+/// 1-hour counts, which must split `cache_creation_input_tokens` exactly when present; without
+/// it every write is a 5-minute one (the default TTL). `prefix` locates the fields.
+fn by_ttl(
+    prefix: &str,
+    written: i64,
+    split: Option<&pb::AnthropicCacheCreation>,
+) -> Result<(i64, i64), FieldError> {
+    let Some(by_ttl) = split else {
+        return Ok((written, 0));
+    };
+    let m5 = count(
+        &format!("{prefix}cache_creation.ephemeral_5m_input_tokens"),
+        by_ttl.ephemeral_5m_input_tokens,
+    )?;
+    let h1 = count(
+        &format!("{prefix}cache_creation.ephemeral_1h_input_tokens"),
+        by_ttl.ephemeral_1h_input_tokens,
+    )?;
+    exact_split(
+        &format!("{prefix}cache_creation_input_tokens"),
+        "cache_creation",
+        (m5, h1),
+        written,
+    )
+}
+
+/// Two counts that must add up to `whole` exactly; the mismatch names the whole's `field`, the
+/// count the split is checked against (as a mismatched total names the total).
+fn exact_split(
+    field: &str,
+    split_name: &str,
+    (a, b): (i64, i64),
+    whole: i64,
+) -> Result<(i64, i64), FieldError> {
+    if a.checked_add(b) == Some(whole) {
+        return Ok((a, b));
+    }
+    // Widened for the message only: the i64 sum may be the overflow being reported.
+    let both = i128::from(a) + i128::from(b);
+    let whole_name = field.rsplit('.').next().unwrap_or(field);
+    Err(FieldError::new(
+        field,
+        format!("{split_name} splits into {a} + {b} = {both} but {whole_name} is {whole}"),
+    ))
+}
+
 fn anthropic(u: &pb::AnthropicUsage) -> Result<TokenCounts, FieldError> {
     let input = count("input_tokens", u.input_tokens)?;
     let cache_read = count("cache_read_input_tokens", u.cache_read_input_tokens)?;
     let cache_creation = count("cache_creation_input_tokens", u.cache_creation_input_tokens)?;
-    let output = count("output_tokens", u.output_tokens)?;
+    let output_tokens = count("output_tokens", u.output_tokens)?;
     if let Some(tools) = &u.server_tool_use {
         count(
             "server_tool_use.web_search_requests",
@@ -201,37 +305,19 @@ fn anthropic(u: &pb::AnthropicUsage) -> Result<TokenCounts, FieldError> {
             tools.web_fetch_requests,
         )?;
     }
-    let (cache_write_5m, cache_write_1h) = match u.cache_creation {
-        None => (cache_creation, 0),
-        Some(by_ttl) => {
-            let m5 = count(
-                "cache_creation.ephemeral_5m_input_tokens",
-                by_ttl.ephemeral_5m_input_tokens,
-            )?;
-            let h1 = count(
-                "cache_creation.ephemeral_1h_input_tokens",
-                by_ttl.ephemeral_1h_input_tokens,
-            )?;
-            if m5.checked_add(h1) != Some(cache_creation) {
-                // Widened for the message only: the i64 sum may be the overflow being reported.
-                let both = i128::from(m5) + i128::from(h1);
-                return Err(FieldError::new(
-                    "cache_creation_input_tokens",
-                    format!(
-                        "cache_creation splits into {m5} + {h1} = {both} \
-                         but cache_creation_input_tokens is {cache_creation}"
-                    ),
-                ));
-            }
-            (m5, h1)
-        }
-    };
+    let (cache_write_5m, cache_write_1h) = by_ttl("", cache_creation, u.cache_creation.as_ref())?;
+    let thinking = u.output_tokens_details.map_or(0, |d| d.thinking_tokens);
+    let (output, [reasoning]) = split(&Side {
+        whole: ("output_tokens", output_tokens),
+        details: "output_tokens_details",
+        parts: [("thinking_tokens", thinking)],
+    })?;
     // Anthropic states no total; its billable total is these four counts.
     sum(&[
         ("input_tokens", input),
         ("cache_read_input_tokens", cache_read),
         ("cache_creation_input_tokens", cache_creation),
-        ("output_tokens", output),
+        ("output_tokens", output_tokens),
     ])?;
     buckets(&pb::TokenCounts {
         input,
@@ -239,8 +325,88 @@ fn anthropic(u: &pb::AnthropicUsage) -> Result<TokenCounts, FieldError> {
         cache_write_5m,
         cache_write_1h,
         output,
+        reasoning,
         ..Default::default()
     })
+}
+
+fn dashscope(u: &pb::DashScopeUsage) -> Result<TokenCounts, FieldError> {
+    let no_details = pb::DashScopePromptTokensDetails::default();
+    let p = u.prompt_tokens_details.as_ref().unwrap_or(&no_details);
+    let i = u.input_tokens_details.unwrap_or_default();
+    let o = u.output_tokens_details.unwrap_or_default();
+    count("characters", u.characters)?;
+    count("input_tokens_details.text_tokens", i.text_tokens)?;
+    count("output_tokens_details.text_tokens", o.text_tokens)?;
+    let cached = either(
+        ("prompt_tokens_details.cached_tokens", p.cached_tokens),
+        ("cached_tokens", u.cached_tokens),
+    )?;
+    let images = either(
+        ("input_tokens_details.image_tokens", i.image_tokens),
+        ("image_tokens", u.image_tokens),
+    )?;
+    let (uncached, [cache_read, creation]) = split(&Side {
+        whole: ("input_tokens", u.input_tokens),
+        details: "prompt_tokens_details",
+        parts: [
+            ("cached_tokens", cached),
+            ("cache_creation_input_tokens", p.cache_creation_input_tokens),
+        ],
+    })?;
+    if images > u.input_tokens {
+        return Err(exceeds(
+            "input_tokens_details.image_tokens",
+            images,
+            "input_tokens",
+            u.input_tokens,
+        ));
+    }
+    let (cache_write_5m, cache_write_1h) = by_ttl(
+        "prompt_tokens_details.",
+        creation,
+        p.cache_creation.as_ref(),
+    )?;
+    // Cached and written tokens are taken from the images first; cannot underflow, as
+    // images ≤ input_tokens = uncached + cache_read + creation.
+    let input_image = (images - cache_read - creation).max(0);
+    let (output, [reasoning]) = split(&Side {
+        whole: ("output_tokens", u.output_tokens),
+        details: "output_tokens_details",
+        parts: [("reasoning_tokens", o.reasoning_tokens)],
+    })?;
+    sum(&[
+        ("input_tokens", u.input_tokens),
+        ("output_tokens", u.output_tokens),
+    ])?;
+    let counts = buckets(&pb::TokenCounts {
+        input: uncached - input_image,
+        cache_read,
+        cache_write_5m,
+        cache_write_1h,
+        input_image,
+        output,
+        reasoning,
+        ..Default::default()
+    })?;
+    check_total("total_tokens", u.total_tokens, &counts)?;
+    Ok(counts)
+}
+
+/// A count a provider reports in one of two places: whichever is set, and they must agree
+/// when both are.
+fn either(first: (&str, i64), second: (&str, i64)) -> Result<i64, FieldError> {
+    let a = count(first.0, first.1)?;
+    let b = count(second.0, second.1)?;
+    match (a, b) {
+        (0, b) => Ok(b),
+        (a, 0) => Ok(a),
+        (a, b) if a == b => Ok(a),
+        (a, b) => Err(FieldError::new(
+            second.0,
+            format!("is {b} but {} is {a}", first.0),
+        )),
+    }
 }
 
 /// AUDIO and IMAGE tokens of one Gemini details list; the rest of its count is text.
@@ -438,12 +604,15 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::domain::tokens::CLASS_COUNT;
     use crate::domain::tokens::TokenClass::{self, *};
     use crate::proto::v1::{
-        AnthropicCacheCreation, AnthropicServerToolUse, AnthropicUsage, GeminiModalityTokenCount,
-        GeminiUsageMetadata, OpenAiChatUsage, OpenAiCompletionTokensDetails,
-        OpenAiInputTokensDetails, OpenAiOutputTokensDetails, OpenAiPromptTokensDetails,
-        OpenAiResponsesUsage,
+        AnthropicCacheCreation, AnthropicOutputTokensDetails, AnthropicServerToolUse,
+        AnthropicUsage, DashScopeInputTokensDetails, DashScopeOutputTokensDetails,
+        DashScopePromptTokensDetails, DashScopeUsage, GeminiModalityTokenCount,
+        GeminiUsageMetadata, OpenAiCacheWriteTokensDetails, OpenAiChatUsage,
+        OpenAiCompletionTokensDetails, OpenAiInputTokensDetails, OpenAiOutputTokensDetails,
+        OpenAiPromptTokensDetails, OpenAiResponsesUsage,
     };
 
     fn non_zero(counts: &TokenCounts) -> Vec<(TokenClass, i64)> {
@@ -623,6 +792,7 @@ mod tests {
                 web_fetch_requests: 0,
             }),
             service_tier: Some("standard".to_owned()),
+            output_tokens_details: None,
         });
 
         let counts = normalize(&usage).expect("valid");
@@ -1065,6 +1235,90 @@ mod tests {
     }
 
     #[test]
+    fn cache_writes_and_thinking_that_do_not_add_up_are_rejected_naming_the_field() {
+        let responses = |written, by_ttl: Option<(i64, i64)>| {
+            Usage::OpenaiResponses(OpenAiResponsesUsage {
+                input_tokens: 1000,
+                input_tokens_details: Some(OpenAiInputTokensDetails {
+                    cached_tokens: 600,
+                    cache_write_tokens: written,
+                    cache_write_tokens_details: by_ttl.map(|(m30, h12)| {
+                        OpenAiCacheWriteTokensDetails {
+                            ttl_30m_tokens: m30,
+                            ttl_12h_tokens: h12,
+                        }
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        let thinking = Usage::Anthropic(AnthropicUsage {
+            output_tokens: 100,
+            output_tokens_details: Some(AnthropicOutputTokensDetails {
+                thinking_tokens: 101,
+            }),
+            ..Default::default()
+        });
+        let two_caches = Usage::Dashscope(DashScopeUsage {
+            input_tokens: 1000,
+            prompt_tokens_details: Some(DashScopePromptTokensDetails {
+                cached_tokens: 500,
+                ..Default::default()
+            }),
+            cached_tokens: 400,
+            ..Default::default()
+        });
+        let images = Usage::Dashscope(DashScopeUsage {
+            input_tokens: 1000,
+            image_tokens: 1001,
+            ..Default::default()
+        });
+
+        assert_eq!(
+            error(responses(500, None)),
+            (
+                "openai_responses.input_tokens_details.cache_write_tokens".into(),
+                "exceeds input_tokens - cached_tokens (500 > 400)".into()
+            )
+        );
+        assert_eq!(
+            error(responses(300, Some((200, 50)))),
+            (
+                "openai_responses.input_tokens_details.cache_write_tokens".into(),
+                "cache_write_tokens_details splits into 200 + 50 = 250 but cache_write_tokens \
+                 is 300"
+                    .into()
+            )
+        );
+        assert_eq!(
+            error(responses(300, Some((-1, 301)))).0,
+            "openai_responses.input_tokens_details.cache_write_tokens_details.ttl_30m_tokens"
+        );
+        assert_eq!(
+            error(thinking),
+            (
+                "anthropic.output_tokens_details.thinking_tokens".into(),
+                "exceeds output_tokens (101 > 100)".into()
+            )
+        );
+        assert_eq!(
+            error(two_caches),
+            (
+                "dashscope.cached_tokens".into(),
+                "is 400 but prompt_tokens_details.cached_tokens is 500".into()
+            )
+        );
+        assert_eq!(
+            error(images),
+            (
+                "dashscope.input_tokens_details.image_tokens".into(),
+                "exceeds input_tokens (1001 > 1000)".into()
+            )
+        );
+    }
+
+    #[test]
     fn anthropic_cache_creation_must_split_cache_creation_input_tokens_exactly() {
         let short = Usage::Anthropic(AnthropicUsage {
             cache_creation_input_tokens: 50,
@@ -1175,9 +1429,9 @@ mod tests {
         prop_oneof![1 => Just(0_i64), 3 => 0..=MAX]
     }
 
-    fn buckets_with(zero: &[TokenClass]) -> impl Strategy<Value = [i64; 10]> {
+    fn buckets_with(zero: &[TokenClass]) -> impl Strategy<Value = [i64; CLASS_COUNT]> {
         let zero = zero.to_vec();
-        proptest::array::uniform10(bucket()).prop_map(move |mut b| {
+        proptest::array::uniform12(bucket()).prop_map(move |mut b| {
             for class in &zero {
                 b[class.index()] = 0;
             }
@@ -1193,11 +1447,14 @@ mod tests {
     proptest! {
         #[test]
         fn openai_chat_gives_back_the_buckets_it_was_built_from(
-            b in buckets_with(&[CacheWrite5m, CacheWrite1h]),
+            b in buckets_with(&[CacheWrite1h, CacheWrite12h]),
             with_total in any::<bool>(),
         ) {
+            // Chat's own cache writes are 30-minute ones; 5-minute writes come from Qwen's
+            // compatible mode, with no TTL split (so none of 1 hour).
             let at = |class: TokenClass| b[class.index()];
-            let prompt = at(Input) + at(CacheRead) + at(InputAudio) + at(InputImage);
+            let prompt = at(Input) + at(CacheRead) + at(CacheWrite30m) + at(CacheWrite5m)
+                + at(InputAudio) + at(InputImage);
             let completion = at(Output) + at(Reasoning) + at(OutputAudio) + at(OutputImage);
             let usage = Usage::OpenaiChat(OpenAiChatUsage {
                 prompt_tokens: prompt,
@@ -1205,9 +1462,12 @@ mod tests {
                 total_tokens: with_total.then_some(prompt + completion),
                 prompt_tokens_details: Some(OpenAiPromptTokensDetails {
                     cached_tokens: at(CacheRead),
+                    cache_write_tokens: at(CacheWrite30m),
+                    cache_creation_input_tokens: at(CacheWrite5m),
                     audio_tokens: at(InputAudio),
                     image_tokens: at(InputImage),
                     text_tokens: at(Input),
+                    ..Default::default()
                 }),
                 completion_tokens_details: Some(OpenAiCompletionTokensDetails {
                     reasoning_tokens: at(Reasoning),
@@ -1228,14 +1488,27 @@ mod tests {
         fn openai_responses_gives_back_the_buckets_it_was_built_from(
             b in buckets_with(&[CacheWrite5m, CacheWrite1h]),
             with_total in any::<bool>(),
+            with_ttl_split in any::<bool>(),
         ) {
+            let mut b = b;
+            if !with_ttl_split {
+                b[CacheWrite12h.index()] = 0;
+            }
             let at = |class: TokenClass| b[class.index()];
-            let input = at(Input) + at(CacheRead) + at(InputAudio) + at(InputImage);
+            let written = at(CacheWrite30m) + at(CacheWrite12h);
+            let input = at(Input) + at(CacheRead) + written + at(InputAudio) + at(InputImage);
             let output = at(Output) + at(Reasoning) + at(OutputAudio) + at(OutputImage);
             let usage = Usage::OpenaiResponses(OpenAiResponsesUsage {
                 input_tokens: input,
                 input_tokens_details: Some(OpenAiInputTokensDetails {
                     cached_tokens: at(CacheRead),
+                    cache_write_tokens: written,
+                    cache_write_tokens_details: with_ttl_split.then_some(
+                        OpenAiCacheWriteTokensDetails {
+                            ttl_30m_tokens: at(CacheWrite30m),
+                            ttl_12h_tokens: at(CacheWrite12h),
+                        },
+                    ),
                     audio_tokens: at(InputAudio),
                     image_tokens: at(InputImage),
                     text_tokens: at(Input),
@@ -1258,7 +1531,9 @@ mod tests {
 
         #[test]
         fn anthropic_gives_back_the_buckets_it_was_built_from(
-            b in buckets_with(&[Reasoning, InputAudio, OutputAudio, InputImage, OutputImage]),
+            b in buckets_with(&[
+                InputAudio, OutputAudio, InputImage, OutputImage, CacheWrite30m, CacheWrite12h,
+            ]),
             with_ttl_split in any::<bool>(),
         ) {
             let mut b = b;
@@ -1268,12 +1543,15 @@ mod tests {
             let at = |class: TokenClass| b[class.index()];
             let usage = Usage::Anthropic(AnthropicUsage {
                 input_tokens: at(Input),
-                output_tokens: at(Output),
+                output_tokens: at(Output) + at(Reasoning),
                 cache_creation_input_tokens: at(CacheWrite5m) + at(CacheWrite1h),
                 cache_read_input_tokens: at(CacheRead),
                 cache_creation: with_ttl_split.then_some(AnthropicCacheCreation {
                     ephemeral_5m_input_tokens: at(CacheWrite5m),
                     ephemeral_1h_input_tokens: at(CacheWrite1h),
+                }),
+                output_tokens_details: Some(AnthropicOutputTokensDetails {
+                    thinking_tokens: at(Reasoning),
                 }),
                 ..Default::default()
             });
@@ -1284,12 +1562,13 @@ mod tests {
             prop_assert_eq!(
                 counts.total(),
                 at(Input) + at(CacheRead) + at(CacheWrite5m) + at(CacheWrite1h) + at(Output)
+                    + at(Reasoning)
             );
         }
 
         #[test]
         fn gemini_gives_back_the_buckets_it_was_built_from(
-            b in buckets_with(&[CacheWrite5m, CacheWrite1h]),
+            b in buckets_with(&[CacheWrite5m, CacheWrite1h, CacheWrite30m, CacheWrite12h]),
             cut in proptest::array::uniform5(0..=1000_i64),
             with_total in any::<bool>(),
         ) {
@@ -1342,6 +1621,62 @@ mod tests {
 
             prop_assert_eq!(counts.buckets(), b);
             prop_assert_eq!(counts.total(), total);
+        }
+
+        #[test]
+        fn dashscope_gives_back_the_buckets_it_was_built_from(
+            b in buckets_with(&[
+                InputAudio, OutputAudio, OutputImage, CacheWrite30m, CacheWrite12h,
+            ]),
+            cached_images in 0..=1000_i64,
+            with_ttl_split in any::<bool>(),
+            top_level in any::<bool>(),
+        ) {
+            let mut b = b;
+            if !with_ttl_split {
+                b[CacheWrite1h.index()] = 0;
+            }
+            let at = |class: TokenClass| b[class.index()];
+            let cached_and_written = at(CacheRead) + at(CacheWrite5m) + at(CacheWrite1h);
+            // Images are taken out of the cache first: uncached images exist only once the
+            // cache holds nothing but images.
+            let images = if at(InputImage) > 0 {
+                at(InputImage) + cached_and_written
+            } else {
+                share(cached_and_written, cached_images)
+            };
+            let input = at(Input) + at(InputImage) + cached_and_written;
+            let output = at(Output) + at(Reasoning);
+            let usage = Usage::Dashscope(DashScopeUsage {
+                input_tokens: input,
+                output_tokens: output,
+                total_tokens: Some(input + output),
+                prompt_tokens_details: Some(DashScopePromptTokensDetails {
+                    cached_tokens: if top_level { 0 } else { at(CacheRead) },
+                    cache_creation_input_tokens: at(CacheWrite5m) + at(CacheWrite1h),
+                    cache_creation: with_ttl_split.then_some(AnthropicCacheCreation {
+                        ephemeral_5m_input_tokens: at(CacheWrite5m),
+                        ephemeral_1h_input_tokens: at(CacheWrite1h),
+                    }),
+                    cache_type: Some("ephemeral".to_owned()),
+                }),
+                input_tokens_details: (!top_level).then_some(DashScopeInputTokensDetails {
+                    text_tokens: input - images,
+                    image_tokens: images,
+                }),
+                output_tokens_details: Some(DashScopeOutputTokensDetails {
+                    reasoning_tokens: at(Reasoning),
+                    text_tokens: at(Output),
+                }),
+                cached_tokens: if top_level { at(CacheRead) } else { 0 },
+                image_tokens: if top_level { images } else { 0 },
+                characters: 0,
+            });
+
+            let counts = normalize(&usage).expect("consistent usage");
+
+            prop_assert_eq!(counts.buckets(), b);
+            prop_assert_eq!(counts.total(), input + output);
         }
     }
 }

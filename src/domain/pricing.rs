@@ -1,10 +1,13 @@
 //! Pricing: which rate applies to a (tenant, provider, model, class) at an instant, and the
 //! exact decimal amounts it gives. No I/O: the catalog is loaded by the store and cached.
 //!
-//! Bounds keep every product exact within `Decimal`'s 96-bit mantissa, so no multiplication
-//! ever rounds: prices below [`MAX_PRICE_PER_MILLION`] with at most [`MAX_PRICE_SCALE`]
-//! fractional digits, discounts with at most [`MAX_DISCOUNT_SCALE`], and token buckets of at
-//! most [`MAX_TOKENS_PER_CLASS`] (enforced at validation).
+//! Amounts are computed with [`super::exact`], so none is ever rounded: prices below
+//! [`MAX_PRICE_PER_MILLION`] with at most [`MAX_PRICE_SCALE`] fractional digits (trailing
+//! zeros do not count: `93.8494000` is `93.8494`), discounts with at most
+//! [`MAX_DISCOUNT_SCALE`], and token buckets of at most [`MAX_TOKENS_PER_CLASS`] (enforced at
+//! validation). Within these bounds an undiscounted amount always fits `Decimal`; a discount
+//! adds up to 6 digits, and the rare product that then needs more than 28 significant digits
+//! is refused ([`PricingError::Overflow`]), never rounded.
 
 use std::collections::HashMap;
 
@@ -12,16 +15,16 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use super::FieldError;
+use super::exact;
 use super::invoice::{Discount, Price, SlicePricing};
 use super::tiers::TierSchedule;
-use super::tokens::{TokenClass, TokenCounts};
+use super::tokens::{CLASS_COUNT, TokenClass, TokenCounts};
 
 pub const MAX_PRICE_PER_MILLION: Decimal = Decimal::from_parts(100_000, 0, 0, false, 0);
-pub const MAX_PRICE_SCALE: u32 = 6;
+pub const MAX_PRICE_SCALE: u32 = 12;
 pub const MAX_DISCOUNT_SCALE: u32 = 4;
 pub const MAX_TOKENS_PER_CLASS: i64 = 10_000_000_000;
 
-const ONE_MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 const ONE_HUNDRED: Decimal = Decimal::from_parts(100, 0, 0, false, 0);
 
 /// Price book ids: 1-64 characters of `[a-z0-9._-]`.
@@ -32,7 +35,8 @@ pub fn is_valid_price_book_id(id: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
-/// Parses a price per 1M tokens under the bounds above.
+/// Parses a price per 1M tokens under the bounds above. Its scale is kept as written (the API
+/// never strips trailing zeros), but trailing zeros do not count as fractional digits.
 pub fn parse_price(text: &str, field: &str) -> Result<Decimal, FieldError> {
     let value = parse_plain_decimal(text, field)?;
     if value.is_sign_negative() {
@@ -44,8 +48,11 @@ pub fn parse_price(text: &str, field: &str) -> Result<Decimal, FieldError> {
             "must be below 100000 per million tokens",
         ));
     }
-    if value.scale() > MAX_PRICE_SCALE {
-        return Err(FieldError::new(field, "at most 6 fractional digits"));
+    if value.normalize().scale() > MAX_PRICE_SCALE {
+        return Err(FieldError::new(
+            field,
+            format!("at most {MAX_PRICE_SCALE} fractional digits"),
+        ));
     }
     Ok(value)
 }
@@ -59,7 +66,7 @@ pub fn parse_discount(text: &str, field: &str) -> Result<Decimal, FieldError> {
             "must be greater than 0 and at most 100",
         ));
     }
-    if value.scale() > MAX_DISCOUNT_SCALE {
+    if value.normalize().scale() > MAX_DISCOUNT_SCALE {
         return Err(FieldError::new(field, "at most 4 fractional digits"));
     }
     Ok(value)
@@ -187,7 +194,7 @@ pub struct PricedUsage {
     pub currency: String,
     pub version_id: Option<String>,
     /// (billed, cost) per class, indexed like [`TokenClass::ALL`].
-    pub charges: [Option<(Decimal, Decimal)>; 10],
+    pub charges: [Option<(Decimal, Decimal)>; CLASS_COUNT],
     pub billed: Decimal,
     pub cost: Decimal,
     pub unpriced_tokens: i64,
@@ -208,7 +215,7 @@ pub enum PricingError {
 }
 
 /// A version's rates of one model, by class.
-type ModelRates = [Option<Rate>; 10];
+type ModelRates = [Option<Rate>; CLASS_COUNT];
 
 /// Every price book version, tenant binding and override, as loaded from storage.
 #[derive(Debug, Clone, Default)]
@@ -237,7 +244,7 @@ impl PricingCatalog {
                     .entry(key.provider.clone())
                     .or_default()
                     .entry(key.model.clone())
-                    .or_insert([None; 10])[key.class.index()] = Some(*rate);
+                    .or_insert([None; CLASS_COUNT])[key.class.index()] = Some(*rate);
             }
         }
         let mut books: HashMap<String, Vec<PriceBookVersion>> = HashMap::new();
@@ -285,11 +292,9 @@ impl PricingCatalog {
             None => (list.price_per_million, None, None),
             Some(Adjustment::OwnPrice(own)) => (own, None, rule),
             Some(Adjustment::DiscountPercent(percent)) => {
-                let kept = ONE_HUNDRED - percent;
-                let price = list
-                    .price_per_million
-                    .checked_mul(kept)
-                    .and_then(|p| p.checked_div(ONE_HUNDRED))
+                let price = exact::sub(ONE_HUNDRED, percent)
+                    .and_then(|kept| exact::mul(list.price_per_million, kept))
+                    .and_then(|p| exact::div_pow10(p, 2))
                     .ok_or(PricingError::Overflow)?;
                 (price, Some(percent), rule)
             }
@@ -462,7 +467,7 @@ impl PricingCatalog {
         let mut priced = PricedUsage {
             currency: tenant.currency.clone(),
             version_id: version.map(|v| v.version_id.clone()),
-            charges: [None; 10],
+            charges: [None; CLASS_COUNT],
             billed: Decimal::ZERO,
             cost: Decimal::ZERO,
             unpriced_tokens: 0,
@@ -476,25 +481,18 @@ impl PricingCatalog {
                 self.apply_override(tenant_id, &list, provider, model, class, at)?;
             let billed = amount(count, price)?;
             let cost = amount(count, list.cost_per_million)?;
-            priced.billed = priced
-                .billed
-                .checked_add(billed)
-                .ok_or(PricingError::Overflow)?;
-            priced.cost = priced
-                .cost
-                .checked_add(cost)
-                .ok_or(PricingError::Overflow)?;
+            priced.billed = exact::add(priced.billed, billed).ok_or(PricingError::Overflow)?;
+            priced.cost = exact::add(priced.cost, cost).ok_or(PricingError::Overflow)?;
             priced.charges[class.index()] = Some((billed, cost));
         }
         Ok(priced)
     }
 }
 
-/// `tokens × per_million / 1,000,000`, exact.
+/// `tokens × per_million / 1,000,000`, exact (without trailing zeros).
 pub fn amount(tokens: i64, per_million: Decimal) -> Result<Decimal, PricingError> {
-    Decimal::from(tokens)
-        .checked_mul(per_million)
-        .and_then(|v| v.checked_div(ONE_MILLION))
+    exact::mul(Decimal::from(tokens), per_million)
+        .and_then(|v| exact::div_pow10(v, 6))
         .ok_or(PricingError::Overflow)
 }
 
@@ -566,7 +564,7 @@ mod tests {
     }
 
     fn tokens(input: i64, output: i64, reasoning: i64) -> TokenCounts {
-        TokenCounts::new([input, 0, 0, 0, output, reasoning, 0, 0, 0, 0]).expect("tokens")
+        TokenCounts::new([input, 0, 0, 0, output, reasoning, 0, 0, 0, 0, 0, 0]).expect("tokens")
     }
 
     #[test]
@@ -641,7 +639,7 @@ mod tests {
 
         assert_eq!(priced.unpriced_tokens, 150);
         assert_eq!(priced.billed, Decimal::ZERO);
-        assert_eq!(priced.charges, [None; 10]);
+        assert_eq!(priced.charges, [None; CLASS_COUNT]);
     }
 
     #[test]
@@ -762,6 +760,35 @@ mod tests {
     }
 
     #[test]
+    fn prices_take_twelve_fractional_digits_and_trailing_zeros_are_not_digits() {
+        assert_eq!(parse_price("93.8494000", "p"), Ok(dec!(93.8494)));
+        assert_eq!(parse_price("93.8494000", "p").map(|p| p.scale()), Ok(7));
+        assert_eq!(parse_price("0.461234567891", "p"), Ok(dec!(0.461234567891)));
+        assert_eq!(
+            parse_price("99999.999999999999000000", "p"),
+            Ok(dec!(99999.999999999999))
+        );
+        let error = parse_price("0.4612345678912", "p").expect_err("13 digits");
+        assert_eq!(error.reason, "at most 12 fractional digits");
+        assert_eq!(parse_discount("12.50000", "d"), Ok(dec!(12.5)));
+    }
+
+    #[test]
+    fn a_twelve_digit_price_with_a_discount_prices_an_event_exactly() {
+        // 1,234,567 tokens × 0.461234567891 × (100 − 12.3456) / 100 / 10^6:
+        // 0.461234567891 × 0.876544 = 0.404292393077448704 (per 1M, exact)
+        // × 1,234,567 / 10^6 = 0.499126046844446614151168 (to the last digit)
+        let price = parse_price("0.461234567891", "p").expect("price");
+        let kept = exact::sub(dec!(100), dec!(12.3456)).expect("kept");
+        let per_million = exact::mul(price, kept).and_then(|p| exact::div_pow10(p, 2));
+        assert_eq!(per_million, Some(dec!(0.404292393077448704)));
+
+        let value = amount(1_234_567, per_million.expect("rate")).expect("exact");
+
+        assert_eq!(value, dec!(0.499126046844446614151168));
+    }
+
+    #[test]
     fn plain_decimal_parsing_rejects_what_the_api_forbids() {
         for bad in ["", "1e3", "+1", " 1", "1.", ".5", "1,000", "0x10", "NaN"] {
             assert!(parse_plain_decimal(bad, "f").is_err(), "{bad:?} accepted");
@@ -769,7 +796,7 @@ mod tests {
         assert_eq!(parse_plain_decimal("12.3400", "f"), Ok(dec!(12.3400)));
         assert_eq!(parse_plain_decimal("-0.5", "f"), Ok(dec!(-0.5)));
         assert!(parse_price("-1", "p").is_err());
-        assert!(parse_price("0.0000001", "p").is_err());
+        assert!(parse_price("0.0000000000001", "p").is_err());
         assert!(parse_price("100000", "p").is_err());
         assert!(parse_discount("0", "d").is_err());
         assert!(parse_discount("100.5", "d").is_err());

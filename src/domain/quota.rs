@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use super::FieldError;
 use super::period::{BillingCalendar, BillingPeriod, local_midnight};
 use super::pricing::{PricedUsage, PricingCatalog, TenantPricing};
-use super::tokens::{TokenClass, TokenCounts};
+use super::tokens::{CLASS_COUNT, TokenClass, TokenCounts};
 
 /// Basis points of a whole limit (100 %).
 pub const FULL_BPS: i32 = 10_000;
@@ -319,7 +319,7 @@ impl Estimate {
         let capped = [TokenClass::Output, TokenClass::Reasoning]
             .into_iter()
             .filter_map(|class| {
-                let mut buckets = [0; 10];
+                let mut buckets = [0; CLASS_COUNT];
                 buckets[class.index()] = self.output_cap;
                 let cap = TokenCounts::new(buckets).ok()?;
                 let p = catalog
@@ -563,7 +563,7 @@ mod tests {
     }
 
     fn counts(input: i64, output: i64, reasoning: i64) -> TokenCounts {
-        let mut buckets = [0; 10];
+        let mut buckets = [0; CLASS_COUNT];
         buckets[TokenClass::Input.index()] = input;
         buckets[TokenClass::Output.index()] = output;
         buckets[TokenClass::Reasoning.index()] = reasoning;

@@ -8,7 +8,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 
 use super::pricing::PricedUsage;
-use super::tokens::TokenClass;
+use super::tokens::{CLASS_COUNT, TokenClass};
 use super::usage::UsageEvent;
 
 /// tenant × hour × agent × transaction × service × provider × model × currency: the rollup key
@@ -61,7 +61,7 @@ impl RollupValue {
 /// Rollup deltas of a batch, one row per (key, class), ordered so concurrent writers lock rows
 /// in the same order and cannot deadlock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RollupBatch(BTreeMap<RollupKey, [RollupValue; 10]>);
+pub struct RollupBatch(BTreeMap<RollupKey, [RollupValue; CLASS_COUNT]>);
 
 impl RollupBatch {
     /// Adds one accepted event. It contributes a row per class with tokens; its distinct-event
@@ -149,7 +149,7 @@ mod tests {
     use rust_decimal::Decimal;
 
     /// (tenant, agent, minutes after the epoch hour, tokens by class, priced classes mask)
-    type Spec = (u8, u8, u16, [i64; 10], u16);
+    type Spec = (u8, u8, u16, [i64; CLASS_COUNT], u16);
 
     fn event_and_price(index: usize, spec: &Spec) -> (UsageEvent, PricedUsage) {
         let (tenant, agent, minute, buckets, priced_mask) = *spec;
@@ -180,7 +180,7 @@ mod tests {
         let mut priced = PricedUsage {
             currency: "USD".into(),
             version_id: None,
-            charges: [None; 10],
+            charges: [None; CLASS_COUNT],
             billed: Decimal::ZERO,
             cost: Decimal::ZERO,
             unpriced_tokens: 0,
@@ -200,7 +200,7 @@ mod tests {
     }
 
     fn specs() -> impl Strategy<Value = Vec<Spec>> {
-        let buckets = prop::array::uniform10(prop_oneof![Just(0i64), 1i64..10_000]);
+        let buckets = prop::array::uniform12(prop_oneof![Just(0i64), 1i64..10_000]);
         prop::collection::vec((0u8..3, 0u8..3, 0u16..180, buckets, any::<u16>()), 0..60)
     }
 

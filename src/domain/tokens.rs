@@ -19,11 +19,20 @@ pub enum TokenClass {
     OutputAudio = 8,
     InputImage = 9,
     OutputImage = 10,
+    CacheWrite30m = 11,
+    CacheWrite12h = 12,
 }
+
+/// How many token classes there are: the length of every per-class array.
+pub const CLASS_COUNT: usize = 12;
+
+/// The classes of the first release (1–10). Payload hashes of stored events cover exactly
+/// these, so the later classes enter a hash only when non-zero (see `UsageEvent::payload_hash`).
+pub const ORIGINAL_CLASS_COUNT: usize = 10;
 
 impl TokenClass {
     /// Every class, in canonical (proto number) order.
-    pub const ALL: [TokenClass; 10] = [
+    pub const ALL: [TokenClass; CLASS_COUNT] = [
         TokenClass::Input,
         TokenClass::CacheRead,
         TokenClass::CacheWrite5m,
@@ -34,6 +43,8 @@ impl TokenClass {
         TokenClass::OutputAudio,
         TokenClass::InputImage,
         TokenClass::OutputImage,
+        TokenClass::CacheWrite30m,
+        TokenClass::CacheWrite12h,
     ];
 
     /// The stable name used in storage, CSV exports and field paths.
@@ -49,6 +60,8 @@ impl TokenClass {
             TokenClass::OutputAudio => "output_audio",
             TokenClass::InputImage => "input_image",
             TokenClass::OutputImage => "output_image",
+            TokenClass::CacheWrite30m => "cache_write_30m",
+            TokenClass::CacheWrite12h => "cache_write_12h",
         }
     }
 
@@ -76,11 +89,11 @@ impl fmt::Display for TokenClass {
 /// Token counts by class. Constructed only through [`TokenCounts::new`], which rejects
 /// negative buckets and totals that overflow, so every value of this type is billable as is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct TokenCounts([i64; 10]);
+pub struct TokenCounts([i64; CLASS_COUNT]);
 
 impl TokenCounts {
     /// Validates raw buckets (in [`TokenClass::ALL`] order). The error names the class.
-    pub fn new(buckets: [i64; 10]) -> Result<Self, FieldError> {
+    pub fn new(buckets: [i64; CLASS_COUNT]) -> Result<Self, FieldError> {
         let mut total: i64 = 0;
         for class in TokenClass::ALL {
             let value = buckets[class.index()];
@@ -103,7 +116,7 @@ impl TokenCounts {
         self.0.iter().sum()
     }
 
-    pub fn buckets(&self) -> [i64; 10] {
+    pub fn buckets(&self) -> [i64; CLASS_COUNT] {
         self.0
     }
 
@@ -127,12 +140,12 @@ mod tests {
             assert_eq!(TokenClass::from_proto(class as i32), Some(class));
         }
         assert_eq!(TokenClass::from_proto(0), None);
-        assert_eq!(TokenClass::from_proto(11), None);
+        assert_eq!(TokenClass::from_proto(13), None);
     }
 
     #[test]
     fn negative_buckets_are_rejected_naming_the_class() {
-        let mut buckets = [0; 10];
+        let mut buckets = [0; CLASS_COUNT];
         buckets[TokenClass::Reasoning.index()] = -1;
 
         let error = TokenCounts::new(buckets).expect_err("negative");
@@ -142,7 +155,7 @@ mod tests {
 
     #[test]
     fn totals_that_overflow_are_rejected() {
-        let mut buckets = [0; 10];
+        let mut buckets = [0; CLASS_COUNT];
         buckets[0] = i64::MAX;
         buckets[1] = 1;
 
@@ -151,9 +164,10 @@ mod tests {
 
     #[test]
     fn total_is_the_sum_of_buckets() {
-        let counts = TokenCounts::new([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).expect("valid");
+        let counts = TokenCounts::new([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).expect("valid");
 
-        assert_eq!(counts.total(), 55);
-        assert_eq!(counts.non_zero().count(), 10);
+        // 1 + 2 + … + 12 = 12 × 13 / 2
+        assert_eq!(counts.total(), 78);
+        assert_eq!(counts.non_zero().count(), 12);
     }
 }

@@ -97,6 +97,51 @@ impl TransactionEvent {
         hash.attributes(&self.attributes);
         hash.finish()
     }
+
+    /// The first payload field, in proto field order, in which `other` (a delivery with the
+    /// same identity) differs: what a CONFLICT result names. Amounts compare as values.
+    pub fn first_difference(&self, other: &TransactionEvent) -> Option<String> {
+        let kind_name = |l: &Lifecycle| match l {
+            Lifecycle::Started => "started",
+            Lifecycle::Completed { .. } => "completed",
+            Lifecycle::Failed { .. } => "failed",
+            Lifecycle::Refunded { .. } => "refunded",
+            Lifecycle::Reversed { .. } => "reversed",
+        };
+        let (mine, theirs) = (&self.lifecycle, &other.lifecycle);
+        let money_field = match mine {
+            Lifecycle::Completed { .. } => "completed.revenue",
+            _ => "refunded.amount",
+        };
+        let reason_field = format!("{}.reason", kind_name(mine));
+        let differences = [
+            (
+                "transaction_id".to_owned(),
+                self.transaction_id != other.transaction_id,
+            ),
+            ("agent_id".to_owned(), self.agent_id != other.agent_id),
+            ("service".to_owned(), self.service != other.service),
+            (
+                "occurred_at".to_owned(),
+                self.occurred_at != other.occurred_at,
+            ),
+            ("kind".to_owned(), mine.number() != theirs.number()),
+            (
+                format!("{money_field}.amount"),
+                mine.money().map(|(a, _)| a) != theirs.money().map(|(a, _)| a),
+            ),
+            (
+                format!("{money_field}.currency"),
+                mine.money().map(|(_, c)| c) != theirs.money().map(|(_, c)| c),
+            ),
+            (reason_field, mine.reason() != theirs.reason()),
+            ("attributes".to_owned(), self.attributes != other.attributes),
+        ];
+        differences
+            .into_iter()
+            .find(|(_, differs)| *differs)
+            .map(|(field, _)| field)
+    }
 }
 
 /// The derived state (proto `TransactionState` numbers).
@@ -333,6 +378,34 @@ mod tests {
             currency: currency.into(),
             reason: "late".into(),
         }
+    }
+
+    #[test]
+    fn a_conflicting_resend_names_its_first_differing_field() {
+        let stored = event("e2", 5, completed(dec!(42.50)));
+        let same_value = event("e2", 5, completed(dec!(42.5)));
+        let more = event("e2", 5, completed(dec!(43)));
+        let later = event("e2", 6, completed(dec!(43)));
+        let refund = event("e2", 5, refunded(dec!(42.50), "USD"));
+        let mut euros = event("e2", 5, refunded(dec!(42.50), "EUR"));
+        euros.attributes.insert("k".into(), "v".into());
+
+        assert_eq!(stored.first_difference(&same_value), None);
+        assert_eq!(
+            stored.first_difference(&more).as_deref(),
+            Some("completed.revenue.amount")
+        );
+        assert_eq!(
+            stored.first_difference(&later).as_deref(),
+            Some("occurred_at")
+        );
+        assert_eq!(stored.first_difference(&refund).as_deref(), Some("kind"));
+        assert_eq!(
+            event("e3", 5, refunded(dec!(42.50), "USD"))
+                .first_difference(&euros)
+                .as_deref(),
+            Some("refunded.amount.currency")
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use super::tokens::TokenCounts;
+use super::tokens::{ORIGINAL_CLASS_COUNT, TokenClass, TokenCounts};
 
 /// Who reported the counts (proto `UsageSource`, default applied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -15,12 +15,34 @@ pub enum UsageSource {
     Estimated = 2,
 }
 
+impl UsageSource {
+    /// From the stored proto number.
+    pub fn from_number(number: i16) -> Option<Self> {
+        [UsageSource::ProviderReported, UsageSource::Estimated]
+            .into_iter()
+            .find(|s| *s as i16 == number)
+    }
+}
+
 /// How the model call ended (proto `UsageStatus`, default applied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallStatus {
     Success = 1,
     Error = 2,
     Cancelled = 3,
+}
+
+impl CallStatus {
+    /// From the stored proto number.
+    pub fn from_number(number: i16) -> Option<Self> {
+        [
+            CallStatus::Success,
+            CallStatus::Error,
+            CallStatus::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| *s as i16 == number)
+    }
 }
 
 /// (tenant, source, event_id): what makes two deliveries the same event.
@@ -64,6 +86,48 @@ pub struct UsageEvent {
 }
 
 impl UsageEvent {
+    /// The first payload field, in proto field order, in which `other` (a delivery with the
+    /// same identity) differs from this event: what a CONFLICT result names. Token classes
+    /// are named after normalization (`tokens.cache_read`), whatever shape carried them.
+    pub fn first_difference(&self, other: &UsageEvent) -> Option<String> {
+        let fields: [(&str, bool); 8] = [
+            ("agent_id", self.agent_id != other.agent_id),
+            (
+                "transaction_id",
+                self.transaction_id != other.transaction_id,
+            ),
+            ("service", self.service != other.service),
+            ("session_id", self.session_id != other.session_id),
+            ("request_id", self.request_id != other.request_id),
+            (
+                "reservation_id",
+                self.reservation_id != other.reservation_id,
+            ),
+            ("provider", self.provider != other.provider),
+            ("model", self.model != other.model),
+        ];
+        if let Some((field, _)) = fields.iter().find(|(_, differs)| *differs) {
+            return Some((*field).to_owned());
+        }
+        if self.occurred_at != other.occurred_at {
+            return Some("occurred_at".to_owned());
+        }
+        if let Some(class) = TokenClass::ALL
+            .into_iter()
+            .find(|class| self.tokens.get(*class) != other.tokens.get(*class))
+        {
+            return Some(format!("tokens.{class}"));
+        }
+        [
+            ("usage_source", self.usage_source != other.usage_source),
+            ("status", self.status != other.status),
+            ("attributes", self.attributes != other.attributes),
+        ]
+        .into_iter()
+        .find(|(_, differs)| *differs)
+        .map(|(field, _)| field.to_owned())
+    }
+
     /// SHA-256 over a length-prefixed encoding of every payload field, in a fixed order.
     /// Equal hashes mean a duplicate delivery; different ones a conflict.
     pub fn payload_hash(&self) -> [u8; 32] {
@@ -77,8 +141,17 @@ impl UsageEvent {
         hash.field(self.provider.as_bytes());
         hash.field(self.model.as_bytes());
         hash.field(&self.occurred_at.timestamp_micros().to_le_bytes());
-        for count in self.tokens.buckets() {
+        let buckets = self.tokens.buckets();
+        let (original, later) = buckets.split_at(ORIGINAL_CLASS_COUNT);
+        for count in original {
             hash.field(&count.to_le_bytes());
+        }
+        // Classes added since the first release enter only when used, so an event stored
+        // before they existed hashes as it did then and its retries stay DUPLICATE.
+        if later.iter().any(|count| *count != 0) {
+            for count in later {
+                hash.field(&count.to_le_bytes());
+            }
         }
         hash.field(&[self.usage_source as u8, self.status as u8]);
         hash.attributes(&self.attributes);
@@ -122,6 +195,14 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    fn tokens(counts: &[(TokenClass, i64)]) -> TokenCounts {
+        let mut buckets = [0; crate::domain::tokens::CLASS_COUNT];
+        for (class, n) in counts {
+            buckets[class.index()] = *n;
+        }
+        TokenCounts::new(buckets).expect("tokens")
+    }
+
     fn event() -> UsageEvent {
         UsageEvent {
             identity: EventIdentity {
@@ -141,7 +222,7 @@ mod tests {
                 .timestamp_micros(1_780_000_000_000_000)
                 .single()
                 .expect("time"),
-            tokens: TokenCounts::new([10, 0, 0, 0, 5, 0, 0, 0, 0, 0]).expect("tokens"),
+            tokens: tokens(&[(TokenClass::Input, 10), (TokenClass::Output, 5)]),
             usage_source: UsageSource::ProviderReported,
             status: CallStatus::Success,
             attributes: BTreeMap::new(),
@@ -156,7 +237,13 @@ mod tests {
         let mut later = event();
         later.occurred_at += chrono::Duration::microseconds(1);
         let mut more = event();
-        more.tokens = TokenCounts::new([11, 0, 0, 0, 5, 0, 0, 0, 0, 0]).expect("tokens");
+        more.tokens = tokens(&[(TokenClass::Input, 11), (TokenClass::Output, 5)]);
+        let mut written = event();
+        written.tokens = tokens(&[
+            (TokenClass::Input, 10),
+            (TokenClass::Output, 5),
+            (TokenClass::CacheWrite12h, 1),
+        ]);
         let mut moved = event();
         moved.service = None;
         let mut empty_vs_absent = event();
@@ -164,7 +251,7 @@ mod tests {
         let mut attributed = event();
         attributed.attributes.insert("k".into(), "v".into());
 
-        for changed in [later, more, moved, empty_vs_absent, attributed] {
+        for changed in [later, more, written, moved, empty_vs_absent, attributed] {
             assert_ne!(base.payload_hash(), changed.payload_hash(), "{changed:?}");
         }
     }
@@ -179,5 +266,57 @@ mod tests {
         b.model = "gpt".into();
 
         assert_ne!(a.payload_hash(), b.payload_hash());
+    }
+
+    #[test]
+    fn events_without_the_later_classes_hash_as_the_first_release_did() {
+        let stored = event();
+        // The first release's encoding: ten buckets, nothing after them.
+        let mut hash = PayloadHasher::default();
+        hash.field(b"a");
+        hash.optional(&None);
+        hash.optional(&Some("food-delivery".into()));
+        hash.optional(&None);
+        hash.optional(&None);
+        hash.optional(&None);
+        hash.field(b"openai");
+        hash.field(b"gpt-4.1-mini");
+        hash.field(&1_780_000_000_000_000_i64.to_le_bytes());
+        for count in [10_i64, 0, 0, 0, 5, 0, 0, 0, 0, 0] {
+            hash.field(&count.to_le_bytes());
+        }
+        hash.field(&[1, 1]);
+        hash.attributes(&BTreeMap::new());
+
+        assert_eq!(stored.payload_hash(), hash.finish());
+    }
+
+    #[test]
+    fn the_first_difference_follows_the_proto_field_order() {
+        let base = event();
+        let mut later = event();
+        later.occurred_at += chrono::Duration::microseconds(1);
+        later.attributes.insert("k".into(), "v".into());
+        let mut written = event();
+        written.tokens = tokens(&[
+            (TokenClass::Input, 10),
+            (TokenClass::Output, 5),
+            (TokenClass::CacheWrite30m, 3),
+        ]);
+        written.status = CallStatus::Error;
+        let mut renamed = event();
+        renamed.model = "gpt-4.1".into();
+        renamed.tokens = written.tokens;
+
+        assert_eq!(base.first_difference(&event()), None);
+        assert_eq!(
+            base.first_difference(&later).as_deref(),
+            Some("occurred_at")
+        );
+        assert_eq!(
+            base.first_difference(&written).as_deref(),
+            Some("tokens.cache_write_30m")
+        );
+        assert_eq!(base.first_difference(&renamed).as_deref(), Some("model"));
     }
 }

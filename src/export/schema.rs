@@ -160,7 +160,8 @@ pub const INVOICE_LINES: Schema = Schema {
     version: 1,
 };
 
-/// Token columns shared by the usage and attribution rows, in TokenClass order.
+/// Token columns shared by the usage and attribution rows, in TokenClass order. Version 2 of
+/// those schemas added the OpenAI cache-write classes (`cache_write_30m`, `cache_write_12h`).
 macro_rules! token_columns {
     () => {
         [
@@ -174,6 +175,8 @@ macro_rules! token_columns {
             c("output_audio", Int),
             c("input_image", Int),
             c("output_image", Int),
+            c("cache_write_30m", Int),
+            c("cache_write_12h", Int),
         ]
     };
 }
@@ -200,7 +203,7 @@ const fn concat<const A: usize, const B: usize, const C: usize, const N: usize>(
     out
 }
 
-const USAGE_COLUMNS: [Column; 24] = concat(
+const USAGE_COLUMNS: [Column; 26] = concat(
     [
         c("bucket_start", Time),
         c("tenant_id", Text),
@@ -229,10 +232,10 @@ pub const USAGE: Schema = Schema {
     columns: &USAGE_COLUMNS,
     currency: "currency",
     totals: &["billed_amount", "cost_amount"],
-    version: 1,
+    version: 2,
 };
 
-const USAGE_EVENT_COLUMNS: [Column; 31] = concat(
+const USAGE_EVENT_COLUMNS: [Column; 33] = concat(
     [
         c("tenant_id", Text),
         c("source", Text),
@@ -268,10 +271,10 @@ pub const USAGE_EVENTS: Schema = Schema {
     columns: &USAGE_EVENT_COLUMNS,
     currency: "currency",
     totals: &["billed_amount", "cost_amount"],
-    version: 1,
+    version: 2,
 };
 
-const ATTRIBUTION_COLUMNS: [Column; 43] = concat(
+const ATTRIBUTION_COLUMNS: [Column; 45] = concat(
     [
         c("bucket_start", Time),
         c("bucket_end", Time),
@@ -318,7 +321,7 @@ pub const ATTRIBUTION: Schema = Schema {
     columns: &ATTRIBUTION_COLUMNS,
     currency: "currency",
     totals: &["net_revenue", "spend", "cost"],
-    version: 1,
+    version: 2,
 };
 
 /// One row per lifecycle event.

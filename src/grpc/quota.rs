@@ -19,7 +19,7 @@ use crate::domain::quota::{
     DenialReason, Enforcement, Estimate, Limit, Policy, Scope, Window, normalize_thresholds,
 };
 use crate::domain::tenant::is_currency_code;
-use crate::domain::tokens::{TokenClass, TokenCounts};
+use crate::domain::tokens::{CLASS_COUNT, TokenClass, TokenCounts};
 use crate::ingest::{Channel, Outcome};
 use crate::proto::v1 as pb;
 use crate::proto::v1::quota_service_server::QuotaService;
@@ -331,7 +331,7 @@ fn estimate_from_proto(request: &pb::ReserveRequest) -> Result<Estimate, Status>
                     return Err(invalid_field(field, "is required with max_tokens_estimate"));
                 }
             }
-            let mut buckets = [0; 10];
+            let mut buckets = [0; CLASS_COUNT];
             buckets[TokenClass::Input.index()] = m.input_tokens;
             Ok(Estimate {
                 tokens: bounded(buckets, "max_tokens_estimate")?,
@@ -351,7 +351,7 @@ fn counts(t: &pb::TokenCounts, field: &str) -> Result<TokenCounts, Status> {
 }
 
 /// Buckets within the bound that keeps pricing exact (see `domain::pricing`).
-fn bounded(buckets: [i64; 10], field: &str) -> Result<TokenCounts, Status> {
+fn bounded(buckets: [i64; CLASS_COUNT], field: &str) -> Result<TokenCounts, Status> {
     for class in TokenClass::ALL {
         bounded_count(buckets[class.index()], &format!("{field}.{class}"))?;
     }
@@ -680,7 +680,10 @@ impl QuotaService for QuotaApi {
                         result.unpriced = *unpriced;
                     }
                     Outcome::Duplicate => result.set_status(pb::IngestStatus::Duplicate),
-                    Outcome::Conflict => result.set_status(pb::IngestStatus::Conflict),
+                    Outcome::Conflict { field } => {
+                        result.set_status(pb::IngestStatus::Conflict);
+                        result.field = field.clone();
+                    }
                     Outcome::Invalid(error) => {
                         result.set_status(pb::IngestStatus::Invalid);
                         result.field = error.field.clone();

@@ -12,7 +12,7 @@ use super::status::{from_store, invalid_field};
 use crate::domain::attribution;
 use crate::domain::auth::{Scope, TenantBinding};
 use crate::domain::period::{on_the_hour, whole_hour_offset};
-use crate::domain::tokens::TokenClass;
+use crate::domain::tokens::{CLASS_COUNT, TokenClass};
 use crate::proto::v1 as pb;
 use crate::proto::v1::report_service_server::ReportService;
 use crate::store;
@@ -174,7 +174,7 @@ fn row_to_proto(query: &UsageQuery, row: store::reports::UsageRow) -> pb::UsageR
     out
 }
 
-pub fn token_counts(buckets: &[i64; 10]) -> pb::TokenCounts {
+pub fn token_counts(buckets: &[i64; CLASS_COUNT]) -> pb::TokenCounts {
     let get = |class: TokenClass| buckets[class.index()];
     pb::TokenCounts {
         input: get(TokenClass::Input),
@@ -187,6 +187,8 @@ pub fn token_counts(buckets: &[i64; 10]) -> pb::TokenCounts {
         output_audio: get(TokenClass::OutputAudio),
         input_image: get(TokenClass::InputImage),
         output_image: get(TokenClass::OutputImage),
+        cache_write_30m: get(TokenClass::CacheWrite30m),
+        cache_write_12h: get(TokenClass::CacheWrite12h),
     }
 }
 

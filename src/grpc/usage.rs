@@ -70,9 +70,10 @@ fn results(
                 summary.duplicate += 1;
                 result.set_status(pb::IngestStatus::Duplicate);
             }
-            Outcome::Conflict => {
+            Outcome::Conflict { field } => {
                 summary.conflict += 1;
                 result.set_status(pb::IngestStatus::Conflict);
+                result.field = field.clone();
                 result.reason = "same identity as a stored event with a different payload".into();
             }
             Outcome::Invalid(error) => {

@@ -399,4 +399,6 @@ impl Attributes<'_> {
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 #[cfg(test)]
+mod sdk_conformance;
+#[cfg(test)]
 pub(crate) mod tests;

@@ -54,8 +54,11 @@ pub enum Outcome {
     },
     /// Same identity and payload as a stored (or earlier in-batch) event: not counted again.
     Duplicate,
-    /// Same identity, different payload: not counted, kept for audit.
-    Conflict,
+    /// Same identity, different payload: not counted, kept for audit. `field` is the first
+    /// payload field that differs from the delivery that won the identity.
+    Conflict {
+        field: String,
+    },
     Invalid(FieldError),
 }
 
@@ -112,7 +115,7 @@ impl IngestMetrics {
                     "accepted"
                 }
                 Outcome::Duplicate => "duplicate",
-                Outcome::Conflict => "conflict",
+                Outcome::Conflict { .. } => "conflict",
                 Outcome::Invalid(_) => "invalid",
             };
             *counts.entry(label).or_default() += 1;
@@ -491,7 +494,7 @@ impl Pipeline {
             })
             .collect();
 
-        let mut conflicts: Vec<(&UsageEvent, [u8; 32])> = Vec::new();
+        let mut conflicting: Vec<(usize, &UsageEvent, [u8; 32])> = Vec::new();
         let mut accepted: Vec<&Candidate<'_>> = Vec::new();
         for (index, result) in validated.iter().enumerate() {
             if outcomes[index].is_some() {
@@ -512,11 +515,35 @@ impl Pipeline {
             else {
                 continue;
             };
-            let outcome = judge(&hash, winner);
-            if outcome == Outcome::Conflict {
-                conflicts.push((event, hash));
+            if hash == *winner {
+                outcomes[index] = Some(Outcome::Duplicate);
+            } else {
+                conflicting.push((index, event, hash));
             }
-            outcomes[index] = Some(outcome);
+        }
+        // Conflicts are rare: only they read the stored events back, to name what differs.
+        let stored_winners: Vec<&EventIdentity> = conflicting
+            .iter()
+            .map(|(_, event, _)| &event.identity)
+            .filter(|identity| !inserted.contains(*identity))
+            .collect();
+        let stored_events = store::usage::stored_events(&mut tx, &stored_winners).await?;
+        let winners: HashMap<&EventIdentity, &UsageEvent> = candidates
+            .iter()
+            .filter(|c| inserted.contains(&c.event.identity))
+            .map(|c| (&c.event.identity, c.event))
+            .chain(&stored_events)
+            .collect();
+        let mut conflicts: Vec<(&UsageEvent, [u8; 32], String)> = Vec::new();
+        for (index, event, hash) in conflicting {
+            let field = winners
+                .get(&event.identity)
+                .and_then(|winner| winner.first_difference(event))
+                .unwrap_or_else(|| UNKNOWN_DIFFERENCE.to_owned());
+            outcomes[index] = Some(Outcome::Conflict {
+                field: field.clone(),
+            });
+            conflicts.push((event, hash, field));
         }
 
         store::usage::insert_conflicts(&mut tx, &conflicts, channel.as_str()).await?;
@@ -583,7 +610,18 @@ impl Pipeline {
             .collect();
         let mut conn = self.pool.acquire().await?;
         let stored = store::usage::stored_hashes(&mut conn, &identities).await?;
-        let mut first_hash: HashMap<&EventIdentity, [u8; 32]> = HashMap::new();
+        let differing: Vec<&EventIdentity> = validated
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|e| {
+                stored
+                    .get(&e.identity)
+                    .is_some_and(|h| *h != e.payload_hash())
+            })
+            .map(|e| &e.identity)
+            .collect();
+        let stored_events = store::usage::stored_events(&mut conn, &differing).await?;
+        let mut first_of: HashMap<&EventIdentity, ([u8; 32], &UsageEvent)> = HashMap::new();
         let mut runs = Vec::with_capacity(events.len());
         for result in &validated {
             let event = match result {
@@ -610,13 +648,19 @@ impl Pipeline {
                 }
             };
             let hash = event.payload_hash();
-            let outcome = match stored
+            let winner = stored
                 .get(&event.identity)
-                .or(first_hash.get(&event.identity))
-            {
-                Some(winner) => judge(&hash, winner),
+                .map(|hash| (*hash, stored_events.get(&event.identity)))
+                .or_else(|| first_of.get(&event.identity).map(|(h, e)| (*h, Some(*e))));
+            let outcome = match winner {
+                Some((winner_hash, _)) if winner_hash == hash => Outcome::Duplicate,
+                Some((_, winner)) => Outcome::Conflict {
+                    field: winner
+                        .and_then(|w| w.first_difference(event))
+                        .unwrap_or_else(|| UNKNOWN_DIFFERENCE.to_owned()),
+                },
                 None => {
-                    first_hash.insert(&event.identity, hash);
+                    first_of.insert(&event.identity, (hash, event));
                     Outcome::Accepted {
                         unpriced: priced.is_unpriced(),
                     }
@@ -735,15 +779,9 @@ fn price(
         .map_err(|_| FieldError::new("tokens", "amount overflows exact decimal range"))
 }
 
-/// A later delivery of an identity: DUPLICATE when its payload equals the one that won the
-/// identity, CONFLICT otherwise.
-fn judge(hash: &[u8; 32], winner: &[u8; 32]) -> Outcome {
-    if hash == winner {
-        Outcome::Duplicate
-    } else {
-        Outcome::Conflict
-    }
-}
+/// What a CONFLICT names when the winning delivery cannot be read back (its raw row is gone):
+/// the payload as a whole.
+const UNKNOWN_DIFFERENCE: &str = "payload";
 
 fn month_start(at: DateTime<Utc>) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)

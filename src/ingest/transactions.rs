@@ -142,7 +142,15 @@ impl TransactionRecorder {
             &existing,
         )
         .await?;
-        let mut conflicts: Vec<(&TransactionEvent, [u8; 32])> = Vec::new();
+        let differing: Vec<&EventIdentity> = validated
+            .iter()
+            .zip(&hashes)
+            .filter_map(|(r, h)| Some((r.as_ref().ok()?, (*h)?)))
+            .filter(|(e, h)| stored.get(&e.identity).is_some_and(|w| w != h))
+            .map(|(e, _)| &e.identity)
+            .collect();
+        let stored_events = store::transactions::stored_events(&mut tx, &differing).await?;
+        let mut conflicts: Vec<(&TransactionEvent, [u8; 32], String)> = Vec::new();
         for (index, result) in validated.iter().enumerate() {
             let (None, Ok(event), Some(hash)) = (&outcomes[index], result, hashes[index]) else {
                 continue;
@@ -158,8 +166,16 @@ impl TransactionRecorder {
             } else if winner == Some(hash) {
                 Outcome::Duplicate
             } else {
-                conflicts.push((event, hash));
-                Outcome::Conflict
+                let winner = if inserted.contains(&event.identity) {
+                    validated[first_of[&event.identity]].as_ref().ok()
+                } else {
+                    stored_events.get(&event.identity)
+                };
+                let field = winner
+                    .and_then(|w| w.first_difference(event))
+                    .unwrap_or_else(|| "payload".to_owned());
+                conflicts.push((event, hash, field.clone()));
+                Outcome::Conflict { field }
             };
             outcomes[index] = Some(outcome);
         }
@@ -179,7 +195,7 @@ impl TransactionRecorder {
             let label = match outcome {
                 Outcome::Accepted { .. } => "accepted",
                 Outcome::Duplicate => "duplicate",
-                Outcome::Conflict => "conflict",
+                Outcome::Conflict { .. } => "conflict",
                 Outcome::Invalid(_) => "invalid",
             };
             self.events

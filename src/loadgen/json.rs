@@ -10,8 +10,9 @@
 use serde_json::{Map, Value, json};
 
 use crate::proto::v1::{
-    AnthropicUsage, GeminiModalityTokenCount, GeminiUsageMetadata, OpenAiChatUsage,
-    OpenAiResponsesUsage, TokenCounts, UsageEvent, UsageSource, UsageStatus, usage_event::Usage,
+    AnthropicCacheCreation, AnthropicUsage, DashScopeUsage, GeminiModalityTokenCount,
+    GeminiUsageMetadata, OpenAiChatUsage, OpenAiResponsesUsage, TokenCounts, UsageEvent,
+    UsageSource, UsageStatus, usage_event::Usage,
 };
 
 /// An RFC 3339 UTC instant with as many fractional digits as it needs (`None` if the
@@ -55,6 +56,7 @@ pub(super) fn usage_event(event: &UsageEvent, identity: bool) -> Map<String, Val
             Usage::OpenaiResponses(u) => ("openaiResponses", openai_responses(u)),
             Usage::Anthropic(u) => ("anthropic", anthropic(u)),
             Usage::Gemini(u) => ("gemini", gemini(u)),
+            Usage::Dashscope(u) => ("dashscope", dashscope(u)),
         };
         m.insert(name.to_owned(), value);
     }
@@ -92,6 +94,8 @@ fn tokens(t: &TokenCounts) -> Value {
         ("outputAudio", t.output_audio),
         ("inputImage", t.input_image),
         ("outputImage", t.output_image),
+        ("cacheWrite30m", t.cache_write_30m),
+        ("cacheWrite12h", t.cache_write_12h),
     ];
     buckets
         .into_iter()
@@ -125,9 +129,28 @@ macro_rules! counts {
 fn openai_chat(u: &OpenAiChatUsage) -> Value {
     let mut v: Value = counts!(u, prompt_tokens, completion_tokens);
     put(&mut v, "total_tokens", u.total_tokens.map(Value::from));
-    let prompt = u
-        .prompt_tokens_details
-        .map(|d| counts!(d, cached_tokens, audio_tokens, image_tokens, text_tokens));
+    let prompt = u.prompt_tokens_details.as_ref().map(|d| {
+        let mut details: Value = counts!(
+            d,
+            cached_tokens,
+            audio_tokens,
+            image_tokens,
+            text_tokens,
+            cache_write_tokens,
+            cache_creation_input_tokens,
+        );
+        put(
+            &mut details,
+            "cache_creation",
+            d.cache_creation.map(cache_creation),
+        );
+        put(
+            &mut details,
+            "cache_type",
+            d.cache_type.as_deref().map(Value::from),
+        );
+        details
+    });
     put(&mut v, "prompt_tokens_details", prompt);
     let completion = u.completion_tokens_details.map(|d| {
         counts!(
@@ -147,9 +170,21 @@ fn openai_chat(u: &OpenAiChatUsage) -> Value {
 fn openai_responses(u: &OpenAiResponsesUsage) -> Value {
     let mut v: Value = counts!(u, input_tokens, output_tokens);
     put(&mut v, "total_tokens", u.total_tokens.map(Value::from));
-    let input = u
-        .input_tokens_details
-        .map(|d| counts!(d, cached_tokens, audio_tokens, image_tokens, text_tokens));
+    let input = u.input_tokens_details.map(|d| {
+        let mut details: Value = counts!(
+            d,
+            cached_tokens,
+            audio_tokens,
+            image_tokens,
+            text_tokens,
+            cache_write_tokens,
+        );
+        let by_ttl = d
+            .cache_write_tokens_details
+            .map(|t| counts!(t, ttl_30m_tokens, ttl_12h_tokens));
+        put(&mut details, "cache_write_tokens_details", by_ttl);
+        details
+    });
     put(&mut v, "input_tokens_details", input);
     let output = u
         .output_tokens_details
@@ -166,10 +201,13 @@ fn anthropic(u: &AnthropicUsage) -> Value {
         cache_creation_input_tokens,
         cache_read_input_tokens,
     );
-    let creation = u
-        .cache_creation
-        .map(|c| counts!(c, ephemeral_5m_input_tokens, ephemeral_1h_input_tokens));
-    put(&mut v, "cache_creation", creation);
+    put(
+        &mut v,
+        "cache_creation",
+        u.cache_creation.map(cache_creation),
+    );
+    let thinking = u.output_tokens_details.map(|d| counts!(d, thinking_tokens));
+    put(&mut v, "output_tokens_details", thinking);
     let tools = u
         .server_tool_use
         .map(|t| counts!(t, web_search_requests, web_fetch_requests));
@@ -179,6 +217,39 @@ fn anthropic(u: &AnthropicUsage) -> Value {
         "service_tier",
         u.service_tier.as_deref().map(Value::from),
     );
+    v
+}
+
+fn cache_creation(c: AnthropicCacheCreation) -> Value {
+    counts!(c, ephemeral_5m_input_tokens, ephemeral_1h_input_tokens)
+}
+
+fn dashscope(u: &DashScopeUsage) -> Value {
+    let mut v: Value = counts!(u, input_tokens, output_tokens, cached_tokens, image_tokens);
+    put(&mut v, "total_tokens", u.total_tokens.map(Value::from));
+    let prompt = u.prompt_tokens_details.as_ref().map(|d| {
+        let mut details: Value = counts!(d, cached_tokens, cache_creation_input_tokens);
+        put(
+            &mut details,
+            "cache_creation",
+            d.cache_creation.map(cache_creation),
+        );
+        put(
+            &mut details,
+            "cache_type",
+            d.cache_type.as_deref().map(Value::from),
+        );
+        details
+    });
+    put(&mut v, "prompt_tokens_details", prompt);
+    let input = u
+        .input_tokens_details
+        .map(|d| counts!(d, text_tokens, image_tokens));
+    put(&mut v, "input_tokens_details", input);
+    let output = u
+        .output_tokens_details
+        .map(|d| counts!(d, reasoning_tokens, text_tokens));
+    put(&mut v, "output_tokens_details", output);
     v
 }
 

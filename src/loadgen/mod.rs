@@ -40,6 +40,7 @@ use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::domain::tokens::CLASS_COUNT;
 use crate::grpc::auth::Bearer;
 use crate::proto::v1::{
     AnthropicCacheCreation, AnthropicServerToolUse, AnthropicUsage, EventResult,
@@ -269,7 +270,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 // Token classes (indices = proto TokenClass number − 1 = TokenCounts field order)
 // ---------------------------------------------------------------------------------------------
 
-type Buckets = [i64; 10];
+type Buckets = [i64; CLASS_COUNT];
 
 const INPUT: usize = 0;
 const CACHE_READ: usize = 1;
@@ -281,8 +282,10 @@ const INPUT_AUDIO: usize = 6;
 const OUTPUT_AUDIO: usize = 7;
 const INPUT_IMAGE: usize = 8;
 const OUTPUT_IMAGE: usize = 9;
+const CACHE_WRITE_30M: usize = 10;
+const CACHE_WRITE_12H: usize = 11;
 
-const CLASS_NAMES: [&str; 10] = [
+const CLASS_NAMES: [&str; CLASS_COUNT] = [
     "input",
     "cache_read",
     "cache_write_5m",
@@ -293,6 +296,8 @@ const CLASS_NAMES: [&str; 10] = [
     "output_audio",
     "input_image",
     "output_image",
+    "cache_write_30m",
+    "cache_write_12h",
 ];
 
 fn to_token_counts(b: &Buckets) -> TokenCounts {
@@ -307,6 +312,8 @@ fn to_token_counts(b: &Buckets) -> TokenCounts {
         output_audio: b[OUTPUT_AUDIO],
         input_image: b[INPUT_IMAGE],
         output_image: b[OUTPUT_IMAGE],
+        cache_write_30m: b[CACHE_WRITE_30M],
+        cache_write_12h: b[CACHE_WRITE_12H],
     }
 }
 
@@ -935,7 +942,7 @@ fn pick_weighted(rng: &mut StdRng, cumulative: &[u64]) -> usize {
 /// Token counts in plausible ranges for the model: prompts of hundreds to thousands, frequent
 /// cache reads, outputs of tens to hundreds, reasoning for reasoning models.
 fn draw_buckets(model: usize, rng: &mut StdRng) -> Buckets {
-    let mut b = [0; 10];
+    let mut b = [0; CLASS_COUNT];
     b[INPUT] = match rng.random_range(0..100) {
         0..=54 => rng.random_range(150..=800),
         55..=89 => rng.random_range(800..=3_000),
@@ -1025,7 +1032,7 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
                 cached_tokens: b[CACHE_READ],
                 audio_tokens: b[INPUT_AUDIO],
                 image_tokens: b[INPUT_IMAGE],
-                text_tokens: 0,
+                ..Default::default()
             }),
             completion_tokens_details: Some(OpenAiCompletionTokensDetails {
                 reasoning_tokens: b[REASONING],
@@ -1042,7 +1049,7 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
                 cached_tokens: b[CACHE_READ],
                 audio_tokens: b[INPUT_AUDIO],
                 image_tokens: b[INPUT_IMAGE],
-                text_tokens: 0,
+                ..Default::default()
             }),
             output_tokens: b[OUTPUT] + b[REASONING] + b[OUTPUT_AUDIO] + b[OUTPUT_IMAGE],
             output_tokens_details: Some(OpenAiOutputTokensDetails {
@@ -1075,6 +1082,7 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
                     },
                 ),
                 service_tier: Some("standard".to_owned()),
+                output_tokens_details: None,
             })
         }
         Shape::Gemini => {
@@ -1198,8 +1206,8 @@ struct Truth {
 impl Truth {
     fn new(tenants: usize) -> Truth {
         Truth {
-            tenants: vec![(0, [0; 10]); tenants],
-            models: vec![(0, [0; 10]); MODELS.len()],
+            tenants: vec![(0, [0; CLASS_COUNT]); tenants],
+            models: vec![(0, [0; CLASS_COUNT]); MODELS.len()],
             ..Truth::default()
         }
     }
@@ -2080,7 +2088,7 @@ mod tests {
 
     /// The proto comments' normalization rules, transcribed independently of the generator.
     fn normalize(usage: &Usage) -> Result<Buckets, String> {
-        let mut b = [0_i64; 10];
+        let mut b = [0_i64; CLASS_COUNT];
         let total = match usage {
             Usage::Tokens(t) => {
                 b = [
@@ -2094,16 +2102,28 @@ mod tests {
                     t.output_audio,
                     t.input_image,
                     t.output_image,
+                    t.cache_write_30m,
+                    t.cache_write_12h,
                 ];
                 None
             }
             Usage::OpenaiChat(u) => {
-                let p = u.prompt_tokens_details.unwrap_or_default();
+                let p = u.prompt_tokens_details.clone().unwrap_or_default();
                 let c = u.completion_tokens_details.unwrap_or_default();
+                if p.cache_creation.is_some() {
+                    return Err("qwen cache_creation splits are not generated".into());
+                }
                 b[CACHE_READ] = p.cached_tokens;
+                b[CACHE_WRITE_30M] = p.cache_write_tokens;
+                b[CACHE_WRITE_5M] = p.cache_creation_input_tokens;
                 b[INPUT_AUDIO] = p.audio_tokens;
                 b[INPUT_IMAGE] = p.image_tokens;
-                b[INPUT] = u.prompt_tokens - p.cached_tokens - p.audio_tokens - p.image_tokens;
+                b[INPUT] = u.prompt_tokens
+                    - p.cached_tokens
+                    - p.cache_write_tokens
+                    - p.cache_creation_input_tokens
+                    - p.audio_tokens
+                    - p.image_tokens;
                 b[REASONING] = c.reasoning_tokens;
                 b[OUTPUT_AUDIO] = c.audio_tokens;
                 b[OUTPUT_IMAGE] = c.image_tokens;
@@ -2115,9 +2135,20 @@ mod tests {
                 let i = u.input_tokens_details.unwrap_or_default();
                 let o = u.output_tokens_details.unwrap_or_default();
                 b[CACHE_READ] = i.cached_tokens;
+                match i.cache_write_tokens_details {
+                    Some(d) => {
+                        b[CACHE_WRITE_30M] = d.ttl_30m_tokens;
+                        b[CACHE_WRITE_12H] = d.ttl_12h_tokens;
+                    }
+                    None => b[CACHE_WRITE_30M] = i.cache_write_tokens,
+                }
                 b[INPUT_AUDIO] = i.audio_tokens;
                 b[INPUT_IMAGE] = i.image_tokens;
-                b[INPUT] = u.input_tokens - i.cached_tokens - i.audio_tokens - i.image_tokens;
+                b[INPUT] = u.input_tokens
+                    - i.cached_tokens
+                    - i.cache_write_tokens
+                    - i.audio_tokens
+                    - i.image_tokens;
                 b[REASONING] = o.reasoning_tokens;
                 b[OUTPUT_AUDIO] = o.audio_tokens;
                 b[OUTPUT_IMAGE] = o.image_tokens;
@@ -2127,7 +2158,8 @@ mod tests {
             Usage::Anthropic(u) => {
                 b[INPUT] = u.input_tokens;
                 b[CACHE_READ] = u.cache_read_input_tokens;
-                b[OUTPUT] = u.output_tokens;
+                b[REASONING] = u.output_tokens_details.map_or(0, |d| d.thinking_tokens);
+                b[OUTPUT] = u.output_tokens - b[REASONING];
                 match u.cache_creation {
                     Some(cc) => {
                         if cc.ephemeral_5m_input_tokens + cc.ephemeral_1h_input_tokens
@@ -2142,6 +2174,7 @@ mod tests {
                 }
                 None
             }
+            Usage::Dashscope(_) => return Err("dashscope usage is not generated".into()),
             Usage::Gemini(u) => {
                 let of = |list: &[GeminiModalityTokenCount], m: &str| -> i64 {
                     list.iter()
@@ -2297,7 +2330,7 @@ mod tests {
         let generator = Generator::new(5, "norm", &args);
 
         let mut shapes = HashSet::new();
-        let mut classes = [false; 10];
+        let mut classes = [false; CLASS_COUNT];
         for (_, generated) in materialize(&plan, &generator) {
             let usage = generated.event.usage.as_ref().expect("usage");
             let normalized = normalize(usage).expect("valid provider object");
@@ -2359,7 +2392,7 @@ mod tests {
 
     #[test]
     fn hand_worked_openai_chat_usage_counts_cached_tokens_once() {
-        let mut b = [0; 10];
+        let mut b = [0; CLASS_COUNT];
         b[INPUT] = 300;
         b[CACHE_READ] = 1_152;
         b[OUTPUT] = 90;
@@ -2480,7 +2513,7 @@ mod tests {
         let plan = Plan::build(&spec(&args, 21)).expect("plan");
         let generator = Generator::new(21, "gt", &args);
         let mut truth = Truth::new(4);
-        let mut independent = [0_i64; 10];
+        let mut independent = [0_i64; CLASS_COUNT];
 
         for (item, generated) in materialize(&plan, &generator) {
             let kind = plan.kinds[item.original() as usize];
@@ -2503,7 +2536,7 @@ mod tests {
             }
         );
         assert_eq!(truth.classes, independent);
-        let mut by_tenants = [0_i64; 10];
+        let mut by_tenants = [0_i64; CLASS_COUNT];
         for (_, b) in &truth.tenants {
             add_buckets(&mut by_tenants, b);
         }

@@ -65,7 +65,7 @@ use crate::config::QuotaSettings;
 use crate::domain::FieldError;
 use crate::domain::pricing::PricingCatalog;
 use crate::domain::quota::{self, Check, DenialReason, Estimate, Limit, Policy, Span, Window};
-use crate::domain::tokens::TokenCounts;
+use crate::domain::tokens::{CLASS_COUNT, TokenCounts};
 use crate::ingest::Ingestor;
 use crate::store::StoreError;
 use crate::store::quotas::{
@@ -366,11 +366,11 @@ impl QuotaEngine {
             }
             let (reply, answer) = tokio::sync::oneshot::channel();
             self.writer(&input.tenant_id)
-                .send(reserve::Work::Reserve(reserve::Job {
+                .send(reserve::Work::Reserve(Box::new(reserve::Job {
                     input: input.clone(),
                     held_tokens,
                     reply,
-                }))
+                })))
                 .await
                 .map_err(|_| QuotaError::Stopped)?;
             match answer.await.map_err(|_| QuotaError::Stopped)?? {
@@ -912,7 +912,7 @@ async fn settle_reservations(
             }
         }
         let mut buckets = if replaces_counts {
-            [0; 10]
+            [0; CLASS_COUNT]
         } else {
             reservation.settled_tokens.unwrap_or_default().buckets()
         };

@@ -60,7 +60,8 @@ pub struct SettleJob {
 
 /// What a writer is asked to do.
 pub enum Work {
-    Reserve(Job),
+    /// Boxed: a reservation carries two token arrays, many times a settlement's size.
+    Reserve(Box<Job>),
     Settle(SettleJob),
 }
 
@@ -116,7 +117,7 @@ async fn write_batches(shared: Arc<Writers>, mut jobs: mpsc::Receiver<Work>) {
         for work in batch {
             let entry = by_tenant.entry(work.tenant_id().to_owned()).or_default();
             match work {
-                Work::Reserve(job) => entry.0.push(job),
+                Work::Reserve(job) => entry.0.push(*job),
                 Work::Settle(job) => entry.1.push(job),
             }
         }

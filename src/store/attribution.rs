@@ -23,7 +23,7 @@ use crate::domain::attribution::{
     Attribution, Grouping, LifecycleFact, LifecycleKind, ModelFilter, ModelSpend, Row, RowKey,
     UsageFact, attribute,
 };
-use crate::domain::tokens::TokenClass;
+use crate::domain::tokens::{CLASS_COUNT, TokenClass};
 use crate::domain::transaction::State;
 
 #[derive(Debug, Clone)]
@@ -375,7 +375,7 @@ async fn usage(
         let start: DateTime<Utc> = row.try_get("bucket_start")?;
         facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
         let state: Option<i16> = row.try_get("state")?;
-        let mut tokens = [0i64; 10];
+        let mut tokens = [0i64; CLASS_COUNT];
         for (i, slot) in tokens.iter_mut().enumerate() {
             *slot = row.try_get(format!("t{}", i + 1).as_str())?;
         }

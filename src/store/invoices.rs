@@ -171,7 +171,8 @@ pub async fn quantities(
          CROSS JOIN LATERAL (VALUES (1::int2, v.input), (2::int2, v.cache_read),
                 (3::int2, v.cache_write_5m), (4::int2, v.cache_write_1h), (5::int2, v.output),
                 (6::int2, v.reasoning), (7::int2, v.input_audio), (8::int2, v.output_audio),
-                (9::int2, v.input_image), (10::int2, v.output_image)) AS c(token_class, tokens)
+                (9::int2, v.input_image), (10::int2, v.output_image),
+                (11::int2, v.cache_write_30m), (12::int2, v.cache_write_12h)) AS c(token_class, tokens)
          WHERE c.tokens > 0
          GROUP BY 1, 2, 3, 4",
     )

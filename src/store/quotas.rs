@@ -17,7 +17,7 @@ use super::StoreError;
 use crate::domain::period::BillingCalendar;
 use crate::domain::quota::{Enforcement, Limit, Policy, Scope, Span, Window};
 use crate::domain::tenant::TenantStatus;
-use crate::domain::tokens::{TokenClass, TokenCounts};
+use crate::domain::tokens::{CLASS_COUNT, TokenClass, TokenCounts};
 
 const POLICY_COLUMNS: &str = "tenant_id, policy_id, name, agent_id, service, window_kind, \
      token_limit, token_classes, money_limit, currency::text AS currency, enforcement, \
@@ -628,12 +628,21 @@ pub struct Reservation {
 const RESERVATION_COLUMNS: &str = "tenant_id, reservation_id, agent_id, service, provider, model, \
      held_tokens, decision, state, expires_at, settled_tokens, settled_by_event";
 
-fn counts(buckets: Vec<i64>) -> TokenCounts {
-    <[i64; 10]>::try_from(buckets)
+/// Token counts as stored in a `bigint[]`. Rows written before the later classes existed hold
+/// only the first ten; the missing ones are zero.
+fn counts(mut buckets: Vec<i64>) -> TokenCounts {
+    if buckets.len() < CLASS_COUNT {
+        buckets.resize(CLASS_COUNT, 0);
+    }
+    <[i64; CLASS_COUNT]>::try_from(buckets)
         .ok()
         .and_then(|b| TokenCounts::new(b).ok())
         .unwrap_or_default()
 }
+
+// The statements below slice flattened per-reservation token arrays by this many classes,
+// written out as 12 in their SQL text.
+const _: () = assert!(CLASS_COUNT == 12);
 
 fn reservation_from_row(row: &PgRow) -> Result<Reservation, StoreError> {
     let decision: String = row.try_get("decision")?;
@@ -818,7 +827,7 @@ pub async fn insert_reservations(
              INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service,
                  provider, model, held_tokens, decision, state, idempotency_key, expires_at)
              SELECT u.tenant_id, u.reservation_id, u.agent_id, u.service, u.provider, u.model,
-                    $7[(u.i - 1) * 10 + 1 : u.i * 10], u.decision, 'active', u.idempotency_key,
+                    $7[(u.i - 1) * 12 + 1 : u.i * 12], u.decision, 'active', u.idempotency_key,
                     now() + make_interval(secs => u.ttl::double precision / 1000000)
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                          $8::text[], $9::text[], $10::int8[])
@@ -890,7 +899,7 @@ pub async fn update_reservations(
     sqlx::query(
         "UPDATE quota_reservations r
          SET state = u.state,
-             settled_tokens = CASE WHEN u.has_settled THEN $4[(u.i - 1) * 10 + 1 : u.i * 10] END,
+             settled_tokens = CASE WHEN u.has_settled THEN $4[(u.i - 1) * 12 + 1 : u.i * 12] END,
              settled_by_event = u.by_event
          FROM unnest($1::text[], $2::text[], $3::text[], $5::bool[], $6::bool[])
               WITH ORDINALITY AS u (tenant_id, reservation_id, state, has_settled, by_event, i)
@@ -1149,7 +1158,7 @@ pub async fn write_leased(
         "INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service, provider,
              model, held_tokens, decision, state, expires_at)
          SELECT u.tenant_id, u.reservation_id, u.agent_id, u.service, u.provider, u.model,
-                $7[(u.i - 1) * 10 + 1 : u.i * 10], u.decision, 'active', u.expires_at
+                $7[(u.i - 1) * 12 + 1 : u.i * 12], u.decision, 'active', u.expires_at
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $8::text[], $9::timestamptz[])
               WITH ORDINALITY AS u (tenant_id, reservation_id, agent_id, service, provider, model,
@@ -1305,7 +1314,7 @@ pub async fn insert_tombstones(
     sqlx::query(
         "INSERT INTO quota_reservations (tenant_id, reservation_id, agent_id, service, provider,
              model, held_tokens, decision, state, expires_at, settled_by_event)
-         SELECT t, r, a, s, p, m, array_fill(0::bigint, ARRAY[10]), 'allow', 'settled', now(), true
+         SELECT t, r, a, s, p, m, array_fill(0::bigint, ARRAY[12]), 'allow', 'settled', now(), true
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
               AS u (t, r, a, s, p, m)
          ORDER BY t, r

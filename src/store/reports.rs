@@ -5,7 +5,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row};
 
 use super::StoreError;
-use crate::domain::tokens::TokenClass;
+use crate::domain::tokens::{CLASS_COUNT, TokenClass};
 
 /// A usage dimension, i.e. a rollup key column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub struct UsageRow {
     pub dimensions: Vec<String>,
     pub currency: String,
     /// Indexed like [`TokenClass::ALL`].
-    pub tokens: [i64; 10],
+    pub tokens: [i64; CLASS_COUNT],
     pub billed: Decimal,
     pub cost: Decimal,
     pub event_count: i64,
@@ -173,7 +173,7 @@ pub async fn query_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageR
     let rows = sql.build().fetch_all(pool).await?;
     rows.iter()
         .map(|row| {
-            let mut tokens = [0i64; 10];
+            let mut tokens = [0i64; CLASS_COUNT];
             for class in TokenClass::ALL {
                 tokens[class.index()] = row.try_get(format!("t{}", class.index()).as_str())?;
             }

@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row};
 
 use super::StoreError;
-use crate::domain::tokens::TokenClass;
+use crate::domain::tokens::{CLASS_COUNT, TokenClass};
 use crate::domain::transaction::{Lifecycle, State, TransactionEvent};
 use crate::domain::usage::EventIdentity;
 
@@ -86,7 +86,7 @@ pub async fn insert_new(
 /// Keeps conflicting deliveries for audit; they change nothing.
 pub async fn insert_conflicts(
     conn: &mut PgConnection,
-    conflicts: &[(&TransactionEvent, [u8; 32])],
+    conflicts: &[(&TransactionEvent, [u8; 32], String)],
     channel: &str,
 ) -> Result<(), StoreError> {
     if conflicts.is_empty() {
@@ -94,7 +94,7 @@ pub async fn insert_conflicts(
     }
     let payloads: Vec<String> = conflicts
         .iter()
-        .map(|(e, _)| {
+        .map(|(e, _, _)| {
             serde_json::json!({
                 "transaction_id": e.transaction_id,
                 "kind": e.lifecycle.number(),
@@ -111,15 +111,42 @@ pub async fn insert_conflicts(
         .collect();
     sqlx::query(
         "INSERT INTO transaction_event_conflicts
-             (tenant_id, source, event_id, payload_hash, payload, channel)
-         SELECT t, s, e, h, p::jsonb, $6
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[]) AS x (t, s, e, h, p)",
+             (tenant_id, source, event_id, payload_hash, payload, first_differing_field, channel)
+         SELECT t, s, e, h, p::jsonb, f, $7
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])
+              AS x (t, s, e, h, p, f)",
     )
-    .bind(conflicts.iter().map(|(e, _)| e.identity.tenant_id.as_str()).collect::<Vec<_>>())
-    .bind(conflicts.iter().map(|(e, _)| e.identity.source.as_str()).collect::<Vec<_>>())
-    .bind(conflicts.iter().map(|(e, _)| e.identity.event_id.as_str()).collect::<Vec<_>>())
-    .bind(conflicts.iter().map(|(_, h)| &h[..]).collect::<Vec<&[u8]>>())
+    .bind(
+        conflicts
+            .iter()
+            .map(|(e, _, _)| e.identity.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        conflicts
+            .iter()
+            .map(|(e, _, _)| e.identity.source.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        conflicts
+            .iter()
+            .map(|(e, _, _)| e.identity.event_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        conflicts
+            .iter()
+            .map(|(_, h, _)| &h[..])
+            .collect::<Vec<&[u8]>>(),
+    )
     .bind(payloads)
+    .bind(
+        conflicts
+            .iter()
+            .map(|(_, _, f)| f.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(channel)
     .execute(&mut *conn)
     .await?;
@@ -152,6 +179,37 @@ pub async fn events_of(
             .push(event);
     }
     Ok(by_transaction)
+}
+
+/// The stored events of `identities`: what a conflicting delivery is compared with to name
+/// the field that differs.
+pub async fn stored_events(
+    conn: &mut PgConnection,
+    identities: &[&EventIdentity],
+) -> Result<HashMap<EventIdentity, TransactionEvent>, StoreError> {
+    if identities.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let [tenants, sources, ids] = super::usage::identity_columns(identities);
+    let rows = sqlx::query(
+        "SELECT e.tenant_id, e.transaction_id, e.source, e.event_id, e.kind, e.occurred_at,
+                e.agent_id, e.service, e.amount, e.currency, e.reason,
+                e.attributes::text AS attributes
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS q (tenant_id, source, event_id)
+         JOIN transaction_events e USING (tenant_id, source, event_id)",
+    )
+    .bind(tenants)
+    .bind(sources)
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut events = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let tenant: String = row.try_get("tenant_id")?;
+        let event = event_from_row(&tenant, &row)?;
+        events.insert(event.identity.clone(), event);
+    }
+    Ok(events)
 }
 
 fn event_from_row(
@@ -204,7 +262,7 @@ fn event_from_row(
 /// The usage linked to a transaction, per currency it was priced in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkedUsage {
-    pub tokens: [i64; 10],
+    pub tokens: [i64; CLASS_COUNT],
     pub spend: BTreeMap<String, (Decimal, Decimal)>,
     pub events: i64,
     pub unpriced_events: i64,

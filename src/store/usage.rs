@@ -11,8 +11,8 @@ use sqlx::PgConnection;
 use super::StoreError;
 use crate::domain::pricing::PricedUsage;
 use crate::domain::rollup::RollupBatch;
-use crate::domain::tokens::TokenClass;
-use crate::domain::usage::{EventIdentity, UsageEvent};
+use crate::domain::tokens::{CLASS_COUNT, TokenClass, TokenCounts};
+use crate::domain::usage::{CallStatus, EventIdentity, UsageEvent, UsageSource};
 
 /// A first delivery of an identity in this batch, priced, waiting to be written.
 pub struct Candidate<'a> {
@@ -83,6 +83,91 @@ pub async fn stored_hashes(
     stored_hashes_in(conn, KeyTable::UsageEventKeys, identities).await
 }
 
+/// The stored raw events of `identities` (found through their keys, which carry the event
+/// time that locates the partition), as the domain events they were accepted as: what a
+/// conflicting delivery is compared with to name the field that differs. Identities without
+/// a raw row (none under normal retention) are left out.
+pub async fn stored_events(
+    conn: &mut PgConnection,
+    identities: &[&EventIdentity],
+) -> Result<HashMap<EventIdentity, UsageEvent>, StoreError> {
+    if identities.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let [tenants, sources, ids] = identity_columns(identities);
+    let tokens: Vec<String> = TokenClass::ALL
+        .iter()
+        .map(|class| format!("e.{class}"))
+        .collect();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT e.tenant_id, e.source, e.event_id, e.occurred_at, e.agent_id, e.transaction_id,
+                e.service, e.session_id, e.request_id, e.reservation_id, e.provider, e.model,
+                e.usage_source, e.status, e.attributes::text AS attributes,
+                ARRAY[{}] AS tokens
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS q (tenant_id, source, event_id)
+         JOIN usage_event_keys k USING (tenant_id, source, event_id)
+         JOIN usage_events e ON e.tenant_id = k.tenant_id AND e.occurred_at = k.occurred_at
+              AND e.source = k.source AND e.event_id = k.event_id",
+        tokens.join(", ")
+    )))
+    .bind(tenants)
+    .bind(sources)
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut events = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let event = stored_event(&row)?;
+        events.insert(event.identity.clone(), event);
+    }
+    Ok(events)
+}
+
+fn stored_event(row: &sqlx::postgres::PgRow) -> Result<UsageEvent, StoreError> {
+    use sqlx::Row;
+    let corrupt = |column: &str| {
+        StoreError::Query(sqlx::Error::Decode(
+            format!("usage_events.{column} holds a value no event has").into(),
+        ))
+    };
+    let buckets: Vec<i64> = row.try_get("tokens")?;
+    let tokens = <[i64; CLASS_COUNT]>::try_from(buckets)
+        .ok()
+        .and_then(|b| TokenCounts::new(b).ok())
+        .ok_or_else(|| corrupt("tokens"))?;
+    let attributes: String = row.try_get("attributes")?;
+    Ok(UsageEvent {
+        identity: EventIdentity {
+            tenant_id: row.try_get("tenant_id")?,
+            source: row.try_get("source")?,
+            event_id: row.try_get("event_id")?,
+        },
+        agent_id: row.try_get("agent_id")?,
+        transaction_id: row.try_get("transaction_id")?,
+        service: row.try_get("service")?,
+        session_id: row.try_get("session_id")?,
+        request_id: row.try_get("request_id")?,
+        reservation_id: row.try_get("reservation_id")?,
+        provider: row.try_get("provider")?,
+        model: row.try_get("model")?,
+        occurred_at: row.try_get("occurred_at")?,
+        tokens,
+        usage_source: UsageSource::from_number(row.try_get("usage_source")?)
+            .ok_or_else(|| corrupt("usage_source"))?,
+        status: CallStatus::from_number(row.try_get("status")?).ok_or_else(|| corrupt("status"))?,
+        attributes: serde_json::from_str(&attributes).map_err(|_| corrupt("attributes"))?,
+    })
+}
+
+/// The tenant, source and event id columns of `identities`, to bind as three arrays.
+pub(super) fn identity_columns<'a>(identities: &[&'a EventIdentity]) -> [Vec<&'a str>; 3] {
+    [
+        identities.iter().map(|i| i.tenant_id.as_str()).collect(),
+        identities.iter().map(|i| i.source.as_str()).collect(),
+        identities.iter().map(|i| i.event_id.as_str()).collect(),
+    ]
+}
+
 /// A table keyed by event identity with a `payload_hash` column.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyTable {
@@ -103,9 +188,7 @@ pub async fn stored_hashes_in(
         KeyTable::UsageEventKeys => "usage_event_keys",
         KeyTable::TransactionEvents => "transaction_events",
     };
-    let tenants: Vec<&str> = identities.iter().map(|i| i.tenant_id.as_str()).collect();
-    let sources: Vec<&str> = identities.iter().map(|i| i.source.as_str()).collect();
-    let ids: Vec<&str> = identities.iter().map(|i| i.event_id.as_str()).collect();
+    let [tenants, sources, ids] = identity_columns(identities);
     // `table` is one of two constants above, never input.
     let rows: Vec<(String, String, String, Vec<u8>)> =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -138,7 +221,7 @@ pub async fn stored_hashes_in(
 /// Keeps conflicting deliveries for audit; they change no totals.
 pub async fn insert_conflicts(
     conn: &mut PgConnection,
-    conflicts: &[(&UsageEvent, [u8; 32])],
+    conflicts: &[(&UsageEvent, [u8; 32], String)],
     channel: &str,
 ) -> Result<(), StoreError> {
     if conflicts.is_empty() {
@@ -146,28 +229,32 @@ pub async fn insert_conflicts(
     }
     let tenants: Vec<&str> = conflicts
         .iter()
-        .map(|(e, _)| e.identity.tenant_id.as_str())
+        .map(|(e, _, _)| e.identity.tenant_id.as_str())
         .collect();
     let sources: Vec<&str> = conflicts
         .iter()
-        .map(|(e, _)| e.identity.source.as_str())
+        .map(|(e, _, _)| e.identity.source.as_str())
         .collect();
     let ids: Vec<&str> = conflicts
         .iter()
-        .map(|(e, _)| e.identity.event_id.as_str())
+        .map(|(e, _, _)| e.identity.event_id.as_str())
         .collect();
-    let hashes: Vec<&[u8]> = conflicts.iter().map(|(_, h)| &h[..]).collect();
-    let payloads: Vec<String> = conflicts.iter().map(|(e, _)| audit_json(e)).collect();
+    let hashes: Vec<&[u8]> = conflicts.iter().map(|(_, h, _)| &h[..]).collect();
+    let payloads: Vec<String> = conflicts.iter().map(|(e, _, _)| audit_json(e)).collect();
+    let fields: Vec<&str> = conflicts.iter().map(|(_, _, f)| f.as_str()).collect();
     sqlx::query(
-        "INSERT INTO usage_event_conflicts (tenant_id, source, event_id, payload_hash, payload, channel)
-         SELECT t, s, e, h, p::jsonb, $6
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[]) AS x (t, s, e, h, p)",
+        "INSERT INTO usage_event_conflicts
+             (tenant_id, source, event_id, payload_hash, payload, first_differing_field, channel)
+         SELECT t, s, e, h, p::jsonb, f, $7
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[])
+              AS x (t, s, e, h, p, f)",
     )
     .bind(tenants)
     .bind(sources)
     .bind(ids)
     .bind(hashes)
     .bind(payloads)
+    .bind(fields)
     .bind(channel)
     .execute(&mut *conn)
     .await?;
@@ -198,17 +285,18 @@ pub async fn insert_events(
              input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
              input_audio, output_audio, input_image, output_image,
              usage_source, status, attributes, currency, billed_amount, cost_amount,
-             unpriced_tokens, price_book_version_id, channel)
+             unpriced_tokens, price_book_version_id, cache_write_30m, cache_write_12h, channel)
          SELECT t, s, e, o, a, tx, sv, ss, rq, rs, p, m, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
-                us, st, at::jsonb, cu, b, co, un, v, $31
+                us, st, at::jsonb, cu, b, co, un, v, c11, c12, $33
          FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
                      $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::int8[],
                      $17::int8[], $18::int8[], $19::int8[], $20::int8[], $21::int8[],
                      $22::int8[], $23::int2[], $24::int2[], $25::text[], $26::text[],
-                     $27::numeric[], $28::numeric[], $29::int8[], $30::text[])
+                     $27::numeric[], $28::numeric[], $29::int8[], $30::text[], $31::int8[],
+                     $32::int8[])
               AS x (t, s, e, o, a, tx, sv, ss, rq, rs, p, m, c1, c2, c3, c4, c5, c6, c7, c8,
-                    c9, c10, us, st, at, cu, b, co, un, v)",
+                    c9, c10, us, st, at, cu, b, co, un, v, c11, c12)",
     )
     .bind(text(|e| &e.identity.tenant_id))
     .bind(text(|e| &e.identity.source))
@@ -285,6 +373,8 @@ pub async fn insert_events(
             .map(|c| c.priced.version_id.as_deref())
             .collect::<Vec<_>>(),
     )
+    .bind(class(TokenClass::CacheWrite30m))
+    .bind(class(TokenClass::CacheWrite12h))
     .bind(channel)
     .execute(&mut *conn)
     .await?;

@@ -26,7 +26,7 @@ use sqlx::{PgConnection, Postgres};
 
 use super::StoreError;
 use crate::domain::rollup::RollupBatch;
-use crate::domain::tokens::TokenClass;
+use crate::domain::tokens::{CLASS_COUNT, TokenClass};
 
 /// `state` of usage on no transaction.
 const NO_TRANSACTION: i16 = 0;
@@ -45,7 +45,7 @@ type StateKey = (
 
 #[derive(Debug, Default)]
 struct Sums {
-    tokens: [i64; 10],
+    tokens: [i64; CLASS_COUNT],
     billed: Decimal,
     cost: Decimal,
     events: i64,
@@ -158,11 +158,26 @@ fn value_columns() -> impl Iterator<Item = &'static str> {
 /// Rows bound by [`bind_rows`], as a table `k` with the columns of `usage_state_rollups`.
 fn unnest_rows() -> String {
     let columns: Vec<&str> = KEY_COLUMNS.into_iter().chain(value_columns()).collect();
+    let types = [
+        "text",
+        "timestamptz",
+        "text",
+        "text",
+        "text",
+        "text",
+        "text",
+        "int2",
+    ]
+    .into_iter()
+    .chain(std::iter::repeat_n("int8", CLASS_COUNT))
+    .chain(["numeric", "numeric", "int8", "int8"]);
+    let arrays: Vec<String> = types
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{ty}[]", i + 1))
+        .collect();
     format!(
-        "unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::int2[], $9::int8[], $10::int8[], $11::int8[], $12::int8[],
-                $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[],
-                $19::numeric[], $20::numeric[], $21::int8[], $22::int8[]) AS k ({})",
+        "unnest({}) AS k ({})",
+        arrays.join(", "),
         columns.join(", ")
     )
 }
@@ -179,13 +194,13 @@ fn add_on_conflict(time: &str) -> String {
     format!(" ON CONFLICT ({key}) DO UPDATE SET {}", sums.join(", "))
 }
 
-/// Binds `rows` as the 22 arrays of [`unnest_rows`].
+/// Binds `rows` as the arrays of [`unnest_rows`].
 fn bind_rows<'q>(
     query: Query<'q, Postgres, PgArguments>,
     rows: &'q BTreeMap<StateKey, Sums>,
 ) -> Query<'q, Postgres, PgArguments> {
     let mut query = bind_keys(query, rows.keys());
-    for class in 0..10 {
+    for class in 0..CLASS_COUNT {
         query = query.bind(rows.values().map(|s| s.tokens[class]).collect::<Vec<_>>());
     }
     query

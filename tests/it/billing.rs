@@ -96,13 +96,49 @@ impl Billing {
         book
     }
 
-    /// Ingests one event per `(model, class tokens)` at `at`.
+    /// Ingests one event of `model` with these buckets at `at`.
     async fn usage(
         &mut self,
         tenant: &str,
         at: DateTime<Utc>,
         model: &str,
         tokens: pb::TokenCounts,
+    ) {
+        self.raw_usage(tenant, at, model, pb::usage_event::Usage::Tokens(tokens))
+            .await;
+    }
+
+    /// A later version of `book` from `from`.
+    async fn version(
+        &mut self,
+        book: &str,
+        currency: &str,
+        from: DateTime<Utc>,
+        rates: Vec<pb::Rate>,
+    ) {
+        self.api
+            .prices
+            .create_price_book_version(pb::CreatePriceBookVersionRequest {
+                version: Some(pb::PriceBookVersion {
+                    price_book_id: book.to_owned(),
+                    currency: currency.to_owned(),
+                    effective_from: Some(ts(from)),
+                    rates,
+                    ..Default::default()
+                }),
+                allow_backdated: true,
+            })
+            .await
+            .expect("create price book version");
+    }
+
+    /// Ingests one event of `model` carrying `usage` at `at`.
+    async fn raw_usage(
+        &mut self,
+        tenant: &str,
+        at: DateTime<Utc>,
+        model: &str,
+        usage: pb::usage_event::Usage,
     ) {
         let response = self
             .api
@@ -114,7 +150,7 @@ impl Billing {
                 provider: "openai".into(),
                 model: model.to_owned(),
                 occurred_at: Some(ts(at)),
-                usage: Some(pb::usage_event::Usage::Tokens(tokens)),
+                usage: Some(usage),
                 ..Default::default()
             }])
             .await;
@@ -462,6 +498,219 @@ async fn each_currency_rounds_half_even_to_its_minor_unit_and_tiny_lines_do_not_
     // The same usage with half-up: only the tie changes, 0.005 → 0.01.
     assert_eq!(dec(&usd_up_invoice.total), dec("0.01"));
     assert_eq!(usd_up_invoice.rounding_mode(), pb::RoundingMode::HalfUp);
+    app.stop().await.expect("clean shutdown");
+}
+
+/// (class, quantity, unit price, precise, amount) of each line.
+fn usage_lines(invoice: &pb::Invoice) -> Vec<(pb::TokenClass, i64, Decimal, Decimal, Decimal)> {
+    invoice
+        .lines
+        .iter()
+        .map(|l| {
+            (
+                l.token_class(),
+                l.quantity,
+                dec(&l.unit_price),
+                dec(&l.precise_amount),
+                dec(&l.amount),
+            )
+        })
+        .collect()
+}
+
+fn responses_usage(
+    input: i64,
+    cached: i64,
+    written_30m: i64,
+    written_12h: i64,
+    output: i64,
+    reasoning: i64,
+) -> pb::usage_event::Usage {
+    pb::usage_event::Usage::OpenaiResponses(pb::OpenAiResponsesUsage {
+        input_tokens: input,
+        input_tokens_details: Some(pb::OpenAiInputTokensDetails {
+            cached_tokens: cached,
+            cache_write_tokens: written_30m + written_12h,
+            cache_write_tokens_details: Some(pb::OpenAiCacheWriteTokensDetails {
+                ttl_30m_tokens: written_30m,
+                ttl_12h_tokens: written_12h,
+            }),
+            ..Default::default()
+        }),
+        output_tokens: output,
+        output_tokens_details: Some(pb::OpenAiOutputTokensDetails {
+            reasoning_tokens: reasoning,
+            ..Default::default()
+        }),
+        total_tokens: Some(input + output),
+    })
+}
+
+#[tokio::test]
+async fn a_mid_month_price_change_splits_lines_only_where_a_unit_price_changed() {
+    use pb::TokenClass::*;
+    let app = app().await;
+    let mut billing = Billing::new(&app).await;
+    let last = month(1);
+    let change = last.start + Duration::days(15);
+    // JPY (no minor unit): output and reasoning get cheaper mid-month; every other price,
+    // the OpenAI cache writes by retention among them, stays.
+    let jpy_rates = |output: &str| {
+        vec![
+            flat("gpt-5", Input, "300"),
+            flat("gpt-5", CacheRead, "75"),
+            flat("gpt-5", Output, output),
+            flat("gpt-5", Reasoning, output),
+            flat("gpt-5", CacheWrite30m, "375"),
+            flat("gpt-5", CacheWrite12h, "450.000"),
+        ]
+    };
+    let jpy_book = billing.book("JPY", jpy_rates("1200")).await;
+    billing
+        .version(&jpy_book, "JPY", change, jpy_rates("1000"))
+        .await;
+    // KWD (3 minor digits), prices of 12 fractional digits; the input price is restated with
+    // trailing zeros in the second version, the same value.
+    let kwd_book = billing
+        .book(
+            "KWD",
+            vec![
+                flat("gpt-5", Input, "0.122625000000"),
+                flat("gpt-5", CacheRead, "0.030656250000"),
+                flat("gpt-5", Output, "0.490512345678"),
+            ],
+        )
+        .await;
+    billing
+        .version(
+            &kwd_book,
+            "KWD",
+            change,
+            vec![
+                flat("gpt-5", Input, "0.122625"),
+                flat("gpt-5", CacheRead, "0.03065625"),
+                flat("gpt-5", Output, "0.392409876543"),
+            ],
+        )
+        .await;
+    let jpy = billing
+        .tenant("JPY", &jpy_book, None, pb::RoundingMode::Unspecified)
+        .await;
+    let kwd = billing
+        .tenant("KWD", &kwd_book, None, pb::RoundingMode::Unspecified)
+        .await;
+    // JPY, as OpenAI Responses usage objects. Day 3: input 1,234,600 of which 400,000 cached
+    // and 200,000 written (150,000 for 30 minutes, 50,000 for 12 hours), so 634,600 uncached;
+    // output 98,765 of which 12,345 reasoning. Day 20: input 764,900 of which 100,000 cached.
+    billing
+        .raw_usage(
+            &jpy,
+            day(&last, 3, 1),
+            "gpt-5",
+            responses_usage(1_234_600, 400_000, 150_000, 50_000, 98_765, 12_345),
+        )
+        .await;
+    billing
+        .raw_usage(
+            &jpy,
+            day(&last, 20, 1),
+            "gpt-5",
+            responses_usage(764_900, 100_000, 0, 0, 201_235, 0),
+        )
+        .await;
+    let kwd_tokens = |input, cache_read, output| pb::TokenCounts {
+        input,
+        cache_read,
+        output,
+        ..Default::default()
+    };
+    billing
+        .usage(
+            &kwd,
+            day(&last, 5, 1),
+            "gpt-5",
+            kwd_tokens(2_345_600, 1_000_000, 123_456),
+        )
+        .await;
+    billing
+        .usage(
+            &kwd,
+            day(&last, 25, 1),
+            "gpt-5",
+            kwd_tokens(3_456_123, 0, 654_321),
+        )
+        .await;
+
+    let jpy_draft = billing.preview(&jpy, &last).await;
+    let kwd_draft = billing.preview(&kwd, &last).await;
+    let jpy_final = billing.finalize(&jpy, &jpy_draft.invoice_id).await;
+    let kwd_final = billing.finalize(&kwd, &kwd_draft.invoice_id).await;
+
+    // JPY, one line per class and unit price, rounded half-even to whole yen:
+    //   input      (634,600 + 664,900 = 1,299,500) × 300 / 1M = 389.85  → 390
+    //              (two lines would have billed 190.38 → 190 and 199.47 → 199: 389)
+    //   cache read (400,000 + 100,000 = 500,000)    ×  75 / 1M = 37.5    → 38
+    //   output     86,420 (98,765 − 12,345)         × 1200 / 1M = 103.704 → 104
+    //   output     201,235                          × 1000 / 1M = 201.235 → 201
+    //   reasoning  12,345                           × 1200 / 1M = 14.814  → 15
+    //   write 30m  150,000                          × 375 / 1M  = 56.25   → 56
+    //   write 12h  50,000                           × 450 / 1M  = 22.5    → 22
+    //   total 390 + 38 + 104 + 201 + 15 + 56 + 22 = 826
+    let jpy_expected = vec![
+        (Input, 1_299_500, dec("300"), dec("389.85"), dec("390")),
+        (CacheRead, 500_000, dec("75"), dec("37.5"), dec("38")),
+        (Output, 86_420, dec("1200"), dec("103.704"), dec("104")),
+        (Output, 201_235, dec("1000"), dec("201.235"), dec("201")),
+        (Reasoning, 12_345, dec("1200"), dec("14.814"), dec("15")),
+        (CacheWrite30m, 150_000, dec("375"), dec("56.25"), dec("56")),
+        (CacheWrite12h, 50_000, dec("450"), dec("22.5"), dec("22")),
+    ];
+    assert_eq!(usage_lines(&jpy_draft), jpy_expected);
+    assert_eq!(usage_lines(&jpy_final), jpy_expected);
+    assert_eq!(dec(&jpy_final.total), dec("826"));
+    // KWD, rounded half-even to 0.001:
+    //   input      (2,345,600 + 3,456,123 = 5,801,723) × 0.122625 / 1M = 0.711436282875
+    //              → 0.711 (two lines: 0.2876292 → 0.288 and 0.423807082875 → 0.424: 0.712)
+    //   cache read 1,000,000 × 0.03065625 / 1M      = 0.03065625           → 0.031
+    //   output     123,456 × 0.490512345678 / 1M    = 0.060556692148023168 → 0.061
+    //   output     654,321 × 0.392409876543 / 1M    = 0.256762022829492303 → 0.257
+    //   total 0.711 + 0.031 + 0.061 + 0.257 = 1.060
+    let kwd_expected = vec![
+        (
+            Input,
+            5_801_723,
+            dec("0.122625"),
+            dec("0.711436282875"),
+            dec("0.711"),
+        ),
+        (
+            CacheRead,
+            1_000_000,
+            dec("0.03065625"),
+            dec("0.03065625"),
+            dec("0.031"),
+        ),
+        (
+            Output,
+            123_456,
+            dec("0.490512345678"),
+            dec("0.060556692148023168"),
+            dec("0.061"),
+        ),
+        (
+            Output,
+            654_321,
+            dec("0.392409876543"),
+            dec("0.256762022829492303"),
+            dec("0.257"),
+        ),
+    ];
+    assert_eq!(usage_lines(&kwd_draft), kwd_expected);
+    assert_eq!(usage_lines(&kwd_final), kwd_expected);
+    assert_eq!(dec(&kwd_final.total), dec("1.060"));
+    // A line summing both versions names neither; a line of one version names it.
+    assert_eq!(kwd_final.lines[0].price_book_version_id, None);
+    assert!(kwd_final.lines[2].price_book_version_id.is_some());
     app.stop().await.expect("clean shutdown");
 }
 

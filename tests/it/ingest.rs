@@ -72,6 +72,13 @@ async fn same_identity_with_another_payload_is_a_conflict_kept_for_audit() {
         statuses(&response),
         vec![Conflict, Conflict, Duplicate, Accepted, Accepted, Conflict]
     );
+    // Each conflict names the first field that differs from the delivery that won: a stored
+    // event for e1, the earlier event of this batch for e2.
+    let named: Vec<&str> = response.results.iter().map(|r| r.field.as_str()).collect();
+    assert_eq!(
+        named,
+        vec!["occurred_at", "tokens.input", "", "", "", "tokens.input"]
+    );
     let summary = response.summary.expect("summary");
     assert_eq!(
         (summary.accepted, summary.duplicate, summary.conflict),
@@ -84,13 +91,15 @@ async fn same_identity_with_another_payload_is_a_conflict_kept_for_audit() {
         100 + 5 + 1,
         "conflicts must not change totals"
     );
-    let audited: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM usage_event_conflicts WHERE tenant_id = $1")
-            .bind(&tenant)
-            .fetch_one(&app.pool)
-            .await
-            .expect("count");
-    assert_eq!(audited, 3);
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT first_differing_field FROM usage_event_conflicts WHERE tenant_id = $1
+         ORDER BY first_differing_field",
+    )
+    .bind(&tenant)
+    .fetch_all(&app.pool)
+    .await
+    .expect("conflicts");
+    assert_eq!(audited, vec!["occurred_at", "tokens.input", "tokens.input"]);
     app.stop().await.expect("clean shutdown");
 }
 

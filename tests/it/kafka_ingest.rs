@@ -329,12 +329,20 @@ async fn consumed_events_count_once_with_grpc_and_bad_messages_go_to_the_dead_le
         by_channel,
         vec![("grpc".to_owned(), 5), ("kafka".to_owned(), 25)]
     );
-    let conflicts: Vec<(String, String)> =
-        sqlx::query_as("SELECT event_id, channel FROM usage_event_conflicts")
-            .fetch_all(&app.pool)
-            .await
-            .expect("conflicts");
-    assert_eq!(conflicts, vec![("ev-1".to_owned(), "kafka".to_owned())]);
+    let conflicts: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT event_id, channel, first_differing_field FROM usage_event_conflicts",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("conflicts");
+    assert_eq!(
+        conflicts,
+        vec![(
+            "ev-1".to_owned(),
+            "kafka".to_owned(),
+            "tokens.input".to_owned()
+        )]
+    );
 
     // Exactly the four poison messages are dead-lettered, each saying why and where from.
     let letters = read_all(&dlq, 4).await;

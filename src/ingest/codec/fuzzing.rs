@@ -128,6 +128,7 @@ fn check_normalize(usage: &Usage) -> bool {
         Usage::OpenaiResponses(_) => "openai_responses",
         Usage::Anthropic(_) => "anthropic",
         Usage::Gemini(_) => "gemini",
+        Usage::Dashscope(_) => "dashscope",
     };
     match normalize(usage) {
         Ok(tokens) => {

@@ -108,6 +108,8 @@ struct Event {
     anthropic: Option<Anthropic>,
     #[serde(default)]
     gemini: Option<Gemini>,
+    #[serde(default)]
+    dashscope: Option<DashScope>,
     #[serde(default, alias = "usage_source", deserialize_with = "usage_source")]
     usage_source: Option<i32>,
     #[serde(default, deserialize_with = "usage_status")]
@@ -135,11 +137,14 @@ impl Event {
         if let Some(u) = self.gemini {
             usages.push(("gemini", Usage::Gemini(u.into())));
         }
+        if let Some(u) = self.dashscope {
+            usages.push(("dashscope", Usage::Dashscope(u.into())));
+        }
         if usages.len() > 1 {
             let names: Vec<&str> = usages.iter().map(|(name, _)| *name).collect();
             return Err(format!(
                 "{at}only one usage field may be set (tokens, openaiChat, openaiResponses, \
-                 anthropic or gemini), got {}",
+                 anthropic, gemini or dashscope), got {}",
                 names.join(" and ")
             ));
         }
@@ -187,6 +192,10 @@ struct Tokens {
     input_image: Option<i64>,
     #[serde(default, alias = "output_image", deserialize_with = "int64")]
     output_image: Option<i64>,
+    #[serde(default, alias = "cache_write_30m", deserialize_with = "int64")]
+    cache_write_30m: Option<i64>,
+    #[serde(default, alias = "cache_write_12h", deserialize_with = "int64")]
+    cache_write_12h: Option<i64>,
 }
 
 impl From<Tokens> for pb::TokenCounts {
@@ -202,6 +211,8 @@ impl From<Tokens> for pb::TokenCounts {
             output_audio: t.output_audio.unwrap_or_default(),
             input_image: t.input_image.unwrap_or_default(),
             output_image: t.output_image.unwrap_or_default(),
+            cache_write_30m: t.cache_write_30m.unwrap_or_default(),
+            cache_write_12h: t.cache_write_12h.unwrap_or_default(),
         }
     }
 }
@@ -234,6 +245,10 @@ impl From<OpenAiChat> for pb::OpenAiChatUsage {
                     audio_tokens: d.audio_tokens.unwrap_or_default(),
                     image_tokens: d.image_tokens.unwrap_or_default(),
                     text_tokens: d.text_tokens.unwrap_or_default(),
+                    cache_write_tokens: d.cache_write_tokens.unwrap_or_default(),
+                    cache_creation_input_tokens: d.cache_creation_input_tokens.unwrap_or_default(),
+                    cache_creation: d.cache_creation.map(Into::into),
+                    cache_type: d.cache_type,
                 }),
             completion_tokens_details: u.completion_tokens_details.map(|d| {
                 pb::OpenAiCompletionTokensDetails {
@@ -275,6 +290,13 @@ impl From<OpenAiResponses> for pb::OpenAiResponsesUsage {
                     audio_tokens: d.audio_tokens.unwrap_or_default(),
                     image_tokens: d.image_tokens.unwrap_or_default(),
                     text_tokens: d.text_tokens.unwrap_or_default(),
+                    cache_write_tokens: d.cache_write_tokens.unwrap_or_default(),
+                    cache_write_tokens_details: d.cache_write_tokens_details.map(|t| {
+                        pb::OpenAiCacheWriteTokensDetails {
+                            ttl_30m_tokens: t.ttl_30m_tokens.unwrap_or_default(),
+                            ttl_12h_tokens: t.ttl_12h_tokens.unwrap_or_default(),
+                        }
+                    }),
                 }),
             output_tokens: u.output_tokens.unwrap_or_default(),
             output_tokens_details: u
@@ -318,6 +340,29 @@ struct OpenAiDetails {
         deserialize_with = "int64"
     )]
     rejected_prediction_tokens: Option<i64>,
+    #[serde(default, alias = "cache_write_tokens", deserialize_with = "int64")]
+    cache_write_tokens: Option<i64>,
+    #[serde(default, alias = "cache_write_tokens_details")]
+    cache_write_tokens_details: Option<OpenAiCacheWriteDetails>,
+    #[serde(
+        default,
+        alias = "cache_creation_input_tokens",
+        deserialize_with = "int64"
+    )]
+    cache_creation_input_tokens: Option<i64>,
+    #[serde(default, alias = "cache_creation")]
+    cache_creation: Option<AnthropicCacheCreation>,
+    #[serde(default, alias = "cache_type")]
+    cache_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OpenAiCacheWriteDetails {
+    #[serde(default, alias = "ttl_30m_tokens", deserialize_with = "int64")]
+    ttl_30m_tokens: Option<i64>,
+    #[serde(default, alias = "ttl_12h_tokens", deserialize_with = "int64")]
+    ttl_12h_tokens: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -341,6 +386,15 @@ struct Anthropic {
     server_tool_use: Option<AnthropicServerToolUse>,
     #[serde(default, alias = "service_tier")]
     service_tier: Option<String>,
+    #[serde(default, alias = "output_tokens_details")]
+    output_tokens_details: Option<AnthropicOutputDetails>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnthropicOutputDetails {
+    #[serde(default, alias = "thinking_tokens", deserialize_with = "int64")]
+    thinking_tokens: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +414,15 @@ struct AnthropicCacheCreation {
     ephemeral_1h_input_tokens: Option<i64>,
 }
 
+impl From<AnthropicCacheCreation> for pb::AnthropicCacheCreation {
+    fn from(c: AnthropicCacheCreation) -> Self {
+        Self {
+            ephemeral_5m_input_tokens: c.ephemeral_5m_input_tokens.unwrap_or_default(),
+            ephemeral_1h_input_tokens: c.ephemeral_1h_input_tokens.unwrap_or_default(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct AnthropicServerToolUse {
@@ -376,15 +439,97 @@ impl From<Anthropic> for pb::AnthropicUsage {
             output_tokens: u.output_tokens.unwrap_or_default(),
             cache_creation_input_tokens: u.cache_creation_input_tokens.unwrap_or_default(),
             cache_read_input_tokens: u.cache_read_input_tokens.unwrap_or_default(),
-            cache_creation: u.cache_creation.map(|c| pb::AnthropicCacheCreation {
-                ephemeral_5m_input_tokens: c.ephemeral_5m_input_tokens.unwrap_or_default(),
-                ephemeral_1h_input_tokens: c.ephemeral_1h_input_tokens.unwrap_or_default(),
-            }),
+            cache_creation: u.cache_creation.map(Into::into),
             server_tool_use: u.server_tool_use.map(|s| pb::AnthropicServerToolUse {
                 web_search_requests: s.web_search_requests.unwrap_or_default(),
                 web_fetch_requests: s.web_fetch_requests.unwrap_or_default(),
             }),
             service_tier: u.service_tier,
+            output_tokens_details: u.output_tokens_details.map(|d| {
+                pb::AnthropicOutputTokensDetails {
+                    thinking_tokens: d.thinking_tokens.unwrap_or_default(),
+                }
+            }),
+        }
+    }
+}
+
+/// DashScope's native `usage`; its details objects share [`DashScopeDetails`], as OpenAI's do.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DashScope {
+    #[serde(default, alias = "input_tokens", deserialize_with = "int64")]
+    input_tokens: Option<i64>,
+    #[serde(default, alias = "output_tokens", deserialize_with = "int64")]
+    output_tokens: Option<i64>,
+    #[serde(default, alias = "total_tokens", deserialize_with = "int64")]
+    total_tokens: Option<i64>,
+    #[serde(default, alias = "prompt_tokens_details")]
+    prompt_tokens_details: Option<DashScopeDetails>,
+    #[serde(default, alias = "input_tokens_details")]
+    input_tokens_details: Option<DashScopeDetails>,
+    #[serde(default, alias = "output_tokens_details")]
+    output_tokens_details: Option<DashScopeDetails>,
+    #[serde(default, alias = "cached_tokens", deserialize_with = "int64")]
+    cached_tokens: Option<i64>,
+    #[serde(default, alias = "image_tokens", deserialize_with = "int64")]
+    image_tokens: Option<i64>,
+    #[serde(default, deserialize_with = "int64")]
+    characters: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DashScopeDetails {
+    #[serde(default, alias = "cached_tokens", deserialize_with = "int64")]
+    cached_tokens: Option<i64>,
+    #[serde(
+        default,
+        alias = "cache_creation_input_tokens",
+        deserialize_with = "int64"
+    )]
+    cache_creation_input_tokens: Option<i64>,
+    #[serde(default, alias = "cache_creation")]
+    cache_creation: Option<AnthropicCacheCreation>,
+    #[serde(default, alias = "cache_type")]
+    cache_type: Option<String>,
+    #[serde(default, alias = "text_tokens", deserialize_with = "int64")]
+    text_tokens: Option<i64>,
+    #[serde(default, alias = "image_tokens", deserialize_with = "int64")]
+    image_tokens: Option<i64>,
+    #[serde(default, alias = "reasoning_tokens", deserialize_with = "int64")]
+    reasoning_tokens: Option<i64>,
+}
+
+impl From<DashScope> for pb::DashScopeUsage {
+    fn from(u: DashScope) -> Self {
+        Self {
+            input_tokens: u.input_tokens.unwrap_or_default(),
+            output_tokens: u.output_tokens.unwrap_or_default(),
+            total_tokens: u.total_tokens,
+            prompt_tokens_details: u.prompt_tokens_details.map(|d| {
+                pb::DashScopePromptTokensDetails {
+                    cached_tokens: d.cached_tokens.unwrap_or_default(),
+                    cache_creation_input_tokens: d.cache_creation_input_tokens.unwrap_or_default(),
+                    cache_creation: d.cache_creation.map(Into::into),
+                    cache_type: d.cache_type,
+                }
+            }),
+            input_tokens_details: u
+                .input_tokens_details
+                .map(|d| pb::DashScopeInputTokensDetails {
+                    text_tokens: d.text_tokens.unwrap_or_default(),
+                    image_tokens: d.image_tokens.unwrap_or_default(),
+                }),
+            output_tokens_details: u.output_tokens_details.map(|d| {
+                pb::DashScopeOutputTokensDetails {
+                    reasoning_tokens: d.reasoning_tokens.unwrap_or_default(),
+                    text_tokens: d.text_tokens.unwrap_or_default(),
+                }
+            }),
+            cached_tokens: u.cached_tokens.unwrap_or_default(),
+            image_tokens: u.image_tokens.unwrap_or_default(),
+            characters: u.characters.unwrap_or_default(),
         }
     }
 }

@@ -58,7 +58,7 @@ fn expected(usage: Usage) -> pb::UsageEvent {
     }
 }
 
-fn buckets(event: &pb::UsageEvent) -> [i64; 10] {
+fn buckets(event: &pb::UsageEvent) -> [i64; crate::domain::tokens::CLASS_COUNT] {
     normalize(event.usage.as_ref().expect("usage"))
         .expect("consistent usage")
         .buckets()
@@ -152,7 +152,10 @@ fn structured_cloudevent_carrying_openai_chat_usage_decodes_with_attributes_fill
         }))
     );
     // input, cache_read, 5m, 1h, output, reasoning, …
-    assert_eq!(buckets(&event), [86, 1920, 0, 0, 108, 192, 0, 0, 0, 0]);
+    assert_eq!(
+        buckets(&event),
+        [86, 1920, 0, 0, 108, 192, 0, 0, 0, 0, 0, 0]
+    );
 }
 
 #[test]
@@ -195,12 +198,16 @@ fn binary_cloudevent_carrying_anthropic_usage_decodes_with_headers_filling_the_e
             web_fetch_requests: 0,
         }),
         service_tier: Some("standard".into()),
+        output_tokens_details: None,
     }));
     want.usage_source = pb::UsageSource::ProviderReported as i32;
     want.status = pb::UsageStatus::Cancelled as i32;
     want.attributes = [("route".to_owned(), "/v1/messages".to_owned())].into();
     assert_eq!(event, want);
-    assert_eq!(buckets(&event), [2095, 0, 2051, 0, 503, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        buckets(&event),
+        [2095, 0, 2051, 0, 503, 0, 0, 0, 0, 0, 0, 0]
+    );
 }
 
 #[test]
@@ -259,7 +266,10 @@ fn openai_responses_and_gemini_usage_decode_in_their_providers_own_json() {
             total_tokens: Some(380),
         }))
     );
-    assert_eq!(buckets(&responses), [200, 128, 0, 0, 40, 12, 0, 0, 0, 0]);
+    assert_eq!(
+        buckets(&responses),
+        [200, 128, 0, 0, 40, 12, 0, 0, 0, 0, 0, 0]
+    );
     let text = |n| pb::GeminiModalityTokenCount {
         modality: "TEXT".into(),
         token_count: n,
@@ -278,7 +288,10 @@ fn openai_responses_and_gemini_usage_decode_in_their_providers_own_json() {
             ..Default::default()
         }))
     );
-    assert_eq!(buckets(&gemini), [159, 1024, 0, 0, 306, 391, 0, 0, 0, 0]);
+    assert_eq!(
+        buckets(&gemini),
+        [159, 1024, 0, 0, 306, 391, 0, 0, 0, 0, 0, 0]
+    );
 }
 
 #[test]
@@ -671,8 +684,8 @@ fn ambiguous_data_is_refused() {
 
     assert_eq!(
         two_usages,
-        "only one usage field may be set (tokens, openaiChat, openaiResponses, anthropic or \
-         gemini), got tokens and anthropic"
+        "only one usage field may be set (tokens, openaiChat, openaiResponses, anthropic, \
+         gemini or dashscope), got tokens and anthropic"
     );
     assert!(
         unknown_enum.starts_with(r#"status: "USAGE_STATUS_DONE" is not a UsageStatus value"#),
@@ -781,6 +794,20 @@ fn to_json(event: &pb::UsageEvent, style: Style) -> Value {
             .collect()
     };
     let optional = |n: Option<i64>| n.map_or(Value::Null, int);
+    let cache_creation = |c: Option<&pb::AnthropicCacheCreation>| -> Value {
+        c.map_or(Value::Null, |c| {
+            obj(vec![
+                (
+                    "ephemeral_5m_input_tokens",
+                    int(c.ephemeral_5m_input_tokens),
+                ),
+                (
+                    "ephemeral_1h_input_tokens",
+                    int(c.ephemeral_1h_input_tokens),
+                ),
+            ])
+        })
+    };
     let (oneof, usage) = match &event.usage {
         None => return Value::Object(object),
         Some(Usage::Tokens(t)) => (
@@ -796,6 +823,8 @@ fn to_json(event: &pb::UsageEvent, style: Style) -> Value {
                 ("output_audio", int(t.output_audio)),
                 ("input_image", int(t.input_image)),
                 ("output_image", int(t.output_image)),
+                ("cache_write_30m", int(t.cache_write_30m)),
+                ("cache_write_12h", int(t.cache_write_12h)),
             ]),
         ),
         Some(Usage::OpenaiChat(u)) => {
@@ -812,6 +841,13 @@ fn to_json(event: &pb::UsageEvent, style: Style) -> Value {
                         ("audio_tokens", int(d.audio_tokens)),
                         ("image_tokens", int(d.image_tokens)),
                         ("text_tokens", int(d.text_tokens)),
+                        ("cache_write_tokens", int(d.cache_write_tokens)),
+                        (
+                            "cache_creation_input_tokens",
+                            int(d.cache_creation_input_tokens),
+                        ),
+                        ("cache_creation", cache_creation(d.cache_creation.as_ref())),
+                        ("cache_type", json!(d.cache_type)),
                     ]),
                 ));
             }
@@ -850,6 +886,16 @@ fn to_json(event: &pb::UsageEvent, style: Style) -> Value {
                         ("audio_tokens", int(d.audio_tokens)),
                         ("image_tokens", int(d.image_tokens)),
                         ("text_tokens", int(d.text_tokens)),
+                        ("cache_write_tokens", int(d.cache_write_tokens)),
+                        (
+                            "cache_write_tokens_details",
+                            d.cache_write_tokens_details.map_or(Value::Null, |t| {
+                                obj(vec![
+                                    ("ttl_30m_tokens", int(t.ttl_30m_tokens)),
+                                    ("ttl_12h_tokens", int(t.ttl_12h_tokens)),
+                                ])
+                            }),
+                        ),
                     ]),
                 ));
             }
@@ -877,19 +923,13 @@ fn to_json(event: &pb::UsageEvent, style: Style) -> Value {
                 ("cache_read_input_tokens", int(u.cache_read_input_tokens)),
                 ("service_tier", json!(u.service_tier)),
             ];
-            if let Some(c) = &u.cache_creation {
+            if u.cache_creation.is_some() {
+                fields.push(("cache_creation", cache_creation(u.cache_creation.as_ref())));
+            }
+            if let Some(d) = &u.output_tokens_details {
                 fields.push((
-                    "cache_creation",
-                    obj(vec![
-                        (
-                            "ephemeral_5m_input_tokens",
-                            int(c.ephemeral_5m_input_tokens),
-                        ),
-                        (
-                            "ephemeral_1h_input_tokens",
-                            int(c.ephemeral_1h_input_tokens),
-                        ),
-                    ]),
+                    "output_tokens_details",
+                    obj(vec![("thinking_tokens", int(d.thinking_tokens))]),
                 ));
             }
             if let Some(s) = &u.server_tool_use {
@@ -933,9 +973,63 @@ fn to_json(event: &pb::UsageEvent, style: Style) -> Value {
                 ),
             ]),
         ),
+        Some(Usage::Dashscope(u)) => ("dashscope", dashscope_json(u, &obj, &int, &cache_creation)),
     };
     put(&mut object, oneof, usage);
     Value::Object(object)
+}
+
+/// How [`to_json`] writes an object from its fields (snake_case names, styled).
+type ObjectWriter<'a> = &'a dyn Fn(Vec<(&str, Value)>) -> Value;
+
+/// The DashScope usage object as JSON, in the style of [`to_json`]'s objects.
+fn dashscope_json(
+    u: &pb::DashScopeUsage,
+    obj: ObjectWriter<'_>,
+    int: &dyn Fn(i64) -> Value,
+    cache_creation: &dyn Fn(Option<&pb::AnthropicCacheCreation>) -> Value,
+) -> Value {
+    let mut fields = vec![
+        ("input_tokens", int(u.input_tokens)),
+        ("output_tokens", int(u.output_tokens)),
+        ("total_tokens", u.total_tokens.map_or(Value::Null, int)),
+        ("cached_tokens", int(u.cached_tokens)),
+        ("image_tokens", int(u.image_tokens)),
+        ("characters", int(u.characters)),
+    ];
+    if let Some(d) = &u.prompt_tokens_details {
+        fields.push((
+            "prompt_tokens_details",
+            obj(vec![
+                ("cached_tokens", int(d.cached_tokens)),
+                (
+                    "cache_creation_input_tokens",
+                    int(d.cache_creation_input_tokens),
+                ),
+                ("cache_creation", cache_creation(d.cache_creation.as_ref())),
+                ("cache_type", json!(d.cache_type)),
+            ]),
+        ));
+    }
+    if let Some(d) = &u.input_tokens_details {
+        fields.push((
+            "input_tokens_details",
+            obj(vec![
+                ("text_tokens", int(d.text_tokens)),
+                ("image_tokens", int(d.image_tokens)),
+            ]),
+        ));
+    }
+    if let Some(d) = &u.output_tokens_details {
+        fields.push((
+            "output_tokens_details",
+            obj(vec![
+                ("reasoning_tokens", int(d.reasoning_tokens)),
+                ("text_tokens", int(d.text_tokens)),
+            ]),
+        ));
+    }
+    obj(fields)
 }
 
 /// proto3's JSON name: `cache_write_5m` → `cacheWrite5m`.
@@ -970,7 +1064,7 @@ fn count() -> impl Strategy<Value = i64> {
 /// validation proptests. Boxed arms: unboxed, the nested strategy types overflow a test
 /// thread's stack in debug.
 pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
-    let counts = || prop::collection::vec(count(), 10);
+    let counts = || prop::collection::vec(count(), 12);
     let tokens = counts()
         .prop_map(|c| {
             Usage::Tokens(pb::TokenCounts {
@@ -984,11 +1078,13 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
                 output_audio: c[7],
                 input_image: c[8],
                 output_image: c[9],
+                cache_write_30m: c[10],
+                cache_write_12h: c[11],
             })
         })
         .boxed();
-    let chat = (counts(), any::<(bool, bool, bool)>())
-        .prop_map(|(c, (total, prompt, completion))| {
+    let chat = (counts(), any::<(bool, bool, bool, bool)>())
+        .prop_map(|(c, (total, prompt, completion, qwen))| {
             Usage::OpenaiChat(pb::OpenAiChatUsage {
                 prompt_tokens: c[0],
                 completion_tokens: c[1],
@@ -998,6 +1094,13 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
                     audio_tokens: c[4],
                     image_tokens: c[5],
                     text_tokens: c[6],
+                    cache_write_tokens: c[10],
+                    cache_creation_input_tokens: c[11],
+                    cache_creation: qwen.then_some(pb::AnthropicCacheCreation {
+                        ephemeral_5m_input_tokens: c[11],
+                        ephemeral_1h_input_tokens: c[0],
+                    }),
+                    cache_type: qwen.then(|| "ephemeral".to_owned()),
                 }),
                 completion_tokens_details: completion.then_some(
                     pb::OpenAiCompletionTokensDetails {
@@ -1012,8 +1115,8 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
             })
         })
         .boxed();
-    let responses = (counts(), any::<(bool, bool, bool)>())
-        .prop_map(|(c, (total, input, output))| {
+    let responses = (counts(), any::<(bool, bool, bool, bool)>())
+        .prop_map(|(c, (total, input, output, by_ttl))| {
             Usage::OpenaiResponses(pb::OpenAiResponsesUsage {
                 input_tokens: c[0],
                 input_tokens_details: input.then_some(pb::OpenAiInputTokensDetails {
@@ -1021,6 +1124,13 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
                     audio_tokens: c[2],
                     image_tokens: c[3],
                     text_tokens: c[4],
+                    cache_write_tokens: c[10],
+                    cache_write_tokens_details: by_ttl.then_some(
+                        pb::OpenAiCacheWriteTokensDetails {
+                            ttl_30m_tokens: c[11],
+                            ttl_12h_tokens: c[0],
+                        },
+                    ),
                 }),
                 output_tokens: c[5],
                 output_tokens_details: output.then_some(pb::OpenAiOutputTokensDetails {
@@ -1033,8 +1143,12 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
             })
         })
         .boxed();
-    let anthropic = (counts(), any::<(bool, bool)>(), prop::option::of(".{0,8}"))
-        .prop_map(|(c, (cache, tools), tier)| {
+    let anthropic = (
+        counts(),
+        any::<(bool, bool, bool)>(),
+        prop::option::of(".{0,8}"),
+    )
+        .prop_map(|(c, (cache, tools, thinking), tier)| {
             Usage::Anthropic(pb::AnthropicUsage {
                 input_tokens: c[0],
                 output_tokens: c[1],
@@ -1049,6 +1163,9 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
                     web_fetch_requests: c[7],
                 }),
                 service_tier: tier,
+                output_tokens_details: thinking.then_some(pb::AnthropicOutputTokensDetails {
+                    thinking_tokens: c[8],
+                }),
             })
         })
         .boxed();
@@ -1083,7 +1200,40 @@ pub(crate) fn any_usage() -> BoxedStrategy<Usage> {
             })
         })
         .boxed();
-    prop_oneof![tokens, chat, responses, anthropic, gemini].boxed()
+    let dashscope = (
+        counts(),
+        any::<(bool, bool, bool, bool)>(),
+        prop::option::of(".{0,8}"),
+    )
+        .prop_map(|(c, (total, prompt, input, output), cache_type)| {
+            Usage::Dashscope(pb::DashScopeUsage {
+                input_tokens: c[0],
+                output_tokens: c[1],
+                total_tokens: total.then_some(c[2]),
+                prompt_tokens_details: prompt.then_some(pb::DashScopePromptTokensDetails {
+                    cached_tokens: c[3],
+                    cache_creation_input_tokens: c[4],
+                    cache_creation: cache_type.is_some().then_some(pb::AnthropicCacheCreation {
+                        ephemeral_5m_input_tokens: c[4],
+                        ephemeral_1h_input_tokens: c[5],
+                    }),
+                    cache_type,
+                }),
+                input_tokens_details: input.then_some(pb::DashScopeInputTokensDetails {
+                    text_tokens: c[6],
+                    image_tokens: c[7],
+                }),
+                output_tokens_details: output.then_some(pb::DashScopeOutputTokensDetails {
+                    reasoning_tokens: c[8],
+                    text_tokens: c[9],
+                }),
+                cached_tokens: c[10],
+                image_tokens: c[11],
+                characters: c[5],
+            })
+        })
+        .boxed();
+    prop_oneof![tokens, chat, responses, anthropic, gemini, dashscope].boxed()
 }
 
 /// Any event every codec can carry: CloudEvents needs a non-empty id and source.
