@@ -1,12 +1,13 @@
 //! AdminService: tenants and API keys.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chrono::Utc;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
-use super::auth::{denied, principal};
+use super::auth::{Authenticator, denied, principal};
 use super::convert::{next_page_token, optional_time, page_offset, page_size, timestamp};
 use super::status::{from_store, invalid, invalid_field};
 use crate::domain::auth::{Principal, Scope, TenantBinding};
@@ -21,13 +22,20 @@ pub struct AdminApi {
     pool: PgPool,
     /// The book of tenants that name none (`ingest.default_price_book_id`).
     default_price_book_id: String,
+    /// This replica's key cache, which a revocation here clears of the key at once.
+    authenticator: Arc<Authenticator>,
 }
 
 impl AdminApi {
-    pub fn new(pool: PgPool, default_price_book_id: String) -> Self {
+    pub fn new(
+        pool: PgPool,
+        default_price_book_id: String,
+        authenticator: Arc<Authenticator>,
+    ) -> Self {
         Self {
             pool,
             default_price_book_id,
+            authenticator,
         }
     }
 
@@ -492,6 +500,7 @@ impl AdminService for AdminApi {
         let revoked = store::keys::revoke(&self.pool, &key_id)
             .await
             .map_err(from_store)?;
+        self.authenticator.forget(&revoked.prefix);
         Ok(Response::new(pb::RevokeApiKeyResponse {
             api_key: Some(key_to_proto(&revoked)),
         }))

@@ -2,7 +2,10 @@
 //! tower layer, and the authorization helpers services call with the resulting principal.
 //!
 //! Health and reflection stay open. Key lookups are cached for `auth.cache_ttl`, so a
-//! revocation reaches every replica within that time without a database read per call.
+//! revocation reaches every replica within that time without a database read per call (the
+//! replica that revokes a key forgets it at once). A long-lived stream checks its key again
+//! before each message ([`Credentials::recheck`]), so a key revoked mid-stream stops being
+//! accepted within the same TTL.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -63,6 +66,15 @@ impl Authenticator {
             .ok_or_else(invalid)
     }
 
+    /// Drops a key from this replica's cache (after revoking it here): its next use reads
+    /// the database.
+    pub fn forget(&self, prefix: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(prefix);
+    }
+
     async fn lookup(&self, prefix: &str) -> Result<Option<StoredKey>, Status> {
         if let Some((at, stored)) = self
             .cache
@@ -113,6 +125,35 @@ impl tonic::service::Interceptor for Bearer {
         }
         Ok(request)
     }
+}
+
+/// What a request was authenticated with, so that a long-lived call (a stream) can check the
+/// key again later: revoked or expired meanwhile, the key fails [`Credentials::recheck`].
+#[derive(Clone)]
+pub struct Credentials {
+    authenticator: Arc<Authenticator>,
+    authorization: Option<String>,
+}
+
+impl Credentials {
+    /// The caller's principal as of now (through the key cache, so at most `auth.cache_ttl`
+    /// behind a revocation made on another replica).
+    pub async fn recheck(&self) -> Result<Principal, Status> {
+        self.authenticator
+            .authenticate(self.authorization.as_deref())
+            .await
+    }
+}
+
+/// The credentials a request was authenticated with (set by [`AuthLayer`]).
+pub fn credentials<T>(request: &Request<T>) -> Result<Credentials, Status> {
+    request
+        .extensions()
+        .get::<Credentials>()
+        .cloned()
+        .ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <api key>` metadata")
+        })
 }
 
 /// The authenticated caller of a request (set by [`AuthLayer`]).
@@ -198,6 +239,10 @@ where
             match authenticator.authenticate(header.as_deref()).await {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
+                    request.extensions_mut().insert(Credentials {
+                        authenticator,
+                        authorization: header,
+                    });
                     inner.call(request).await
                 }
                 Err(status) => Ok(status.into_http()),

@@ -265,6 +265,7 @@ pub async fn serve(
             AdminServiceServer::new(AdminApi::new(
                 state.pool.clone(),
                 state.ingest.default_price_book_id.clone(),
+                state.authenticator.clone(),
             ))
             .max_decoding_message_size(limit),
         )

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::auth::{denied, principal};
+use super::auth::{credentials, denied, principal};
 use super::status::{from_ingest, invalid_field};
 use crate::domain::auth::Scope;
 use crate::ingest::{Channel, Ingestor, Outcome};
@@ -204,7 +204,7 @@ impl UsageService for UsageApi {
         &self,
         request: Request<Streaming<pb::StreamUsageRequest>>,
     ) -> Result<Response<pb::StreamUsageResponse>, Status> {
-        let caller = principal(&request)?;
+        let credentials = credentials(&request)?;
         let mut stream = request.into_inner();
         let mut response = pb::StreamUsageResponse::default();
         let mut summary = pb::IngestSummary::default();
@@ -226,6 +226,9 @@ impl UsageService for UsageApi {
             if message.events.is_empty() {
                 continue;
             }
+            // Checked again for every message: a key revoked mid-stream (or past its expiry)
+            // stops being accepted within auth.cache_ttl, as on a new call.
+            let caller = credentials.recheck().await?;
             authorize_events(&caller, &message.events)?;
             // Commit message by message: the client resends everything if the stream fails,
             // and committed events come back DUPLICATE.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Datelike, Duration, Utc};
 use rust_decimal::Decimal;
 use tokenmeter::domain::period::{BillingCalendar, BillingPeriod};
 use tokenmeter::proto::v1 as pb;
@@ -715,6 +715,36 @@ async fn a_mid_month_price_change_splits_lines_only_where_a_unit_price_changed()
 }
 
 #[tokio::test]
+async fn a_line_rounds_the_sum_of_its_events_not_each_event() {
+    let app = app().await;
+    let mut billing = Billing::new(&app).await;
+    let book = billing
+        .book("USD", vec![flat("m", pb::TokenClass::Input, "1.00")])
+        .await;
+    let tenant = billing
+        .tenant("USD", &book, None, pb::RoundingMode::Unspecified)
+        .await;
+    let last = month(1);
+    for day_of_month in [1, 9, 17] {
+        billing
+            .usage(&tenant, day(&last, day_of_month, 4), "m", tokens(4_000, 0))
+            .await;
+    }
+
+    let invoice = billing.preview(&tenant, &last).await;
+
+    // Each event: 4,000 × 1.00 / 1M = 0.004 → 0.00, so rounding per event would bill 0.00.
+    // The line: 12,000 × 1.00 / 1M = 0.012 → 0.01, rounded once.
+    assert_eq!(
+        lines(&invoice),
+        vec![(pb::InvoiceLineKind::Usage, dec("0.012"), dec("0.01"))]
+    );
+    assert_eq!(invoice.lines[0].quantity, 12_000);
+    assert_eq!(dec(&invoice.total), dec("0.01"));
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn the_database_rejects_any_change_to_a_finalized_invoice_or_its_lines() {
     let app = app().await;
     let mut billing = Billing::new(&app).await;
@@ -847,6 +877,69 @@ async fn two_replicas_closing_a_period_at_once_finalize_each_tenant_once_with_ga
     assert_eq!(numbers, expected, "numbers 1..=12, no gap, no duplicate");
     // tenant i used (i + 1) M tokens at 1.00 per 1M: Σ 1..=12 = 78.00
     assert_eq!(rows.iter().map(|r| r.2).sum::<Decimal>(), dec("78.00"));
+    second.stop().await.expect("clean shutdown");
+    first.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn two_replicas_finalizing_one_draft_at_the_same_moment_number_it_once() {
+    let first = app().await;
+    let url = database_url(&first).await;
+    let second = spawn_app_with(|s| {
+        s.database.url = url.clone();
+        s.billing.close_interval = std::time::Duration::ZERO;
+    })
+    .await;
+    let mut one = Billing::new(&first).await;
+    let mut two = Billing::new(&second).await;
+    let book = one
+        .book("USD", vec![flat("m", pb::TokenClass::Input, "1")])
+        .await;
+    let last = month(1);
+    let tenant = one
+        .tenant("USD", &book, None, pb::RoundingMode::Unspecified)
+        .await;
+    one.usage(&tenant, day(&last, 2, 1), "m", tokens(3_000_000, 0))
+        .await;
+    let draft = one.preview(&tenant, &last).await.invoice_id;
+    // The barrier: the test holds the year's number counter, so whichever finalizer gets
+    // furthest waits there and the other waits behind it; both calls are in flight at once.
+    sqlx::query(
+        "INSERT INTO invoice_number_counters (issuer, year, last_number) VALUES ('INV', $1, 0)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(Utc::now().year())
+    .execute(&first.pool)
+    .await
+    .expect("counter");
+    let mut barrier = first.pool.begin().await.expect("begin");
+    sqlx::query("SELECT last_number FROM invoice_number_counters WHERE issuer = 'INV' FOR UPDATE")
+        .execute(&mut *barrier)
+        .await
+        .expect("hold the counter");
+    let finalizing = tokio::spawn({
+        let (tenant, draft) = (tenant.clone(), draft.clone());
+        async move { tokio::join!(one.finalize(&tenant, &draft), two.finalize(&tenant, &draft)) }
+    });
+    crate::ingest::until_lock_waiters(&first.pool, 2, "both finalizers").await;
+    barrier.commit().await.expect("release");
+    let (a, b) = finalizing.await.expect("finalizers");
+
+    // 3,000,000 × 1 / 1M = 3.00, finalized once: both answers are that one invoice.
+    let year = Utc::now().format("%Y");
+    let number = format!("INV-{year}-000001");
+    assert_eq!(a.number.as_deref(), Some(number.as_str()));
+    assert_eq!(b.number.as_deref(), Some(number.as_str()));
+    assert_eq!(
+        (a.invoice_id.as_str(), dec(&a.total)),
+        (draft.as_str(), dec("3.00"))
+    );
+    let used: i64 =
+        sqlx::query_scalar("SELECT last_number FROM invoice_number_counters WHERE issuer = 'INV'")
+            .fetch_one(&first.pool)
+            .await
+            .expect("counter");
+    assert_eq!(used, 1, "one number taken");
     second.stop().await.expect("clean shutdown");
     first.stop().await.expect("clean shutdown");
 }

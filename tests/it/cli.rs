@@ -136,6 +136,65 @@ async fn serve_runs_migrations_logs_json_and_drains_on_sigterm() {
 }
 
 #[tokio::test]
+async fn a_request_in_flight_at_sigterm_completes_before_serve_exits() {
+    let url = create_database().await;
+    let mut server = crate::helpers::spawn_serve(&url, &[]).await;
+    let mut child = server.take_child();
+    let mut api = crate::usage_support::Clients::new(server.channel().await);
+    let tenant = api.tenant("USD", "UTC", None).await;
+    let pool = sqlx::PgPool::connect(&url).await.expect("pool");
+    // Hold the tenant's row so the ingest call waits in its transaction (it takes the row
+    // FOR KEY SHARE), in flight when the signal comes.
+    let mut hold = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM tenants WHERE tenant_id = $1 FOR UPDATE")
+        .bind(&tenant)
+        .execute(&mut *hold)
+        .await
+        .expect("hold the tenant");
+    let call = tokio::spawn({
+        let tenant = tenant.clone();
+        async move {
+            api.ingest(vec![crate::usage_support::event(
+                &tenant,
+                "in-flight",
+                7,
+                1,
+            )])
+            .await
+        }
+    });
+    crate::ingest::until_lock_waiters(&pool, 1, "the ingest call").await;
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "serve exited with a request in flight"
+    );
+    hold.commit().await.expect("release the tenant");
+    let response = call.await.expect("call task");
+    let status = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+        .await
+        .expect("waiter");
+
+    assert_eq!(
+        response.results[0].status(),
+        tokenmeter::proto::v1::IngestStatus::Accepted
+    );
+    assert!(status.success(), "exit {status:?}");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = 'in-flight'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(stored, 1);
+}
+
+#[tokio::test]
 async fn prices_import_creates_versions_from_toml_and_csv_and_names_bad_rows() {
     let url = create_database().await;
     let migrated = tokenmeter()

@@ -127,6 +127,19 @@ pub async fn test_settings() -> Settings {
     settings
 }
 
+/// The value of the sample whose line starts with `name{` and carries every label in
+/// `labels` (each written as `key="value"`), parsed whole: `… 2` is 2, never a prefix of 20.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 pub struct TestApp {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,

@@ -3,22 +3,12 @@
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::{spawn_app, spawn_app_with};
+use crate::helpers::{sample, spawn_app, spawn_app_with};
 
 async fn get(url: &str) -> (u16, String) {
     let response = reqwest::get(url).await.expect("admin http answers");
     let status = response.status().as_u16();
     (status, response.text().await.expect("body"))
-}
-
-/// The value of the sample whose line starts with `name{` and carries every label in `labels`.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
-        .find(|line| labels.iter().all(|label| line.contains(label)))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 #[tokio::test]

@@ -448,13 +448,13 @@ async fn an_unknown_model_is_stored_counted_and_surfaced_as_unpriced() {
     assert_eq!(known_row.unpriced_event_count, 0);
 
     let metrics = app.metrics().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("tokenmeter_ingest_events_total")
-                && l.contains(r#"outcome="unpriced""#)
-                && l.contains(r#"channel="grpc""#)
-                && l.ends_with(" 1")),
+    assert_eq!(
+        crate::helpers::sample(
+            &metrics,
+            "tokenmeter_ingest_events_total",
+            &[r#"outcome="unpriced""#, r#"channel="grpc""#]
+        ),
+        Some(1.0),
         "{metrics}"
     );
     app.stop().await.expect("clean shutdown");

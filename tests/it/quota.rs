@@ -213,6 +213,82 @@ async fn reservations_racing_across_two_servers_never_exceed_a_hard_budget_and_u
 }
 
 #[tokio::test]
+async fn two_replicas_racing_for_a_budget_of_one_grant_get_it_once_in_every_round() {
+    const ROUNDS: usize = 6;
+    const LIMIT: i64 = 10;
+    let first = spawn_app().await;
+    let url = first
+        .pool
+        .connect_options()
+        .get_database()
+        .map(str::to_owned)
+        .expect("database name");
+    let second = spawn_app_with(|s| {
+        let mut other = url::Url::parse(&s.database.url).expect("url");
+        other.set_path(&url);
+        s.database.url = other.to_string();
+    })
+    .await;
+    let mut admin = Clients::new(first.channel().await);
+    let mut quotas = [
+        quota_client(first.channel().await),
+        quota_client(second.channel().await),
+    ];
+
+    for round in 0..ROUNDS {
+        let tenant = admin.tenant("USD", "UTC", None).await;
+        let policy_id = create(
+            &mut quotas[0],
+            token_policy(&tenant, LIMIT, pb::QuotaEnforcement::Hard, &[]),
+        )
+        .await;
+        // The barrier: the test holds the policy's counter row (its UTC day), so both
+        // replicas' lease transactions queue behind it and then contend for the same budget.
+        sqlx::query(
+            "INSERT INTO quota_counters (tenant_id, policy_id, window_start, window_end)
+             VALUES ($1, $2, date_trunc('day', now(), 'UTC'),
+                     date_trunc('day', now(), 'UTC') + interval '1 day')",
+        )
+        .bind(&tenant)
+        .bind(&policy_id)
+        .execute(&first.pool)
+        .await
+        .expect("counter");
+        let mut barrier = first.pool.begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM quota_counters WHERE tenant_id = $1 FOR UPDATE")
+            .bind(&tenant)
+            .execute(&mut *barrier)
+            .await
+            .expect("hold the counter");
+        let racers: Vec<_> = quotas
+            .iter()
+            .map(|quota| {
+                let (mut quota, tenant) = (quota.clone(), tenant.clone());
+                tokio::spawn(
+                    async move { reserve(&mut quota, reserve_request(&tenant, LIMIT)).await },
+                )
+            })
+            .collect();
+        crate::ingest::until_lock_waiters(&first.pool, 2, "both replicas' lease transactions")
+            .await;
+        barrier.commit().await.expect("release");
+        let mut decisions = Vec::new();
+        for racer in racers {
+            decisions.push(racer.await.expect("racer").decision());
+        }
+        decisions.sort_by_key(|d| *d as i32);
+
+        assert_eq!(
+            decisions,
+            vec![pb::QuotaDecision::Allow, pb::QuotaDecision::Deny],
+            "round {round}: one grant of {LIMIT} fits a budget of {LIMIT}"
+        );
+    }
+    second.stop().await.expect("clean shutdown");
+    first.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn a_reservation_never_settled_is_released_at_its_ttl() {
     let app = spawn_app_with(|s| s.quota.expiry_interval = Duration::from_millis(100)).await;
     let (_, mut quota, tenant, _) = with_policy(&app, 1000, pb::QuotaEnforcement::Hard, &[]).await;
