@@ -70,6 +70,7 @@ impl Variant {
 
 fn event(tenant: usize, event_id: String, occurred_at: DateTime<Utc>) -> UsageEvent {
     UsageEvent {
+        first_release_tokens: None,
         identity: EventIdentity {
             tenant_id: format!("bench-tenant-{tenant}"),
             source: "bench".into(),

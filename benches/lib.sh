@@ -167,7 +167,7 @@ trap 'exit 130' INT TERM
 check_stored() {
   local url="$1" like="$2"
   shift 2
-  local classes=(input cache_read cache_write_5m cache_write_1h output reasoning input_audio output_audio input_image output_image)
+  local classes=(input cache_read cache_write_5m cache_write_1h output reasoning input_audio output_audio input_image output_image cache_write_30m cache_write_12h)
   local sums="" c i=1 rollup_sums=""
   for c in "${classes[@]}"; do
     sums+="${sums:+, }coalesce(sum($c), 0)::bigint AS $c"

@@ -23,16 +23,24 @@ ALTER TABLE usage_state_daily_rollups
     ADD COLUMN cache_write_30m bigint NOT NULL DEFAULT 0,
     ADD COLUMN cache_write_12h bigint NOT NULL DEFAULT 0;
 
+-- The wider checks are added NOT VALID: every existing row passed the narrower one (1–10), so
+-- scanning the tables (under the lock ADD CONSTRAINT takes) would prove nothing; new and
+-- updated rows are checked all the same.
 ALTER TABLE price_book_rates DROP CONSTRAINT price_book_rates_token_class_check,
-    ADD CONSTRAINT price_book_rates_token_class_check CHECK (token_class BETWEEN 1 AND 12);
+    ADD CONSTRAINT price_book_rates_token_class_check CHECK (token_class BETWEEN 1 AND 12)
+    NOT VALID;
 ALTER TABLE tenant_price_overrides DROP CONSTRAINT tenant_price_overrides_token_class_check,
-    ADD CONSTRAINT tenant_price_overrides_token_class_check CHECK (token_class BETWEEN 0 AND 12);
+    ADD CONSTRAINT tenant_price_overrides_token_class_check CHECK (token_class BETWEEN 0 AND 12)
+    NOT VALID;
 ALTER TABLE usage_rollups DROP CONSTRAINT usage_rollups_token_class_check,
-    ADD CONSTRAINT usage_rollups_token_class_check CHECK (token_class BETWEEN 1 AND 12);
+    ADD CONSTRAINT usage_rollups_token_class_check CHECK (token_class BETWEEN 1 AND 12)
+    NOT VALID;
 ALTER TABLE invoice_lines DROP CONSTRAINT invoice_lines_token_class_check,
-    ADD CONSTRAINT invoice_lines_token_class_check CHECK (token_class BETWEEN 0 AND 12);
+    ADD CONSTRAINT invoice_lines_token_class_check CHECK (token_class BETWEEN 0 AND 12)
+    NOT VALID;
 ALTER TABLE invoice_billed_usage DROP CONSTRAINT invoice_billed_usage_token_class_check,
-    ADD CONSTRAINT invoice_billed_usage_token_class_check CHECK (token_class BETWEEN 1 AND 12);
+    ADD CONSTRAINT invoice_billed_usage_token_class_check CHECK (token_class BETWEEN 1 AND 12)
+    NOT VALID;
 
 -- As in 0007, with the two classes as the last columns, in the table's column order (the
 -- backfill inserts `f.*`). Its result type changes, so it is dropped and created again.

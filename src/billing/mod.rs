@@ -277,7 +277,7 @@ impl Billing {
                         .get(&(job.tenant_id.clone(), period.label.to_string()))
                         .unwrap_or(&empty)
                         .iter()
-                        .map(|(k, c)| (k.clone(), *c))
+                        .map(|(k, c)| (k.clone(), c.clone()))
                         .collect::<BTreeMap<_, _>>()
                 };
                 let own = key_usage(job, usage.get(&(j, 0)));

@@ -2,6 +2,11 @@
 //! of constant pricing) and late-usage differences of closed periods become lines; each line is
 //! rounded once to the currency's minor unit, and every total is a sum of rounded lines.
 //!
+//! Precise (unrounded) figures are [`Precise`] — arbitrary-precision decimals — because a
+//! period's quantity × a 12-digit price × a discount percentage can need more than
+//! `rust_decimal`'s 28 digits; they are exact by construction (only +, −, ×, and division by
+//! powers of ten). Rounded figures, which always fit, are `Decimal`.
+//!
 //! The contract is spelled out on `InvoiceService` in `invoices.proto`:
 //! USAGE / TIER precise = quantity × unit price / 1M; DISCOUNT = −percent/100 × Σ precise of the
 //! lines it covers; ADJUSTMENT = what a closed period costs now − what its invoices billed;
@@ -9,16 +14,14 @@
 
 use std::collections::BTreeMap;
 
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 
-use super::exact;
+use super::exact::{self, Precise};
 use super::money::Currency;
 use super::period::BillingPeriod;
-use super::pricing::{RateKey, amount};
+use super::pricing::RateKey;
 use super::tenant::RoundingMode;
 use super::tiers::TierSchedule;
-
-const ONE_MILLION: Decimal = Decimal::from_parts(1_000_000, 0, 0, false, 0);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvoiceError {
@@ -99,10 +102,10 @@ pub struct KeyUsage {
 
 /// What a period's usage of one key amounts to: priced tokens and the precise amount after
 /// discounts. Finalized invoices store these so later changes are billed as differences.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Charge {
     pub quantity: i64,
-    pub amount: Decimal,
+    pub amount: Precise,
 }
 
 /// A closed period's usage as computed now (`expected`) against what non-void invoices billed
@@ -155,7 +158,7 @@ pub struct Line {
     pub quantity: i64,
     pub unit_price: Decimal,
     /// Exact, before rounding.
-    pub precise: Decimal,
+    pub precise: Precise,
     /// `precise` rounded once: the billed figure.
     pub amount: Decimal,
     /// TIER: `[from, up_to)`.
@@ -164,13 +167,14 @@ pub struct Line {
     pub list_unit_price: Option<Decimal>,
     pub discount_percent: Option<Decimal>,
     pub tax_rate_percent: Option<Decimal>,
-    pub base_amount: Option<Decimal>,
+    /// DISCOUNT: Σ precise of the usage it covers; TAX: subtotal + discount.
+    pub base_amount: Option<Precise>,
     pub version_id: Option<String>,
     pub override_id: Option<String>,
 }
 
 impl Line {
-    fn new(kind: LineKind, description: String, precise: Decimal) -> Self {
+    fn new(kind: LineKind, description: String, precise: Precise) -> Self {
         Self {
             kind,
             description,
@@ -225,24 +229,20 @@ pub struct ComputedInvoice {
 pub struct PeriodCharges {
     pub lines: Vec<Line>,
     /// override id → (percent, Σ precise of the lines it covers)
-    pub discounts: BTreeMap<String, (Decimal, Decimal)>,
+    pub discounts: BTreeMap<String, (Decimal, Precise)>,
     pub per_key: BTreeMap<RateKey, Charge>,
     pub unpriced_tokens: i64,
     pub unpriced_events: i64,
 }
 
+/// Σ of rounded amounts, which carry at most the currency's minor digits.
 fn add(a: Decimal, b: Decimal) -> Result<Decimal, InvoiceError> {
     exact::add(a, b).ok_or(InvoiceError::Overflow)
 }
 
-fn sub(a: Decimal, b: Decimal) -> Result<Decimal, InvoiceError> {
-    exact::sub(a, b).ok_or(InvoiceError::Overflow)
-}
-
-fn percent_of(percent: Decimal, base: Decimal) -> Result<Decimal, InvoiceError> {
-    exact::mul(percent, base)
-        .and_then(|v| exact::div_pow10(v, 2))
-        .ok_or(InvoiceError::Overflow)
+/// `percent` % of `base`, exact.
+fn percent_of(percent: Decimal, base: &Precise) -> Precise {
+    exact::shift(exact::wide(percent) * base, 2)
 }
 
 fn label(key: &RateKey) -> String {
@@ -290,21 +290,20 @@ pub fn charge_period(usage: &[KeyUsage]) -> Result<PeriodCharges, InvoiceError> 
                 out.unpriced_events += slice.events;
                 continue;
             };
-            for mut piece in slice_pieces(key, pricing, before, slice.quantity, total)? {
-                charge.amount = add(charge.amount, piece.precise)?;
+            for mut piece in slice_pieces(key, pricing, before, slice.quantity, total) {
+                charge.amount += &piece.precise;
                 if let Some(discount) = &pricing.discount {
                     let entry = out
                         .discounts
                         .entry(discount.override_id.clone())
-                        .or_insert((discount.percent, Decimal::ZERO));
-                    entry.1 = add(entry.1, piece.precise)?;
-                    charge.amount =
-                        sub(charge.amount, percent_of(discount.percent, piece.precise)?)?;
+                        .or_insert((discount.percent, Precise::default()));
+                    entry.1 += &piece.precise;
+                    charge.amount -= percent_of(discount.percent, &piece.precise);
                 }
                 piece.key = Some(key.clone());
                 piece.version_id = Some(pricing.version_id.clone());
                 piece.override_id = pricing.override_id.clone();
-                merge_into(&mut lines, piece)?;
+                merge_into(&mut lines, piece);
             }
             before += slice.quantity;
             charge.quantity += slice.quantity;
@@ -325,11 +324,14 @@ fn slice_pieces(
     before: i64,
     quantity: i64,
     total: i64,
-) -> Result<Vec<Line>, InvoiceError> {
-    let priced = |quantity, unit| amount(quantity, unit).map_err(|_| InvoiceError::Overflow);
-    Ok(match &pricing.price {
+) -> Vec<Line> {
+    match &pricing.price {
         Price::Flat(unit) => {
-            let mut line = Line::new(LineKind::Usage, label(key), priced(quantity, *unit)?);
+            let mut line = Line::new(
+                LineKind::Usage,
+                label(key),
+                exact::per_million(quantity, *unit),
+            );
             line.quantity = quantity;
             line.unit_price = *unit;
             line.list_unit_price = pricing.list_price;
@@ -346,46 +348,48 @@ fn slice_pieces(
                 let mut line = Line::new(
                     LineKind::Tier,
                     format!("{} · tier {bounds}", label(key)),
-                    priced(tier.quantity, tier.price_per_million)?,
+                    exact::per_million(tier.quantity, tier.price_per_million),
                 );
                 line.quantity = tier.quantity;
                 line.unit_price = tier.price_per_million;
                 line.tier = Some((tier.from, tier.up_to));
-                Ok(line)
+                line
             })
-            .collect::<Result<_, InvoiceError>>()?,
-    })
+            .collect(),
+    }
 }
 
 /// Adds `piece` to the line of the same kind, tier, unit price and own-price override, or
-/// starts one. A line summing pieces of several price-book versions names none of them.
-fn merge_into(lines: &mut Vec<Line>, piece: Line) -> Result<(), InvoiceError> {
+/// starts one. A line summing pieces of several price-book versions names none of them, and
+/// one over several list prices (an own price kept while the book changed) names no list price.
+fn merge_into(lines: &mut Vec<Line>, piece: Line) {
     let same = |line: &&mut Line| {
         line.kind == piece.kind
             && line.tier == piece.tier
             && line.unit_price == piece.unit_price
-            && line.list_unit_price == piece.list_unit_price
             && line.override_id == piece.override_id
     };
     match lines.iter_mut().find(same) {
         Some(line) => {
             line.quantity += piece.quantity;
-            line.precise = add(line.precise, piece.precise)?;
+            line.precise += piece.precise;
             if line.version_id != piece.version_id {
                 line.version_id = None;
+            }
+            if line.list_unit_price != piece.list_unit_price {
+                line.list_unit_price = None;
             }
         }
         None => lines.push(piece),
     }
-    Ok(())
 }
 
 /// The difference between two charges of a key: what is still to bill.
-fn difference(expected: Charge, billed: Charge) -> Result<Charge, InvoiceError> {
-    Ok(Charge {
+fn difference(expected: Charge, billed: Charge) -> Charge {
+    Charge {
         quantity: expected.quantity - billed.quantity,
-        amount: sub(expected.amount, billed.amount)?,
-    })
+        amount: expected.amount - billed.amount,
+    }
 }
 
 /// Builds the invoice: the period's lines, adjustment lines for closed periods, discounts, tax;
@@ -404,7 +408,7 @@ pub fn compute_invoice(
         .map(|(key, charge)| BilledUsage {
             period,
             key: key.clone(),
-            charge: *charge,
+            charge: charge.clone(),
         })
         .collect();
 
@@ -420,10 +424,10 @@ pub fn compute_invoice(
         keys.dedup();
         for key in keys {
             let delta = difference(
-                adjustment.expected.get(key).copied().unwrap_or_default(),
-                adjustment.billed.get(key).copied().unwrap_or_default(),
-            )?;
-            if delta.quantity == 0 && delta.amount.is_zero() {
+                adjustment.expected.get(key).cloned().unwrap_or_default(),
+                adjustment.billed.get(key).cloned().unwrap_or_default(),
+            );
+            if delta.quantity == 0 && delta.amount == Precise::default() {
                 continue;
             }
             let mut line = Line::new(
@@ -433,20 +437,17 @@ pub fn compute_invoice(
                     label(key),
                     adjustment.period.label
                 ),
-                delta.amount,
+                delta.amount.clone(),
             );
             line.key = Some(key.clone());
             line.quantity = delta.quantity;
-            // An average: the difference may span tiers, prices and discounts.
+            // An average, shown to 6 places: the difference may span tiers, prices and
+            // discounts.
             line.unit_price = if delta.quantity == 0 {
                 Decimal::ZERO
             } else {
-                delta
-                    .amount
-                    .checked_mul(ONE_MILLION)
-                    .and_then(|v| v.checked_div(Decimal::from(delta.quantity)))
+                exact::average_per_million(&delta.amount, delta.quantity)
                     .ok_or(InvoiceError::Overflow)?
-                    .round_dp_with_strategy(6, RoundingStrategy::MidpointNearestEven)
             };
             line.original_period = Some(adjustment.period);
             lines.push(line);
@@ -462,17 +463,22 @@ pub fn compute_invoice(
         let mut line = Line::new(
             LineKind::Discount,
             format!("discount {percent}%"),
-            -percent_of(*percent, *base)?,
+            -percent_of(*percent, base),
         );
         line.discount_percent = Some(*percent);
-        line.base_amount = Some(*base);
+        line.base_amount = Some(base.clone());
         line.override_id = Some(override_id.clone());
         lines.push(line);
     }
 
-    let round = |precise: Decimal| terms.currency.round(precise, terms.rounding);
+    let round = |precise: &Precise| {
+        terms
+            .currency
+            .round_precise(precise, terms.rounding)
+            .ok_or(InvoiceError::Overflow)
+    };
     for line in &mut lines {
-        line.amount = round(line.precise);
+        line.amount = round(&line.precise)?;
     }
     let sum_of = |lines: &[Line], kinds: &[LineKind]| -> Result<Decimal, InvoiceError> {
         lines
@@ -486,15 +492,15 @@ pub fn compute_invoice(
     )?;
     let discount = sum_of(&lines, &[LineKind::Discount])?;
     if let Some(rate) = terms.tax_rate_percent {
-        let base = add(subtotal, discount)?;
+        let base = exact::wide(add(subtotal, discount)?);
         let mut line = Line::new(
             LineKind::Tax,
             format!("tax {rate}%"),
-            percent_of(rate, base)?,
+            percent_of(rate, &base),
         );
         line.tax_rate_percent = Some(rate);
         line.base_amount = Some(base);
-        line.amount = round(line.precise);
+        line.amount = round(&line.precise)?;
         lines.push(line);
     }
     let tax = sum_of(&lines, &[LineKind::Tax])?;
@@ -587,8 +593,13 @@ mod tests {
         invoice
             .lines
             .iter()
-            .map(|l| (l.kind, l.precise, l.amount))
+            .map(|l| (l.kind, narrow(&l.precise), l.amount))
             .collect()
+    }
+
+    /// A precise figure that fits a Decimal, as one (every figure of these tests does).
+    fn narrow(precise: &Precise) -> Decimal {
+        exact::narrow(precise).expect("fits a Decimal")
     }
 
     #[test]
@@ -759,7 +770,7 @@ mod tests {
             ]
         );
         assert_eq!(invoice.billed[0].charge.quantity, 3_000_000);
-        assert_eq!(invoice.billed[0].charge.amount, dec!(4.00));
+        assert_eq!(narrow(&invoice.billed[0].charge.amount), dec!(4.00));
     }
 
     #[test]
@@ -831,8 +842,52 @@ mod tests {
         assert_eq!(invoice.total, dec!(1.12));
         // What each key is billed net of the discount, for later adjustments:
         // 0.4938268 × 0.9 = 0.44444412 ; 0.5530848 × 0.9 = 0.49777632
-        let net: Vec<Decimal> = invoice.billed.iter().map(|b| b.charge.amount).collect();
+        let net: Vec<Decimal> = invoice
+            .billed
+            .iter()
+            .map(|b| narrow(&b.charge.amount))
+            .collect();
         assert_eq!(net, vec![dec!(0.44444412), dec!(0.49777632)]);
+    }
+
+    #[test]
+    fn a_large_discounted_line_of_a_twelve_digit_price_is_exact_beyond_28_digits() {
+        let mut pricing = flat(dec!(3.461234567891));
+        pricing.discount = Some(Discount {
+            override_id: "d1".into(),
+            percent: dec!(12.3456),
+        });
+        let used = usage(key("m", TokenClass::Input), pricing, 28_888_888_889);
+
+        let invoice = compute_invoice(&terms("USD"), period("2026-03"), &[used], &[]).expect("ok");
+
+        // usage:    28,888,888,889 × 3.461234567891 / 1M = 99991.220850569026063099 → 99991.22
+        // discount: −12.3456 % of that = −12344.516161327849681645950144 → −12344.52
+        //           (30 significant digits: no Decimal holds it)
+        // net charge of the key: 99991.220850569026063099 − 12344.516161327849681645950144
+        //           = 87646.704689241176381453049856
+        let precise: Vec<String> = invoice
+            .lines
+            .iter()
+            .map(|l| l.precise.to_plain_string())
+            .collect();
+        assert_eq!(
+            precise,
+            vec![
+                "99991.220850569026063099",
+                "-12344.516161327849681645950144"
+            ]
+        );
+        assert_eq!(
+            invoice.lines.iter().map(|l| l.amount).collect::<Vec<_>>(),
+            vec![dec!(99991.22), dec!(-12344.52)]
+        );
+        // 99991.22 − 12344.52 = 87646.70
+        assert_eq!(invoice.total, dec!(87646.70));
+        assert_eq!(
+            invoice.billed[0].charge.amount.to_plain_string(),
+            "87646.704689241176381453049856"
+        );
     }
 
     #[test]
@@ -896,7 +951,7 @@ mod tests {
         // Σ rounded = 100 × 0.00 = 0.00; rounding the precise sum (0.49) instead would bill 0.49.
         assert_eq!(invoice.lines.len(), 100);
         assert_eq!(invoice.total, dec!(0.00));
-        let precise: Decimal = invoice.lines.iter().map(|l| l.precise).sum();
+        let precise: Decimal = invoice.lines.iter().map(|l| narrow(&l.precise)).sum();
         assert_eq!(precise, dec!(0.49));
     }
 
@@ -936,14 +991,14 @@ mod tests {
                 k.clone(),
                 Charge {
                     quantity: 1_500_000,
-                    amount: dec!(4.50),
+                    amount: exact::wide(dec!(4.50)),
                 },
             )]),
             billed: BTreeMap::from([(
                 k.clone(),
                 Charge {
                     quantity: 1_000_000,
-                    amount: dec!(3.00),
+                    amount: exact::wide(dec!(3.00)),
                 },
             )]),
         };
@@ -993,11 +1048,11 @@ mod tests {
                 for record in invoice.billed {
                     let entry = billed.entry(record.key).or_default();
                     entry.quantity += record.charge.quantity;
-                    entry.amount += record.charge.amount;
+                    entry.amount += &record.charge.amount;
                 }
             }
             let whole = charge_period(&[usage(k.clone(), tiers(mode), seen)]).expect("ok");
-            prop_assert_eq!(billed.get(&k).copied(), whole.per_key.get(&k).copied());
+            prop_assert_eq!(billed.get(&k), whole.per_key.get(&k));
         }
 
         /// Rounding happens per line: the total is the sum of rounded lines, and it is within
@@ -1017,7 +1072,7 @@ mod tests {
             let invoice = compute_invoice(&terms("USD"), period("2026-03"), &used, &[]).expect("ok");
 
             let rounded: Decimal = invoice.lines.iter().map(|l| l.amount).sum();
-            let exact: Decimal = invoice.lines.iter().map(|l| l.precise).sum();
+            let exact: Decimal = invoice.lines.iter().map(|l| narrow(&l.precise)).sum();
             prop_assert_eq!(invoice.total, rounded);
             prop_assert!((rounded - exact).abs() <= dec!(0.005) * Decimal::from(invoice.lines.len()));
         }

@@ -3,6 +3,7 @@
 
 use rust_decimal::{Decimal, RoundingStrategy};
 
+use super::exact::{self, Precise};
 use super::tenant::RoundingMode;
 
 /// A currency with the number of minor-unit digits its amounts are rounded to.
@@ -28,6 +29,26 @@ impl Currency {
     /// `amount` rounded once to this currency's minor unit.
     pub fn round(&self, amount: Decimal, mode: RoundingMode) -> Decimal {
         amount.round_dp_with_strategy(self.exponent, strategy(mode))
+    }
+
+    /// A precise amount rounded once to this currency's minor unit; `None` only for amounts
+    /// beyond `Decimal`'s range (about 10²⁴ in any currency).
+    pub fn round_precise(&self, amount: &Precise, mode: RoundingMode) -> Option<Decimal> {
+        let rounded = amount.with_scale_round(i64::from(self.exponent), wide_mode(mode));
+        exact::narrow(&rounded).map(|d| d.round_dp(self.exponent))
+    }
+}
+
+fn wide_mode(mode: RoundingMode) -> bigdecimal::RoundingMode {
+    use bigdecimal::RoundingMode as Wide;
+    match mode {
+        RoundingMode::HalfEven => Wide::HalfEven,
+        RoundingMode::HalfUp => Wide::HalfUp,
+        RoundingMode::HalfDown => Wide::HalfDown,
+        RoundingMode::Up => Wide::Up,
+        RoundingMode::Down => Wide::Down,
+        RoundingMode::Ceiling => Wide::Ceiling,
+        RoundingMode::Floor => Wide::Floor,
     }
 }
 

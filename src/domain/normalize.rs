@@ -63,6 +63,31 @@ pub fn normalize(usage: &Usage) -> Result<TokenCounts, FieldError> {
     }
 }
 
+/// The buckets the first release gave the same usage object, when they differ from `tokens`
+/// (its normalization): it had no OpenAI cache-write classes and billed those writes as
+/// uncached input (Qwen's too), and kept Anthropic's thinking inside output. An event stored
+/// then and resent now must still be a DUPLICATE, so its payload is also compared this way.
+pub fn first_release(usage: &Usage, tokens: &TokenCounts) -> Option<TokenCounts> {
+    use super::tokens::TokenClass::*;
+    let mut buckets = tokens.buckets();
+    let moved: &[(super::tokens::TokenClass, super::tokens::TokenClass)] = match usage {
+        Usage::OpenaiChat(_) => &[
+            (CacheWrite30m, Input),
+            (CacheWrite5m, Input),
+            (CacheWrite1h, Input),
+        ],
+        Usage::OpenaiResponses(_) => &[(CacheWrite30m, Input), (CacheWrite12h, Input)],
+        Usage::Anthropic(_) => &[(Reasoning, Output)],
+        Usage::Tokens(_) | Usage::Gemini(_) | Usage::Dashscope(_) => &[],
+    };
+    for (from, to) in moved {
+        // Cannot overflow: the sum of all buckets fits (checked when they were built).
+        buckets[to.index()] += buckets[from.index()];
+        buckets[from.index()] = 0;
+    }
+    TokenCounts::new(buckets).ok().filter(|old| old != tokens)
+}
+
 /// Already disjoint buckets; [`TokenCounts::new`] names the offending class.
 pub fn buckets(t: &pb::TokenCounts) -> Result<TokenCounts, FieldError> {
     TokenCounts::new([
@@ -355,12 +380,12 @@ fn dashscope(u: &pb::DashScopeUsage) -> Result<TokenCounts, FieldError> {
         ],
     })?;
     if images > u.input_tokens {
-        return Err(exceeds(
-            "input_tokens_details.image_tokens",
-            images,
-            "input_tokens",
-            u.input_tokens,
-        ));
+        let field = if i.image_tokens != 0 {
+            "input_tokens_details.image_tokens"
+        } else {
+            "image_tokens"
+        };
+        return Err(exceeds(field, images, "input_tokens", u.input_tokens));
     }
     let (cache_write_5m, cache_write_1h) = by_ttl(
         "prompt_tokens_details.",
@@ -1235,6 +1260,49 @@ mod tests {
     }
 
     #[test]
+    fn the_first_release_billed_cache_writes_as_input_and_thinking_as_output() {
+        let responses = Usage::OpenaiResponses(OpenAiResponsesUsage {
+            input_tokens: 5_000,
+            input_tokens_details: Some(OpenAiInputTokensDetails {
+                cached_tokens: 3_000,
+                cache_write_tokens: 1_500,
+                cache_write_tokens_details: Some(OpenAiCacheWriteTokensDetails {
+                    ttl_30m_tokens: 1_000,
+                    ttl_12h_tokens: 500,
+                }),
+                ..Default::default()
+            }),
+            output_tokens: 900,
+            ..Default::default()
+        });
+        let thinking = Usage::Anthropic(AnthropicUsage {
+            input_tokens: 10,
+            output_tokens: 800,
+            output_tokens_details: Some(AnthropicOutputTokensDetails {
+                thinking_tokens: 600,
+            }),
+            ..Default::default()
+        });
+        let plain = Usage::Anthropic(AnthropicUsage {
+            input_tokens: 10,
+            output_tokens: 800,
+            ..Default::default()
+        });
+        let old = |usage: &Usage| {
+            let tokens = normalize(usage).expect("valid");
+            first_release(usage, &tokens).map(|t| non_zero(&t))
+        };
+
+        // 500 uncached + 1,000 + 500 written = 2,000 input, as the first release stored it.
+        assert_eq!(
+            old(&responses),
+            Some(vec![(Input, 2_000), (CacheRead, 3_000), (Output, 900)])
+        );
+        assert_eq!(old(&thinking), Some(vec![(Input, 10), (Output, 800)]));
+        assert_eq!(old(&plain), None, "nothing moves: the same buckets as then");
+    }
+
+    #[test]
     fn cache_writes_and_thinking_that_do_not_add_up_are_rejected_naming_the_field() {
         let responses = |written, by_ttl: Option<(i64, i64)>| {
             Usage::OpenaiResponses(OpenAiResponsesUsage {
@@ -1312,7 +1380,7 @@ mod tests {
         assert_eq!(
             error(images),
             (
-                "dashscope.input_tokens_details.image_tokens".into(),
+                "dashscope.image_tokens".into(),
                 "exceeds input_tokens (1001 > 1000)".into()
             )
         );

@@ -155,6 +155,7 @@ mod tests {
         let (tenant, agent, minute, buckets, priced_mask) = *spec;
         let tokens = TokenCounts::new(buckets).expect("non-negative");
         let event = UsageEvent {
+            first_release_tokens: None,
             identity: EventIdentity {
                 tenant_id: format!("t{tenant}"),
                 source: "s".into(),

@@ -80,6 +80,9 @@ pub struct UsageEvent {
     /// Truncated to whole microseconds (storage precision).
     pub occurred_at: DateTime<Utc>,
     pub tokens: TokenCounts,
+    /// The buckets the first release would have stored for the same usage object, when they
+    /// differ ([`crate::domain::normalize::first_release`]).
+    pub first_release_tokens: Option<TokenCounts>,
     pub usage_source: UsageSource,
     pub status: CallStatus,
     pub attributes: BTreeMap<String, String>,
@@ -131,6 +134,19 @@ impl UsageEvent {
     /// SHA-256 over a length-prefixed encoding of every payload field, in a fixed order.
     /// Equal hashes mean a duplicate delivery; different ones a conflict.
     pub fn payload_hash(&self) -> [u8; 32] {
+        self.hash_with(&self.tokens)
+    }
+
+    /// Whether a stored payload hash is this event's: its own, or the one the first release
+    /// gave it (stored before the cache-write classes and Anthropic's thinking split existed).
+    pub fn is_stored_as(&self, own: &[u8; 32], stored: &[u8; 32]) -> bool {
+        own == stored
+            || self
+                .first_release_tokens
+                .is_some_and(|tokens| self.hash_with(&tokens) == *stored)
+    }
+
+    fn hash_with(&self, tokens: &TokenCounts) -> [u8; 32] {
         let mut hash = PayloadHasher::default();
         hash.field(self.agent_id.as_bytes());
         hash.optional(&self.transaction_id);
@@ -141,7 +157,7 @@ impl UsageEvent {
         hash.field(self.provider.as_bytes());
         hash.field(self.model.as_bytes());
         hash.field(&self.occurred_at.timestamp_micros().to_le_bytes());
-        let buckets = self.tokens.buckets();
+        let buckets = tokens.buckets();
         let (original, later) = buckets.split_at(ORIGINAL_CLASS_COUNT);
         for count in original {
             hash.field(&count.to_le_bytes());
@@ -205,6 +221,7 @@ mod tests {
 
     fn event() -> UsageEvent {
         UsageEvent {
+            first_release_tokens: None,
             identity: EventIdentity {
                 tenant_id: "t".into(),
                 source: "s".into(),

@@ -138,7 +138,7 @@ fn line_to_proto(invoice_id: &str, number: usize, line: &Line) -> pb::InvoiceLin
         token_class: key.map_or(0, |k| k.class as i32),
         quantity: line.quantity,
         unit_price: line.unit_price.to_string(),
-        precise_amount: line.precise.to_string(),
+        precise_amount: line.precise.to_plain_string(),
         amount: line.amount.to_string(),
         tier_from_tokens: line.tier.map(|t| t.0),
         tier_up_to_tokens: line.tier.and_then(|t| t.1),
@@ -146,7 +146,7 @@ fn line_to_proto(invoice_id: &str, number: usize, line: &Line) -> pb::InvoiceLin
         list_unit_price: line.list_unit_price.map(|d| d.to_string()),
         discount_percent: line.discount_percent.map(|d| d.to_string()),
         tax_rate_percent: line.tax_rate_percent.map(|d| d.to_string()),
-        base_amount: line.base_amount.map(|d| d.to_string()),
+        base_amount: line.base_amount.as_ref().map(|d| d.to_plain_string()),
         price_book_version_id: line.version_id.clone(),
         override_id: line.override_id.clone(),
     }

@@ -515,7 +515,7 @@ impl Pipeline {
             else {
                 continue;
             };
-            if hash == *winner {
+            if event.is_stored_as(&hash, winner) {
                 outcomes[index] = Some(Outcome::Duplicate);
             } else {
                 conflicting.push((index, event, hash));
@@ -616,7 +616,7 @@ impl Pipeline {
             .filter(|e| {
                 stored
                     .get(&e.identity)
-                    .is_some_and(|h| *h != e.payload_hash())
+                    .is_some_and(|h| !e.is_stored_as(&e.payload_hash(), h))
             })
             .map(|e| &e.identity)
             .collect();
@@ -653,7 +653,9 @@ impl Pipeline {
                 .map(|hash| (*hash, stored_events.get(&event.identity)))
                 .or_else(|| first_of.get(&event.identity).map(|(h, e)| (*h, Some(*e))));
             let outcome = match winner {
-                Some((winner_hash, _)) if winner_hash == hash => Outcome::Duplicate,
+                Some((winner_hash, _)) if event.is_stored_as(&hash, &winner_hash) => {
+                    Outcome::Duplicate
+                }
                 Some((_, winner)) => Outcome::Conflict {
                     field: winner
                         .and_then(|w| w.first_difference(event))

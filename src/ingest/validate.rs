@@ -68,6 +68,7 @@ pub fn validate(
         )
     })?;
     let tokens = normalize(usage)?;
+    let first_release_tokens = crate::domain::normalize::first_release(usage, &tokens);
     if let Some((class, _)) = tokens.non_zero().find(|(_, n)| *n > MAX_TOKENS_PER_CLASS) {
         return Err(FieldError::new(
             format!("tokens.{class}"),
@@ -103,6 +104,7 @@ pub fn validate(
         model,
         occurred_at,
         tokens,
+        first_release_tokens,
         usage_source,
         status,
         attributes,

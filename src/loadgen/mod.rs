@@ -43,12 +43,12 @@ use tonic::transport::{Channel, Endpoint};
 use crate::domain::tokens::CLASS_COUNT;
 use crate::grpc::auth::Bearer;
 use crate::proto::v1::{
-    AnthropicCacheCreation, AnthropicServerToolUse, AnthropicUsage, EventResult,
-    GeminiModalityTokenCount, GeminiUsageMetadata, IngestStatus, IngestUsageRequest,
-    IngestUsageResponse, OpenAiChatUsage, OpenAiCompletionTokensDetails, OpenAiInputTokensDetails,
-    OpenAiOutputTokensDetails, OpenAiPromptTokensDetails, OpenAiResponsesUsage, TokenCounts,
-    UsageEvent, UsageSource, UsageStatus, usage_event::Usage,
-    usage_service_client::UsageServiceClient,
+    AnthropicCacheCreation, AnthropicOutputTokensDetails, AnthropicServerToolUse, AnthropicUsage,
+    EventResult, GeminiModalityTokenCount, GeminiUsageMetadata, IngestStatus, IngestUsageRequest,
+    IngestUsageResponse, OpenAiCacheWriteTokensDetails, OpenAiChatUsage,
+    OpenAiCompletionTokensDetails, OpenAiInputTokensDetails, OpenAiOutputTokensDetails,
+    OpenAiPromptTokensDetails, OpenAiResponsesUsage, TokenCounts, UsageEvent, UsageSource,
+    UsageStatus, usage_event::Usage, usage_service_client::UsageServiceClient,
 };
 
 /// Generate realistic usage events, send them to `UsageService/IngestUsage` and check the
@@ -792,7 +792,11 @@ impl Generator {
         let mut buckets = draw_buckets(model, &mut rng);
         let shape = if rng.random_bool(self.provider_object_ratio) {
             match spec.family {
-                Family::OpenAi if spec.model == "gpt-audio-mini" || rng.random_bool(0.7) => {
+                // Chat Completions carries 30-minute cache writes only.
+                Family::OpenAi
+                    if buckets[CACHE_WRITE_12H] == 0
+                        && (spec.model == "gpt-audio-mini" || rng.random_bool(0.7)) =>
+                {
                     Shape::OpenAiChat
                 }
                 Family::OpenAi => Shape::OpenAiResponses,
@@ -967,6 +971,13 @@ fn draw_buckets(model: usize, rng: &mut StdRng) -> Buckets {
             if rng.random_bool(0.6) {
                 b[CACHE_READ] = 1_024 + 128 * rng.random_range(0..=120);
             }
+            // Prompt-cache writes: mostly the default 30-minute retention, some 12-hour.
+            if rng.random_bool(0.15) {
+                b[CACHE_WRITE_30M] = 1_024 + 128 * rng.random_range(0..=60);
+            }
+            if rng.random_bool(0.05) {
+                b[CACHE_WRITE_12H] = 1_024 + 128 * rng.random_range(0..=60);
+            }
             if rng.random_bool(0.8) {
                 b[REASONING] = 64 * rng.random_range(1..=100);
             }
@@ -982,6 +993,10 @@ fn draw_buckets(model: usize, rng: &mut StdRng) -> Buckets {
         "claude-sonnet-4-5" => {
             if rng.random_bool(0.6) {
                 b[CACHE_READ] = rng.random_range(1_024..=30_000);
+            }
+            if rng.random_bool(0.3) {
+                // Extended thinking, reported inside output_tokens with its own count.
+                b[REASONING] = rng.random_range(100..=4_000);
             }
             if rng.random_bool(0.25) {
                 b[CACHE_WRITE_5M] = rng.random_range(1_024..=8_000);
@@ -1025,11 +1040,16 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
     match shape {
         Shape::Tokens => Usage::Tokens(to_token_counts(b)),
         Shape::OpenAiChat => Usage::OpenaiChat(OpenAiChatUsage {
-            prompt_tokens: b[INPUT] + b[CACHE_READ] + b[INPUT_AUDIO] + b[INPUT_IMAGE],
+            prompt_tokens: b[INPUT]
+                + b[CACHE_READ]
+                + b[CACHE_WRITE_30M]
+                + b[INPUT_AUDIO]
+                + b[INPUT_IMAGE],
             completion_tokens: b[OUTPUT] + b[REASONING] + b[OUTPUT_AUDIO] + b[OUTPUT_IMAGE],
             total_tokens: total,
             prompt_tokens_details: Some(OpenAiPromptTokensDetails {
                 cached_tokens: b[CACHE_READ],
+                cache_write_tokens: b[CACHE_WRITE_30M],
                 audio_tokens: b[INPUT_AUDIO],
                 image_tokens: b[INPUT_IMAGE],
                 ..Default::default()
@@ -1044,9 +1064,22 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
             }),
         }),
         Shape::OpenAiResponses => Usage::OpenaiResponses(OpenAiResponsesUsage {
-            input_tokens: b[INPUT] + b[CACHE_READ] + b[INPUT_AUDIO] + b[INPUT_IMAGE],
+            input_tokens: b[INPUT]
+                + b[CACHE_READ]
+                + b[CACHE_WRITE_30M]
+                + b[CACHE_WRITE_12H]
+                + b[INPUT_AUDIO]
+                + b[INPUT_IMAGE],
             input_tokens_details: Some(OpenAiInputTokensDetails {
                 cached_tokens: b[CACHE_READ],
+                cache_write_tokens: b[CACHE_WRITE_30M] + b[CACHE_WRITE_12H],
+                // Without the split every write is a 30-minute one.
+                cache_write_tokens_details: (b[CACHE_WRITE_12H] > 0).then_some(
+                    OpenAiCacheWriteTokensDetails {
+                        ttl_30m_tokens: b[CACHE_WRITE_30M],
+                        ttl_12h_tokens: b[CACHE_WRITE_12H],
+                    },
+                ),
                 audio_tokens: b[INPUT_AUDIO],
                 image_tokens: b[INPUT_IMAGE],
                 ..Default::default()
@@ -1061,8 +1094,8 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
             total_tokens: total,
         }),
         Shape::Anthropic => {
-            // Anthropic reports no reasoning/audio/image split; generated Anthropic buckets
-            // have none, and anything there would be inside output_tokens.
+            // Thinking is inside output_tokens, counted again in output_tokens_details;
+            // generated Anthropic buckets have no audio or image.
             let creation = b[CACHE_WRITE_5M] + b[CACHE_WRITE_1H];
             Usage::Anthropic(AnthropicUsage {
                 input_tokens: b[INPUT] + b[INPUT_AUDIO] + b[INPUT_IMAGE],
@@ -1082,7 +1115,9 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
                     },
                 ),
                 service_tier: Some("standard".to_owned()),
-                output_tokens_details: None,
+                output_tokens_details: (b[REASONING] > 0).then_some(AnthropicOutputTokensDetails {
+                    thinking_tokens: b[REASONING],
+                }),
             })
         }
         Shape::Gemini => {
@@ -1125,6 +1160,14 @@ fn render_usage(shape: Shape, b: &Buckets, opts: &RenderOpts) -> Usage {
 fn mismatched_usage(family: Family, b: &Buckets, opts: &RenderOpts, by: i64) -> (Shape, Usage) {
     let total: i64 = b.iter().sum();
     match family {
+        Family::OpenAi if b[CACHE_WRITE_12H] > 0 => {
+            let Usage::OpenaiResponses(mut usage) = render_usage(Shape::OpenAiResponses, b, opts)
+            else {
+                unreachable!("render_usage keeps the shape")
+            };
+            usage.total_tokens = Some(total + by);
+            (Shape::OpenAiResponses, Usage::OpenaiResponses(usage))
+        }
         Family::OpenAi => {
             let Usage::OpenaiChat(mut usage) = render_usage(Shape::OpenAiChat, b, opts) else {
                 unreachable!("render_usage keeps the shape")
@@ -2350,7 +2393,7 @@ mod tests {
             assert!(shapes.contains(&shape), "no {shape:?} event generated");
         }
         assert!(!shapes.contains(&Shape::Tokens));
-        let unseen: Vec<&str> = (0..10)
+        let unseen: Vec<&str> = (0..CLASS_COUNT)
             .filter(|&c| !classes[c])
             .map(|c| CLASS_NAMES[c])
             .collect();

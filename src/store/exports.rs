@@ -10,7 +10,10 @@ use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
+use rust_decimal::Decimal;
+
 use super::StoreError;
+use crate::domain::exact::{self, Precise};
 use crate::domain::tokens::TokenClass;
 use crate::export::encode::Cell;
 use crate::export::schema::{Schema, Type};
@@ -390,6 +393,23 @@ fn decode(row: &PgRow, schema: &Schema) -> Result<Vec<Cell>, StoreError> {
     fn opt<T>(value: Option<T>, cell: impl FnOnce(T) -> Cell) -> Cell {
         value.map_or(Cell::Null, cell)
     }
+    // Read wide and narrowed exactly: a stored amount beyond Decimal's 28 digits fails the
+    // export naming it, where reading it as a Decimal would round it.
+    let amount = |i: usize| -> Result<Option<Decimal>, StoreError> {
+        let Some(wide) = row.try_get::<Option<Precise>, _>(i)? else {
+            return Ok(None);
+        };
+        exact::narrow(&wide).map(Some).ok_or_else(|| {
+            StoreError::Query(sqlx::Error::Decode(
+                format!(
+                    "{} = {} has more digits than an export amount holds",
+                    schema.columns[i].name,
+                    wide.to_plain_string()
+                )
+                .into(),
+            ))
+        })
+    };
     schema
         .columns
         .iter()
@@ -400,8 +420,8 @@ fn decode(row: &PgRow, schema: &Schema) -> Result<Vec<Cell>, StoreError> {
                 Type::OptText => opt(row.try_get(i)?, Cell::Text),
                 Type::Int => Cell::Int(row.try_get(i)?),
                 Type::OptInt => opt(row.try_get(i)?, Cell::Int),
-                Type::Amount => Cell::Amount(row.try_get(i)?),
-                Type::OptAmount => opt(row.try_get(i)?, Cell::Amount),
+                Type::Amount => amount(i)?.map_or(Cell::Null, Cell::Amount),
+                Type::OptAmount => opt(amount(i)?, Cell::Amount),
                 Type::Time => Cell::Time(row.try_get(i)?),
                 Type::OptTime => opt(row.try_get(i)?, Cell::Time),
                 Type::TokenClass => {

@@ -10,6 +10,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::StoreError;
+use crate::domain::exact::Precise;
 use crate::domain::invoice::{
     BilledUsage, Charge, ComputedInvoice, InvoiceState, Line, LineKind, Terms,
 };
@@ -278,7 +279,7 @@ pub async fn billed(
     if pairs.is_empty() {
         return Ok(out);
     }
-    let rows: Vec<(String, String, String, String, i16, i64, Decimal)> = sqlx::query_as(
+    let rows: Vec<(String, String, String, String, i16, i64, Precise)> = sqlx::query_as(
         "SELECT b.tenant_id, b.period_label, b.provider, b.model, b.token_class,
                 sum(b.quantity)::int8, sum(b.amount)
          FROM unnest($1::text[], $2::text[]) AS p(tenant_id, period_label)
@@ -456,7 +457,7 @@ async fn write_lines(conn: &mut PgConnection, computed: &[Computed<'_>]) -> Resu
     .bind(lines.iter().map(|(_, _, l)| l.key.as_ref().map_or(0, |k| k.class as i16)).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.quantity).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.unit_price).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, _, l)| l.precise).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, _, l)| l.precise.clone()).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.amount).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.tier.map(|t| t.0)).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.tier.and_then(|t| t.1)).collect::<Vec<_>>())
@@ -466,7 +467,7 @@ async fn write_lines(conn: &mut PgConnection, computed: &[Computed<'_>]) -> Resu
     .bind(lines.iter().map(|(_, _, l)| l.list_unit_price).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.discount_percent).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.tax_rate_percent).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, _, l)| l.base_amount).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, _, l)| l.base_amount.clone()).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.version_id.as_deref()).collect::<Vec<_>>())
     .bind(lines.iter().map(|(_, _, l)| l.override_id.as_deref()).collect::<Vec<_>>())
     .execute(&mut *conn)
@@ -575,7 +576,7 @@ pub async fn finalize(
     .bind(billed.iter().map(|(_, b)| b.key.model.as_str()).collect::<Vec<_>>())
     .bind(billed.iter().map(|(_, b)| b.key.class as i16).collect::<Vec<_>>())
     .bind(billed.iter().map(|(_, b)| b.charge.quantity).collect::<Vec<_>>())
-    .bind(billed.iter().map(|(_, b)| b.charge.amount).collect::<Vec<_>>())
+    .bind(billed.iter().map(|(_, b)| b.charge.amount.clone()).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     let count = i64::try_from(computed.len()).unwrap_or(i64::MAX);

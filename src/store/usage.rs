@@ -152,6 +152,7 @@ fn stored_event(row: &sqlx::postgres::PgRow) -> Result<UsageEvent, StoreError> {
         model: row.try_get("model")?,
         occurred_at: row.try_get("occurred_at")?,
         tokens,
+        first_release_tokens: None,
         usage_source: UsageSource::from_number(row.try_get("usage_source")?)
             .ok_or_else(|| corrupt("usage_source"))?,
         status: CallStatus::from_number(row.try_get("status")?).ok_or_else(|| corrupt("status"))?,

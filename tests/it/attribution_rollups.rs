@@ -228,7 +228,7 @@ async fn send(api: &mut Clients, rng: &mut Rng, ops: &[Op], max_batch: usize) {
 /// hour × agent × service × provider × model × currency × state (0 = no transaction).
 type Key = (DateTime<Utc>, String, String, String, String, String, i16);
 /// tokens by class, spend, cost, events.
-type Sums = ([i64; 10], Decimal, Decimal, i64);
+type Sums = ([i64; 12], Decimal, Decimal, i64);
 
 /// The rollup the sent events call for: each event once, at its transaction's state folded
 /// from the kinds of the transaction's lifecycle events, priced by hand.
@@ -308,7 +308,8 @@ type TextRow = (
 );
 
 const TOKENS: &str = "ARRAY[input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
-                            input_audio, output_audio, input_image, output_image]";
+                            input_audio, output_audio, input_image, output_image,
+                            cache_write_30m, cache_write_12h]";
 
 /// The stored rollup, every value as Postgres prints it.
 async fn stored_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
@@ -333,7 +334,7 @@ async fn stored_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
 async fn joined_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
     let class =
         |n: i16| format!("coalesce(sum(r.tokens) FILTER (WHERE r.token_class = {n}), 0)::text");
-    let classes: Vec<String> = (1..=10).map(class).collect();
+    let classes: Vec<String> = (1..=12).map(class).collect();
     let rows: Vec<TextRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH states AS (
                  SELECT tenant_id, transaction_id, transaction_state(array_agg(kind)) AS state
@@ -366,8 +367,8 @@ async fn assert_rollup_matches(pool: &PgPool, tenant: &str, ops: &[Op], context:
         .map(|(key, values)| {
             let int = |i: usize| values[i].parse::<i64>().expect("integer");
             let dec = |i: usize| values[i].parse::<Decimal>().expect("decimal");
-            let tokens: [i64; 10] = std::array::from_fn(int);
-            (key, (tokens, dec(10), dec(11), int(12)))
+            let tokens: [i64; 12] = std::array::from_fn(int);
+            (key, (tokens, dec(12), dec(13), int(14)))
         })
         .collect();
     assert_eq!(by_value, expected(ops), "{context}");

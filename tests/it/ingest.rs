@@ -104,6 +104,59 @@ async fn same_identity_with_another_payload_is_a_conflict_kept_for_audit() {
 }
 
 #[tokio::test]
+async fn an_event_stored_before_cache_write_classes_existed_is_a_duplicate_when_resent() {
+    let app = spawn_app().await;
+    let mut api = Clients::new(app.channel().await);
+    let tenant = unique("t");
+    // What the first release stored for an OpenAI Responses call with 1,500 cache-write tokens
+    // (it had no classes for them and billed them as input): 5000 − 3000 cached = 2000 input.
+    let mut stored = event(&tenant, "call-1", 0, 0);
+    stored.usage = Some(pb::usage_event::Usage::Tokens(pb::TokenCounts {
+        input: 2_000,
+        cache_read: 3_000,
+        output: 300,
+        reasoning: 600,
+        ..Default::default()
+    }));
+    api.ingest(vec![stored.clone()]).await;
+    // The same call resent as its usage object, now normalized with the writes split out.
+    let mut resent = stored.clone();
+    resent.usage = Some(pb::usage_event::Usage::OpenaiResponses(
+        pb::OpenAiResponsesUsage {
+            input_tokens: 5_000,
+            input_tokens_details: Some(pb::OpenAiInputTokensDetails {
+                cached_tokens: 3_000,
+                cache_write_tokens: 1_500,
+                ..Default::default()
+            }),
+            output_tokens: 900,
+            output_tokens_details: Some(pb::OpenAiOutputTokensDetails {
+                reasoning_tokens: 600,
+                ..Default::default()
+            }),
+            total_tokens: Some(5_900),
+        },
+    ));
+    let mut changed = resent.clone();
+    if let Some(pb::usage_event::Usage::OpenaiResponses(u)) = &mut changed.usage {
+        u.output_tokens = 901;
+        u.total_tokens = Some(5_901);
+    }
+
+    let response = api.ingest(vec![resent, changed]).await;
+
+    assert_eq!(statuses(&response), vec![Duplicate, Conflict]);
+    assert_eq!(response.results[1].field, "tokens.input");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE tenant_id = $1")
+        .bind(&tenant)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 1);
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn invalid_events_get_field_and_reason_and_the_valid_ones_are_still_accepted() {
     let app = spawn_app().await;
     let mut api = Clients::new(app.channel().await);

@@ -13,7 +13,7 @@ use crate::helpers::{create_topic, kafka_brokers, spawn_app_with, tokenmeter_com
 use crate::kafka_ingest::{consume, header, read_all, wait_for_positions_within};
 use crate::usage_support::unique;
 
-const CLASSES: [&str; 10] = [
+const CLASSES: [&str; 12] = [
     "input",
     "cache_read",
     "cache_write_5m",
@@ -24,10 +24,12 @@ const CLASSES: [&str; 10] = [
     "output_audio",
     "input_image",
     "output_image",
+    "cache_write_30m",
+    "cache_write_12h",
 ];
 
 /// Events and tokens by class, keyed by a tenant or a model.
-type Totals = BTreeMap<String, (i64, [i64; 10])>;
+type Totals = BTreeMap<String, (i64, [i64; 12])>;
 
 fn int(value: &Value) -> i64 {
     value
