@@ -1,5 +1,8 @@
 //! The admin HTTP port: `/metrics` for Prometheus, `/healthz` (the process is alive) and
 //! `/readyz` (Postgres and, when enabled, Kafka answer and the usage consumer has not stopped).
+//! `/readyz` also shows the fold queue (`fold`: batches and events not yet folded into the
+//! rollups, and the oldest one's age) — a detail, never a reason to be unready: reports add the
+//! unfolded tail, so a lagging folder makes them slower, not wrong.
 //!
 //! `/readyz?exclude=kafka&exclude=kafka_consumer` leaves checks out of the verdict (they are
 //! still reported), as Kubernetes' own `/readyz` does: a load balancer should keep sending gRPC
@@ -118,6 +121,13 @@ async fn readyz(
             Some(reason) => (false, format!("stopped: {reason}")),
         },
     };
+    let fold = match store::fold::queue(&state.pool).await {
+        Ok(queue) => json!({
+            "queued_batches": queue.batches, "queued_events": queue.events,
+            "lag_seconds": queue.oldest_age_seconds,
+        }),
+        Err(e) => json!(e.to_string()),
+    };
     let ready = [postgres_ok, kafka_ok, consumer_ok]
         .iter()
         .zip(CHECKS)
@@ -131,7 +141,7 @@ async fn readyz(
         status,
         axum::Json(json!({
             "ready": ready, "postgres": postgres, "kafka": kafka, "kafka_consumer": consumer,
-            "excluded": excluded,
+            "fold": fold, "excluded": excluded,
         })),
     )
         .into_response()

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin_http::{self, AdminState};
 use crate::billing::Billing;
 use crate::config::Settings;
+use crate::fold::{FoldMetrics, Folder};
 use std::sync::Arc;
 
 use crate::grpc::{self, ApiState};
@@ -59,6 +60,7 @@ pub struct Application {
     quota: Arc<QuotaEngine>,
     kafka: Option<KafkaProbe>,
     consumer: Option<UsageConsumer>,
+    folder: Folder,
     grpc_listener: Option<TcpListener>,
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     admin_listener: Option<TcpListener>,
@@ -111,6 +113,11 @@ impl Application {
         } else {
             None
         };
+        let folder = Folder::new(
+            pool.clone(),
+            settings.fold.clone(),
+            FoldMetrics::register(&metrics.registry)?,
+        );
         let grpc_tls = settings.grpc.tls.as_ref().map(grpc::load_tls).transpose()?;
         let grpc_listener = if settings.grpc.enabled {
             Some(bind("grpc.listen_addr", settings.grpc.listen_addr).await?)
@@ -131,6 +138,7 @@ impl Application {
             quota,
             kafka,
             consumer,
+            folder,
             grpc_listener,
             grpc_tls,
             admin_listener,
@@ -158,6 +166,7 @@ impl Application {
             self.settings.billing.clone(),
             self.settings.ingest.default_price_book_id.clone(),
             self.settings.ingest.retention,
+            self.settings.fold.max_events,
         ));
         if let Some(listener) = self.grpc_listener {
             let (limit, metrics, token) = (
@@ -204,6 +213,14 @@ impl Application {
             });
         }
 
+        if self.settings.fold.enabled {
+            let (folder, token) = (self.folder.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                folder.run(token).await;
+                Ok(())
+            });
+        }
+
         if let Some(consumer) = self.consumer {
             let token = shutdown.clone();
             tasks.spawn(async move {
@@ -245,12 +262,13 @@ impl Application {
 
         if !self.settings.ingest.retention_interval.is_zero() {
             let (pool, token) = (self.pool.clone(), shutdown.clone());
-            let (interval, retention) = (
+            let (interval, retention, fold_max_events) = (
                 self.settings.ingest.retention_interval,
                 self.settings.ingest.retention,
+                self.settings.fold.max_events,
             );
             tasks.spawn(async move {
-                run_retention(pool, interval, retention, token).await;
+                run_retention(pool, interval, retention, fold_max_events, token).await;
                 Ok(())
             });
         }
@@ -319,13 +337,14 @@ async fn run_retention(
     pool: PgPool,
     interval: std::time::Duration,
     retention: std::time::Duration,
+    fold_max_events: u64,
     shutdown: CancellationToken,
 ) {
     crate::periodic::every(interval, std::time::Duration::ZERO, shutdown, || {
         let pool = pool.clone();
         async move {
             let cutoff = retention_cutoff(chrono::Utc::now(), retention);
-            match store::retention::apply(&pool, cutoff).await {
+            match store::retention::apply(&pool, cutoff, fold_max_events).await {
                 Ok(report) if !report.dropped_partitions.is_empty() => tracing::info!(
                     partitions = ?report.dropped_partitions,
                     keys = report.deleted_keys,

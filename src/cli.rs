@@ -266,7 +266,7 @@ async fn keys(settings: Settings, command: KeysCommand) -> anyhow::Result<()> {
 async fn retention(settings: Settings) -> anyhow::Result<()> {
     let pool = store::connect(&settings.database).await?;
     let cutoff = crate::app::retention_cutoff(chrono::Utc::now(), settings.ingest.retention);
-    let report = store::retention::apply(&pool, cutoff).await?;
+    let report = store::retention::apply(&pool, cutoff, settings.fold.max_events).await?;
     pool.close().await;
     println!(
         "retained from {}: dropped {} partition(s) {:?}, {} dedup key(s), {} conflict record(s)",
@@ -314,6 +314,7 @@ async fn bill(settings: Settings, command: BillCommand) -> anyhow::Result<()> {
         settings.billing.clone(),
         settings.ingest.default_price_book_id.clone(),
         settings.ingest.retention,
+        settings.fold.max_events,
     );
     let started = std::time::Instant::now();
     let report = billing

@@ -32,6 +32,7 @@ pub struct Settings {
     pub admin: AdminSettings,
     pub kafka: KafkaSettings,
     pub ingest: IngestSettings,
+    pub fold: FoldSettings,
     pub auth: AuthSettings,
     pub billing: BillingSettings,
     pub quota: QuotaSettings,
@@ -164,6 +165,23 @@ pub struct IngestSettings {
     pub default_currency: String,
     /// The price book of tenants that do not name one.
     pub default_price_book_id: String,
+}
+
+/// The folder (`crate::fold`): when committed ingest batches are added to the rollups. It
+/// folds once `min_events` are queued or the oldest queued batch is `max_age` old, up to
+/// `max_events` per fold (one transaction); the larger a fold, the fewer rollup rows per event.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoldSettings {
+    /// Run the folder in `serve` (every replica may: batches are claimed SKIP LOCKED).
+    pub enabled: bool,
+    /// How often the queue is looked at.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub min_events: u64,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_events: u64,
 }
 
 /// Reservations and quota alerts.
@@ -352,6 +370,15 @@ impl Settings {
                 "database.min_connections",
                 "must not exceed database.max_connections",
             ));
+        }
+        if self.fold.enabled && self.fold.interval.is_zero() {
+            return Err(invalid(
+                "fold.interval",
+                "must be above 0s while fold.enabled",
+            ));
+        }
+        if self.fold.max_events == 0 {
+            return Err(invalid("fold.max_events", "must be at least 1"));
         }
         if !crate::domain::tenant::is_currency_code(&self.ingest.default_currency) {
             return Err(invalid(

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod domain;
 pub mod export;
 pub mod export_cli;
+pub mod fold;
 pub mod grpc;
 pub mod ingest;
 pub mod kafka;

@@ -56,6 +56,7 @@ pub struct Billing {
     /// Raw events older than this are gone (and rejected at ingest), so periods before it
     /// cannot change and are not recomputed for adjustments.
     retention: Duration,
+    fold_max_events: u64,
 }
 
 /// One invoice to compute: the tenant, its period and the terms it is billed with.
@@ -134,18 +135,28 @@ fn split_hours(
 type PeriodUsage = BTreeMap<RateKey, BTreeMap<i32, (i64, i64)>>;
 
 impl Billing {
+    /// `fold_max_events`: the window of the folds run before finalizing (`fold.max_events`).
     pub fn new(
         pool: PgPool,
         settings: BillingSettings,
         default_price_book_id: String,
         retention: Duration,
+        fold_max_events: u64,
     ) -> Self {
         Self {
             pricing: PricingCache::new(pool.clone(), default_price_book_id),
             pool,
             settings,
             retention,
+            fold_max_events,
         }
+    }
+
+    /// Folds what ingest has queued, so that a finalized invoice and the rollups agree (the
+    /// invoice is exact either way: it also reads batches still queued).
+    async fn fold_queued(&self) -> Result<(), BillingError> {
+        crate::store::fold::fold_all(&self.pool, self.fold_max_events).await?;
+        Ok(())
     }
 
     pub fn settings(&self) -> &BillingSettings {
@@ -421,6 +432,7 @@ impl Billing {
         invoice_id: &str,
         now: DateTime<Utc>,
     ) -> Result<InvoiceRecord, BillingError> {
+        self.fold_queued().await?;
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let invoice = stored::lock_one(&mut tx, tenant_id, invoice_id).await?;
         if invoice.state == InvoiceState::Draft {
@@ -615,6 +627,7 @@ impl Billing {
         jobs.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
         let batches = jobs.chunks(self.settings.close_batch_tenants.max(1));
         if !dry_run {
+            self.fold_queued().await?;
             let catalog = self.pricing.catalog().await?;
             // Two batches in flight: one computes or writes while the other waits on Postgres.
             // They hold disjoint tenants, and the numbering row serializes only their ends.

@@ -11,7 +11,6 @@ pub mod normalize;
 pub mod period;
 pub mod pricing;
 pub mod quota;
-pub mod rollup;
 pub mod tenant;
 pub mod tiers;
 pub mod tokens;

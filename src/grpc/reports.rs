@@ -98,6 +98,17 @@ impl ReportApi {
         Ok((start, end, window, time_zone))
     }
 
+    /// The fold queue as a report read it.
+    async fn freshness(&self) -> Result<pb::RollupFreshness, Status> {
+        let queue = store::fold::queue(&self.pool).await.map_err(from_store)?;
+        Ok(pb::RollupFreshness {
+            as_of: Some(crate::grpc::convert::timestamp(chrono::Utc::now())),
+            unfolded_events: queue.events,
+            // Milliseconds of a gauge: whole, never an amount.
+            fold_lag_ms: (queue.oldest_age_seconds * 1000.0) as i64,
+        })
+    }
+
     async fn to_query(&self, request: &pb::QueryUsageRequest) -> Result<UsageQuery, Status> {
         let (start, end, window, time_zone) = self
             .span(
@@ -345,6 +356,7 @@ impl ReportService for ReportApi {
             rows: selected,
             time_zone,
             fx_rates: Vec::new(),
+            freshness: Some(self.freshness().await?),
         }))
     }
 
@@ -367,6 +379,7 @@ impl ReportService for ReportApi {
             time_zone: query.time_zone.clone(),
             rows: rows.into_iter().map(|r| row_to_proto(&query, r)).collect(),
             next_page_token: next,
+            freshness: Some(self.freshness().await?),
         }))
     }
 }

@@ -1,5 +1,8 @@
-//! The one pipeline both gRPC and Kafka feed: validate → normalize → dedupe → price →
-//! roll up → write, with raw events, dedup keys and rollups committed in one transaction.
+//! The one pipeline both gRPC and Kafka feed: validate → normalize → dedupe → price → write.
+//! One transaction per batch holds only what exactly-once and the answer need: the dedup keys,
+//! the raw events (numbered with their ingest batch, queued for the folder in the same
+//! transaction), the quota counters and, from Kafka, the consumer positions. Rollups are folded
+//! from committed batches afterwards (`crate::fold`).
 
 pub mod codec;
 pub mod pricing_cache;
@@ -19,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::IngestSettings;
 use crate::domain::FieldError;
 use crate::domain::pricing::{PricedUsage, PricingCatalog, TenantPricing};
-use crate::domain::rollup::RollupBatch;
 use crate::domain::tokens::TokenCounts;
 use crate::domain::usage::{EventIdentity, UsageEvent};
 use crate::proto::v1 as pb;
@@ -131,7 +133,7 @@ impl IngestMetrics {
 /// The ingest entry point. Events are routed by tenant to one of `ingest.writers` writer
 /// tasks; each writer takes every request waiting for it, up to `ingest.max_group_events`,
 /// and commits them in one transaction (group commit). Concurrent requests then never wait
-/// on each other's rollup row locks — a tenant's rows belong to one writer — and the commit
+/// on each other's quota counter locks — a tenant's rows belong to one writer — and the commit
 /// cost is shared, while every request still gets its answer only after its events are
 /// durable.
 pub struct Ingestor {
@@ -548,12 +550,6 @@ impl Pipeline {
 
         store::usage::insert_conflicts(&mut tx, &conflicts, channel.as_str()).await?;
         store::usage::insert_events(&mut tx, &accepted, channel.as_str()).await?;
-        let mut rollups = RollupBatch::default();
-        for candidate in &accepted {
-            rollups.add(candidate.event, &candidate.priced);
-        }
-        store::usage::upsert_rollups(&mut tx, &rollups).await?;
-        store::usage_by_state::add(&mut tx, &rollups).await?;
         crate::quota::apply_usage(&mut tx, &accepted).await?;
         if let Some(consumed) = consumed {
             store::offsets::store(&mut tx, consumed.group, consumed.offsets).await?;

@@ -111,7 +111,7 @@ impl ConsumerMetrics {
         let end_to_end_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "tokenmeter_kafka_end_to_end_seconds",
-                "From the message's Kafka timestamp to its commit in Postgres (rollups current)",
+                "From the message's Kafka timestamp to its commit in Postgres (in reports from then on)",
             )
             .buckets(prometheus::exponential_buckets(0.005, 2.0, 14)?),
         )?;

@@ -171,8 +171,13 @@ pub async fn report(
              SELECT r.tenant_id::text AS tenant_id, r.transaction_id::text AS transaction_id,
                     r.provider::text AS provider, r.model::text AS model,
                     sum(r.billed_amount) AS spend
-             FROM usage_rollups r
-             WHERE (r.tenant_id, r.transaction_id) IN (SELECT tenant_id, transaction_id FROM picked)
+             FROM (",
+    );
+    sql.push(transaction_spend_rows(
+        "(SELECT tenant_id, transaction_id FROM picked)",
+    ));
+    sql.push(
+        ") AS r
              GROUP BY 1, 2, 3, 4)
          SELECT 0 AS part, tenant_id, transaction_id, provider, model, spend,
                 NULL::timestamptz AS bucket_start, NULL::timestamptz AS bucket_end,
@@ -327,6 +332,22 @@ fn any_of(sql: &mut QueryBuilder<Postgres>, column: &str, values: &[String]) {
     }
 }
 
+/// The spend rows (tenant, transaction, provider, model, billed) of the transactions the
+/// subquery `picked` names (it may refer to an outer `e`, never to `v`): from the frozen per-transaction rollup for events ingested before
+/// ingest v2, from raw rows for the others (folded or not, so shares are exact as of the read).
+fn transaction_spend_rows(picked: &str) -> String {
+    format!(
+        "SELECT tenant_id, transaction_id, provider, model, billed_amount FROM usage_rollups_v1
+         WHERE (tenant_id, transaction_id) IN {picked}
+         UNION ALL
+         SELECT v.tenant_id, v.transaction_id COLLATE \"C\", v.provider COLLATE \"C\",
+                v.model COLLATE \"C\", v.billed_amount
+         FROM usage_events v
+         WHERE v.ingest_batch IS NOT NULL AND v.transaction_id IS NOT NULL
+           AND (v.tenant_id, v.transaction_id COLLATE \"C\") IN {picked}"
+    )
+}
+
 fn tenants(sql: &mut QueryBuilder<Postgres>, column: &str, query: &AttributionQuery) {
     any_of(sql, column, &query.tenant_ids);
 }
@@ -337,8 +358,8 @@ async fn usage(
     grain: Grain,
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
-    let (table, time) = grain.usage();
-    let time = format!("r.{time}");
+    let (table, time_column) = grain.usage();
+    let time = format!("r.{time_column}");
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new("SELECT ");
     bucket(query).push(&mut sql, &time, false);
     sql.push(" AS bucket_start, ");
@@ -356,11 +377,33 @@ async fn usage(
             class as i16
         ));
     }
+    // The folded rows and the batches still queued, at each transaction's state now (what
+    // the folder will add them at), in one statement, so from one snapshot.
+    let classes: Vec<&str> = TokenClass::ALL.iter().map(|c| c.as_str()).collect();
+    let queued_classes: Vec<String> = classes.iter().map(|c| format!("e.{c}")).collect();
     sql.push(format_args!(
         ", sum(r.billed_amount) AS spend, sum(r.cost_amount) AS cost,
            sum(r.events)::int8 AS events, sum(r.unpriced_events)::int8 AS unpriced_events
-         FROM {table} r
-         WHERE {time} >= "
+         FROM (SELECT tenant_id, {time_column}, agent_id, service, provider, model, currency, state,
+                      {classes}, billed_amount, cost_amount, events, unpriced_events
+               FROM {table}
+               UNION ALL
+               SELECT e.tenant_id, date_trunc('hour', e.occurred_at, 'UTC'),
+                      e.agent_id COLLATE \"C\", coalesce(e.service, '') COLLATE \"C\",
+                      e.provider COLLATE \"C\", e.model COLLATE \"C\",
+                      e.currency::text COLLATE \"C\",
+                      (CASE WHEN e.transaction_id IS NULL THEN 0
+                            ELSE coalesce(s.state, 1) END)::int2,
+                      {queued_classes}, e.billed_amount, e.cost_amount, 1::int8,
+                      (e.unpriced_tokens > 0)::int::int8
+               FROM usage_events e
+               LEFT JOIN transaction_states s
+                 ON s.tenant_id = e.tenant_id AND s.transaction_id = e.transaction_id COLLATE \"C\"
+               WHERE {queued}) AS r
+         WHERE {time} >= ",
+        classes = classes.join(", "),
+        queued_classes = queued_classes.join(", "),
+        queued = super::reports::QUEUED,
     ));
     sql.push_bind(query.start)
         .push(format_args!(" AND {time} < "))
@@ -502,10 +545,11 @@ fn lifecycle_facts_sql(query: &AttributionQuery, read: Read) -> QueryBuilder<Pos
     read.push(&mut sql, "e.");
     sql.push(" AND (e.kind <> 2 OR e.event_id = c.event_id)");
     if !query.providers.is_empty() || !query.models.is_empty() {
-        sql.push(
-            " AND EXISTS (SELECT 1 FROM usage_rollups r
-                          WHERE r.tenant_id = e.tenant_id AND r.transaction_id = e.transaction_id",
-        );
+        sql.push(" AND EXISTS (SELECT 1 FROM (");
+        sql.push(transaction_spend_rows(
+            "(SELECT e.tenant_id, e.transaction_id)",
+        ));
+        sql.push(") AS r WHERE true");
         any_of(&mut sql, "r.provider", &query.providers);
         any_of(&mut sql, "r.model", &query.models);
         sql.push(")");
@@ -655,17 +699,24 @@ async fn shares(
     facts: &mut Facts,
 ) -> Result<(), StoreError> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
-        "SELECT r.tenant_id::text, r.transaction_id::text, r.provider::text, r.model::text,
-                sum(r.billed_amount)
-         FROM usage_rollups r
-         WHERE (r.tenant_id, r.transaction_id) IN (
-             SELECT tenant_id, transaction_id FROM transaction_events WHERE occurred_at >= ",
+        "WITH picked AS (
+             SELECT DISTINCT tenant_id, transaction_id FROM transaction_events
+             WHERE occurred_at >= ",
     );
     sql.push_bind(query.start)
         .push(" AND occurred_at < ")
         .push_bind(query.end);
     tenants(&mut sql, "tenant_id", query);
-    sql.push(") GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4");
+    sql.push(
+        ")
+         SELECT r.tenant_id::text, r.transaction_id::text, r.provider::text, r.model::text,
+                sum(r.billed_amount)
+         FROM (",
+    );
+    sql.push(transaction_spend_rows(
+        "(SELECT tenant_id, transaction_id FROM picked)",
+    ));
+    sql.push(") AS r GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4");
     let rows: Vec<(String, String, String, String, Decimal)> =
         sql.build_query_as().fetch_all(&mut *conn).await?;
     facts.shares = rows

@@ -104,8 +104,9 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<InvoiceRecord, StoreError> {
 }
 
 /// Where usage is read for one slot (a stretch of constant pricing of one period): whole
-/// hours from the rollups, and the partial hours at its edges from the raw events, so periods
-/// in zones with half-hour offsets and prices that change mid-hour are still cut exactly.
+/// hours from the rollups (with the raw events of batches not folded yet), and the partial
+/// hours at its edges from the raw events, so periods in zones with half-hour offsets and
+/// prices that change mid-hour are still cut exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRange {
     pub slot: i32,
@@ -145,7 +146,9 @@ fn columns<'a>(list: &[&'a UsageRange]) -> RangeColumns<'a> {
     )
 }
 
-/// Token quantities per (slot, provider, model, class) in one statement.
+/// Token quantities per (slot, provider, model, class) in one statement, so in one snapshot:
+/// whole-hour ranges from the rollups plus the raw rows of batches not folded yet, `raw`
+/// ranges (partial hours) from raw rows.
 pub async fn quantities(
     conn: &mut PgConnection,
     ranges: &[UsageRange],
@@ -165,10 +168,15 @@ pub async fn quantities(
          WHERE u.tokens > 0
          GROUP BY 1, 2, 3, 4
          UNION ALL
-         SELECT e.slot, v.provider, v.model, c.token_class, sum(c.tokens)::int8, count(*)::int8
-         FROM e JOIN usage_events v
-           ON v.tenant_id = e.tenant_id COLLATE \"C\" AND v.occurred_at >= e.start_at
-              AND v.occurred_at < e.end_at
+         SELECT v.slot, v.provider, v.model, c.token_class, sum(c.tokens)::int8, count(*)::int8
+         FROM (SELECT e.slot, v.* FROM e JOIN usage_events v
+                 ON v.tenant_id = e.tenant_id COLLATE \"C\" AND v.occurred_at >= e.start_at
+                    AND v.occurred_at < e.end_at
+               UNION ALL
+               SELECT r.slot, v.* FROM r JOIN usage_events v
+                 ON v.tenant_id = r.tenant_id COLLATE \"C\" AND v.occurred_at >= r.start_at
+                    AND v.occurred_at < r.end_at
+               WHERE v.ingest_batch IN (SELECT ingest_batch FROM fold_queue)) AS v
          CROSS JOIN LATERAL (VALUES (1::int2, v.input), (2::int2, v.cache_read),
                 (3::int2, v.cache_write_5m), (4::int2, v.cache_write_1h), (5::int2, v.output),
                 (6::int2, v.reasoning), (7::int2, v.input_audio), (8::int2, v.output_audio),
@@ -204,7 +212,7 @@ pub async fn quantities(
         .collect())
 }
 
-/// Which of these (tenant, start, end) have usage rolled up in their range.
+/// Which of these (tenant, start, end) have usage in their range, folded or still queued.
 pub async fn tenants_with_usage(
     conn: &mut PgConnection,
     ranges: &[(String, DateTime<Utc>, DateTime<Utc>)],
@@ -214,7 +222,11 @@ pub async fn tenants_with_usage(
              AS r(tenant_id, start_at, end_at)
          WHERE EXISTS (SELECT 1 FROM usage_rollups u
                        WHERE u.tenant_id = r.tenant_id COLLATE \"C\"
-                         AND u.hour >= date_trunc('hour', r.start_at, 'UTC') AND u.hour < r.end_at)",
+                         AND u.hour >= date_trunc('hour', r.start_at, 'UTC') AND u.hour < r.end_at)
+            OR EXISTS (SELECT 1 FROM usage_events v
+                       WHERE v.tenant_id = r.tenant_id COLLATE \"C\"
+                         AND v.occurred_at >= r.start_at AND v.occurred_at < r.end_at
+                         AND v.ingest_batch IN (SELECT ingest_batch FROM fold_queue))",
     )
     .bind(ranges.iter().map(|r| r.0.as_str()).collect::<Vec<_>>())
     .bind(ranges.iter().map(|r| r.1).collect::<Vec<_>>())

@@ -3,6 +3,7 @@
 
 pub mod attribution;
 pub mod exports;
+pub mod fold;
 pub mod invoices;
 pub mod keys;
 pub mod lifecycle_rollups;

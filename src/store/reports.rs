@@ -1,4 +1,7 @@
-//! SQL of the reports, answered from `usage_rollups` (never by scanning raw events).
+//! SQL of the usage reports: the hourly rollup (`usage_rollups`) plus the raw rows of ingest
+//! batches not folded into it yet, so a report is exact as of its read; reports by transaction
+//! read the per-transaction figures instead (the frozen `usage_rollups_v1` for events ingested
+//! before ingest v2, raw rows after), which the coarse rollup does not keep.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -108,12 +111,36 @@ pub async fn query_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageR
     } else {
         ("events", "unpriced_events")
     };
+    let by_transaction = query.group_by.contains(&Dimension::Transaction)
+        || !query.filter.transaction_ids.is_empty()
+        || query.filter.has_transaction.is_some();
     sql.push(format_args!(
         ", sum(billed_amount) AS billed, sum(cost_amount) AS cost,
            sum({events})::int8 AS event_count, sum({unpriced_events})::int8 AS unpriced_event_count,
            sum(unpriced_tokens)::int8 AS unpriced_tokens
-         FROM usage_rollups WHERE hour >= "
+         FROM ("
     ));
+    // Raw rows by event time: a superset of the hours asked (the hour filter below is exact),
+    // so the (tenant, time) index bounds what is read.
+    let raw_range = |sql: &mut QueryBuilder<Postgres>| {
+        sql.push(" AND e.occurred_at >= ");
+        sql.push_bind(query.start - chrono::TimeDelta::hours(1));
+        sql.push(" AND e.occurred_at < ");
+        sql.push_bind(query.end + chrono::TimeDelta::hours(1));
+    };
+    if by_transaction {
+        sql.push(format_args!(
+            "SELECT {ROW_COLUMNS} FROM usage_rollups_v1 UNION ALL {}",
+            raw_usage_rows("e.ingest_batch IS NOT NULL")
+        ));
+    } else {
+        sql.push(format_args!(
+            "{FOLDED_ROWS} UNION ALL {}",
+            raw_usage_rows(QUEUED)
+        ));
+    }
+    raw_range(&mut sql);
+    sql.push(") AS usage_rows WHERE hour >= ");
     sql.push_bind(query.start);
     sql.push(" AND hour < ");
     sql.push_bind(query.end);
@@ -218,6 +245,57 @@ pub async fn query_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageR
         .collect::<Result<Vec<_>, sqlx::Error>>()
         .map_err(StoreError::from)
 }
+
+/// The columns of a usage row, as `usage_rollups_v1` has them (with the transaction).
+pub(super) const ROW_COLUMNS: &str = "tenant_id, hour, agent_id, transaction_id, service, provider, model, \
+     token_class, currency, tokens, billed_amount, cost_amount, unpriced_tokens, class_events, \
+     class_unpriced_events, events, unpriced_events";
+
+/// Raw rows `e` as usage rows: one per class with tokens (and one for the class an event with
+/// no tokens counts on), the event counted once, on its first class with tokens — as the
+/// folder adds them up. `filter` restricts the raw rows (`e.`).
+pub(super) fn raw_usage_rows(filter: &str) -> String {
+    let classes: Vec<String> = TokenClass::ALL
+        .iter()
+        .map(|c| format!("({}, e.{c}, e.billed_{c}, e.cost_{c})", *c as i16))
+        .collect();
+    let first: Vec<String> = TokenClass::ALL
+        .iter()
+        .map(|c| format!("WHEN e.{c} > 0 THEN {}", *c as i16))
+        .collect();
+    format!(
+        "SELECT e.tenant_id AS tenant_id, date_trunc('hour', e.occurred_at, 'UTC') AS hour,
+                e.agent_id COLLATE \"C\" AS agent_id,
+                coalesce(e.transaction_id, '') COLLATE \"C\" AS transaction_id,
+                coalesce(e.service, '') COLLATE \"C\" AS service,
+                e.provider COLLATE \"C\" AS provider, e.model COLLATE \"C\" AS model,
+                c.k::int2 AS token_class, e.currency::text COLLATE \"C\" AS currency,
+                c.tokens::int8 AS tokens, coalesce(c.billed, 0) AS billed_amount,
+                coalesce(c.cost, 0) AS cost_amount,
+                (CASE WHEN c.billed IS NULL THEN c.tokens ELSE 0 END)::int8 AS unpriced_tokens,
+                (c.tokens > 0)::int::int8 AS class_events,
+                (c.tokens > 0 AND c.billed IS NULL)::int::int8 AS class_unpriced_events,
+                (c.k = f.first)::int::int8 AS events,
+                (c.k = f.first AND e.unpriced_tokens > 0)::int::int8 AS unpriced_events
+         FROM usage_events e
+         CROSS JOIN LATERAL (SELECT CASE {} ELSE 1 END AS first) AS f
+         CROSS JOIN LATERAL (VALUES {}) AS c (k, tokens, billed, cost)
+         WHERE (c.tokens > 0 OR c.k = f.first) AND {filter}",
+        first.join(" "),
+        classes.join(", "),
+    )
+}
+
+/// The raw rows of batches still in the fold queue.
+pub(super) const QUEUED: &str = "e.ingest_batch IN (SELECT ingest_batch FROM fold_queue)";
+
+/// The folded hourly rollup as usage rows (no transaction). Read with the queued tail in one
+/// statement, so from one snapshot, in which a batch is either folded or queued.
+const FOLDED_ROWS: &str =
+    "SELECT tenant_id, hour, agent_id, ''::text COLLATE \"C\" AS transaction_id,
+        service, provider, model, token_class, currency, tokens, billed_amount, cost_amount,
+        unpriced_tokens, class_events, class_unpriced_events, events, unpriced_events
+     FROM usage_rollups";
 
 /// The bucket start (or end) expression. Day and month buckets are cut at local midnight of
 /// `time_zone`, which Postgres computes DST-correctly.

@@ -288,17 +288,26 @@ pub async fn usage_of(
     tenant_id: &str,
     transaction_ids: &[String],
 ) -> Result<HashMap<String, LinkedUsage>, StoreError> {
-    let rows: Vec<LinkedRow> = sqlx::query_as(
+    // Events ingested before ingest v2 from their frozen per-transaction rollup, the others
+    // from their raw rows (folded or not: a transaction's usage is exact as of the read).
+    let sql = format!(
         "SELECT transaction_id::text, token_class, currency::text, sum(tokens)::int8,
-                    sum(billed_amount), sum(cost_amount), sum(events)::int8,
-                    sum(unpriced_events)::int8, min(hour)
-             FROM usage_rollups WHERE tenant_id = $1 AND transaction_id = ANY($2)
-             GROUP BY transaction_id, token_class, currency",
-    )
-    .bind(tenant_id)
-    .bind(transaction_ids)
-    .fetch_all(pool)
-    .await?;
+                sum(billed_amount), sum(cost_amount), sum(events)::int8,
+                sum(unpriced_events)::int8, min(hour)
+         FROM (SELECT {} FROM usage_rollups_v1
+               WHERE tenant_id = $1 AND transaction_id = ANY($2)
+               UNION ALL {}) AS u
+         GROUP BY transaction_id, token_class, currency",
+        super::reports::ROW_COLUMNS,
+        super::reports::raw_usage_rows(
+            "e.ingest_batch IS NOT NULL AND e.tenant_id = $1 AND e.transaction_id = ANY($2)"
+        ),
+    );
+    let rows: Vec<LinkedRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(tenant_id)
+        .bind(transaction_ids)
+        .fetch_all(pool)
+        .await?;
     let mut by_transaction: HashMap<String, LinkedUsage> = HashMap::new();
     for (transaction_id, class, currency, tokens, billed, cost, events, unpriced, hour) in rows {
         let usage = by_transaction.entry(transaction_id).or_default();
@@ -332,8 +341,9 @@ pub struct ListFilter {
     pub end: Option<DateTime<Utc>>,
 }
 
-/// A page of a tenant's transactions, newest first by first_seen_at then transaction_id. Transactions known only from usage (no lifecycle event yet) are NOT_STARTED and
-/// first seen at the hour of their first usage (rollups keep hours).
+/// A page of a tenant's transactions, newest first by first_seen_at then transaction_id.
+/// Transactions known only from usage (no lifecycle event yet) are NOT_STARTED and first seen
+/// at the hour of their first usage.
 pub async fn list(
     pool: &PgPool,
     tenant_id: &str,
@@ -357,12 +367,22 @@ pub async fn list(
          usage_only AS (
              SELECT transaction_id, min(hour) AS first_seen_at, 1::int2 AS state,
                     min(agent_id) AS agent_id, nullif(min(service), '') AS service
-             FROM usage_rollups WHERE tenant_id = ",
+             FROM (SELECT transaction_id, hour, agent_id, service FROM usage_rollups_v1
+                   WHERE transaction_id <> '' AND tenant_id = ",
     );
     sql.push_bind(tenant_id.to_owned());
     sql.push(
-        " AND transaction_id <> ''
-               AND transaction_id NOT IN (SELECT transaction_id FROM lifecycle)
+        " UNION ALL
+                   SELECT e.transaction_id COLLATE \"C\", date_trunc('hour', e.occurred_at, 'UTC'),
+                          e.agent_id COLLATE \"C\", coalesce(e.service, '') COLLATE \"C\"
+                   FROM usage_events e
+                   WHERE e.transaction_id IS NOT NULL AND e.ingest_batch IS NOT NULL
+                     AND e.tenant_id = ",
+    );
+    sql.push_bind(tenant_id.to_owned());
+    sql.push(
+        ") AS u
+             WHERE transaction_id NOT IN (SELECT transaction_id FROM lifecycle)
              GROUP BY transaction_id),
          every AS (SELECT * FROM lifecycle UNION ALL SELECT * FROM usage_only)
          SELECT transaction_id::text, state, first_seen_at FROM every WHERE true",

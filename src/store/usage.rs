@@ -10,7 +10,6 @@ use sqlx::PgConnection;
 
 use super::StoreError;
 use crate::domain::pricing::PricedUsage;
-use crate::domain::rollup::RollupBatch;
 use crate::domain::tokens::{CLASS_COUNT, TokenClass, TokenCounts};
 use crate::domain::usage::{CallStatus, EventIdentity, UsageEvent, UsageSource};
 
@@ -262,178 +261,197 @@ pub async fn insert_conflicts(
     Ok(())
 }
 
-/// Inserts accepted raw events with their prices.
+/// Inserts the accepted raw events of one ingest batch with their prices (total and per
+/// class), numbered with a new ingest batch, and queues that batch for the folder: its raw rows
+/// and its `fold_queue` row commit together, so every accepted event is folded exactly once.
+/// Returns the batch number.
 pub async fn insert_events(
     conn: &mut PgConnection,
     accepted: &[&Candidate<'_>],
     channel: &str,
-) -> Result<(), StoreError> {
+) -> Result<Option<i64>, StoreError> {
     if accepted.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let text =
         |f: fn(&UsageEvent) -> &str| -> Vec<&str> { accepted.iter().map(|c| f(c.event)).collect() };
     let optional = |f: fn(&UsageEvent) -> Option<&str>| -> Vec<Option<&str>> {
         accepted.iter().map(|c| f(c.event)).collect()
     };
-    let class = |class: TokenClass| -> Vec<i64> {
-        accepted.iter().map(|c| c.event.tokens.get(class)).collect()
-    };
-    sqlx::query(
-        "INSERT INTO usage_events (
-             tenant_id, source, event_id, occurred_at, agent_id, transaction_id, service,
-             session_id, request_id, reservation_id, provider, model,
-             input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
-             input_audio, output_audio, input_image, output_image,
-             usage_source, status, attributes, currency, billed_amount, cost_amount,
-             unpriced_tokens, price_book_version_id, cache_write_30m, cache_write_12h, channel)
-         SELECT t, s, e, o, a, tx, sv, ss, rq, rs, p, m, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10,
-                us, st, at::jsonb, cu, b, co, un, v, c11, c12, $33
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                     $12::text[], $13::int8[], $14::int8[], $15::int8[], $16::int8[],
-                     $17::int8[], $18::int8[], $19::int8[], $20::int8[], $21::int8[],
-                     $22::int8[], $23::int2[], $24::int2[], $25::text[], $26::text[],
-                     $27::numeric[], $28::numeric[], $29::int8[], $30::text[], $31::int8[],
-                     $32::int8[])
-              AS x (t, s, e, o, a, tx, sv, ss, rq, rs, p, m, c1, c2, c3, c4, c5, c6, c7, c8,
-                    c9, c10, us, st, at, cu, b, co, un, v, c11, c12)",
-    )
-    .bind(text(|e| &e.identity.tenant_id))
-    .bind(text(|e| &e.identity.source))
-    .bind(text(|e| &e.identity.event_id))
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.event.occurred_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(text(|e| &e.agent_id))
-    .bind(optional(|e| e.transaction_id.as_deref()))
-    .bind(optional(|e| e.service.as_deref()))
-    .bind(optional(|e| e.session_id.as_deref()))
-    .bind(optional(|e| e.request_id.as_deref()))
-    .bind(optional(|e| e.reservation_id.as_deref()))
-    .bind(text(|e| &e.provider))
-    .bind(text(|e| &e.model))
-    .bind(class(TokenClass::Input))
-    .bind(class(TokenClass::CacheRead))
-    .bind(class(TokenClass::CacheWrite5m))
-    .bind(class(TokenClass::CacheWrite1h))
-    .bind(class(TokenClass::Output))
-    .bind(class(TokenClass::Reasoning))
-    .bind(class(TokenClass::InputAudio))
-    .bind(class(TokenClass::OutputAudio))
-    .bind(class(TokenClass::InputImage))
-    .bind(class(TokenClass::OutputImage))
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.event.usage_source as i16)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.event.status as i16)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| attributes_json(c.event))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.priced.currency.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.priced.billed)
-            .collect::<Vec<Decimal>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.priced.cost)
-            .collect::<Vec<Decimal>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.priced.unpriced_tokens)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        accepted
-            .iter()
-            .map(|c| c.priced.version_id.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(class(TokenClass::CacheWrite30m))
-    .bind(class(TokenClass::CacheWrite12h))
-    .bind(channel)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let tenants: std::collections::BTreeSet<&str> = accepted
+        .iter()
+        .map(|c| c.event.identity.tenant_id.as_str())
+        .collect();
+    let first = accepted.iter().map(|c| c.event.occurred_at).min();
+    let last = accepted.iter().map(|c| c.event.occurred_at).max();
+    let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(insert_events_sql()))
+        .bind(tenants.into_iter().collect::<Vec<_>>())
+        .bind(i32::try_from(accepted.len()).unwrap_or(i32::MAX))
+        .bind(first)
+        .bind(last)
+        .bind(channel)
+        .bind(text(|e| &e.identity.tenant_id))
+        .bind(text(|e| &e.identity.source))
+        .bind(text(|e| &e.identity.event_id))
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.event.occurred_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(text(|e| &e.agent_id))
+        .bind(optional(|e| e.transaction_id.as_deref()))
+        .bind(optional(|e| e.service.as_deref()))
+        .bind(optional(|e| e.session_id.as_deref()))
+        .bind(optional(|e| e.request_id.as_deref()))
+        .bind(optional(|e| e.reservation_id.as_deref()))
+        .bind(text(|e| &e.provider))
+        .bind(text(|e| &e.model));
+    for class in TokenClass::ALL {
+        query = query.bind(
+            accepted
+                .iter()
+                .map(|c| c.event.tokens.get(class))
+                .collect::<Vec<_>>(),
+        );
+    }
+    query = query
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.event.usage_source as i16)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.event.status as i16)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| attributes_json(c.event))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.priced.currency.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.priced.billed)
+                .collect::<Vec<Decimal>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.priced.cost)
+                .collect::<Vec<Decimal>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.priced.unpriced_tokens)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            accepted
+                .iter()
+                .map(|c| c.priced.version_id.as_deref())
+                .collect::<Vec<_>>(),
+        );
+    for class in TokenClass::ALL {
+        let charge = |c: &&Candidate<'_>| c.priced.charges[class.index()];
+        query = query
+            .bind(
+                accepted
+                    .iter()
+                    .map(|c| charge(c).map(|(billed, _)| billed))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                accepted
+                    .iter()
+                    .map(|c| charge(c).map(|(_, cost)| cost))
+                    .collect::<Vec<_>>(),
+            );
+    }
+    let batch: Option<i64> = query.fetch_optional(&mut *conn).await?;
+    Ok(batch)
 }
 
-/// Adds the batch's rollup deltas to the stored rows (rows are in key order).
-pub async fn upsert_rollups(
-    conn: &mut PgConnection,
-    batch: &RollupBatch,
-) -> Result<(), StoreError> {
-    if batch.is_empty() {
-        return Ok(());
+/// The statement of [`insert_events`]: `$1`–`$4` the queue row, `$5` the channel, then one
+/// array per column (ids and times, 12 token classes, the rest, billed and cost per class).
+fn insert_events_sql() -> String {
+    let mut columns: Vec<String> = [
+        "tenant_id",
+        "source",
+        "event_id",
+        "occurred_at",
+        "agent_id",
+        "transaction_id",
+        "service",
+        "session_id",
+        "request_id",
+        "reservation_id",
+        "provider",
+        "model",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut types: Vec<&str> = vec!["text", "text", "text", "timestamptz"];
+    types.extend(["text"; 8]);
+    columns.extend(TokenClass::ALL.map(|c| c.as_str().to_owned()));
+    types.extend(["int8"; CLASS_COUNT]);
+    for (column, ty) in [
+        ("usage_source", "int2"),
+        ("status", "int2"),
+        ("attributes", "text"),
+        ("currency", "text"),
+        ("billed_amount", "numeric"),
+        ("cost_amount", "numeric"),
+        ("unpriced_tokens", "int8"),
+        ("price_book_version_id", "text"),
+    ] {
+        columns.push(column.to_owned());
+        types.push(ty);
     }
-    let rows: Vec<_> = batch.rows().collect();
-    let text = |f: fn(&crate::domain::rollup::RollupKey) -> &str| -> Vec<&str> {
-        rows.iter().map(|(k, _, _)| f(k)).collect()
-    };
-    sqlx::query(
-        "INSERT INTO usage_rollups AS r (
-             tenant_id, hour, agent_id, transaction_id, service, provider, model, token_class,
-             currency, tokens, billed_amount, cost_amount, unpriced_tokens, class_events,
-             class_unpriced_events, events, unpriced_events)
-         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::text[], $8::int2[], $9::text[], $10::int8[],
-                              $11::numeric[], $12::numeric[], $13::int8[], $14::int8[],
-                              $15::int8[], $16::int8[], $17::int8[])
-         ON CONFLICT (tenant_id, hour, agent_id, transaction_id, service, provider, model,
-                      token_class, currency)
-         DO UPDATE SET tokens = r.tokens + excluded.tokens,
-                       billed_amount = r.billed_amount + excluded.billed_amount,
-                       cost_amount = r.cost_amount + excluded.cost_amount,
-                       unpriced_tokens = r.unpriced_tokens + excluded.unpriced_tokens,
-                       class_events = r.class_events + excluded.class_events,
-                       class_unpriced_events = r.class_unpriced_events + excluded.class_unpriced_events,
-                       events = r.events + excluded.events,
-                       unpriced_events = r.unpriced_events + excluded.unpriced_events",
+    for class in TokenClass::ALL {
+        columns.push(format!("billed_{class}"));
+        columns.push(format!("cost_{class}"));
+        types.extend(["numeric", "numeric"]);
+    }
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{ty}[]", i + 6))
+        .collect();
+    let values: Vec<String> = columns
+        .iter()
+        .map(|c| match c.as_str() {
+            "attributes" => "x.attributes::jsonb".to_owned(),
+            other => format!("x.{other}"),
+        })
+        .collect();
+    format!(
+        "WITH batch AS (SELECT nextval('ingest_batches') AS id),
+              queued AS (
+                  INSERT INTO fold_queue (ingest_batch, tenants, events, first_occurred_at,
+                                          last_occurred_at)
+                  SELECT id, $1::text[], $2, $3, $4 FROM batch),
+              raw AS (
+                  INSERT INTO usage_events ({columns}, channel, ingest_batch)
+                  SELECT {values}, $5, (SELECT id FROM batch)
+                  FROM unnest({arrays}) AS x ({columns}))
+         SELECT id FROM batch",
+        columns = columns.join(", "),
+        values = values.join(", "),
+        arrays = arrays.join(", "),
     )
-    .bind(text(|k| &k.tenant_id))
-    .bind(rows.iter().map(|(k, _, _)| k.hour).collect::<Vec<_>>())
-    .bind(text(|k| &k.agent_id))
-    .bind(text(|k| &k.transaction_id))
-    .bind(text(|k| &k.service))
-    .bind(text(|k| &k.provider))
-    .bind(text(|k| &k.model))
-    .bind(rows.iter().map(|(_, class, _)| *class as i16).collect::<Vec<_>>())
-    .bind(text(|k| &k.currency))
-    .bind(rows.iter().map(|(_, _, v)| v.tokens).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.billed).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.cost).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.unpriced_tokens).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.class_events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.class_unpriced_events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.events).collect::<Vec<_>>())
-    .bind(rows.iter().map(|(_, _, v)| v.unpriced_events).collect::<Vec<_>>())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 fn attributes_json(event: &UsageEvent) -> String {

@@ -3,9 +3,8 @@
 //! several servers. The usage rollup by transaction state (`usage_state_rollups`):
 //! - by value, from the events the test sent (each transaction's state folded by the domain
 //!   rule, each event priced by hand);
-//! - digit for digit, from `usage_rollups` joined to every transaction's state derived from its
-//!   lifecycle events — the query attribution ran before this rollup existed — so amounts keep
-//!   the decimal scale reports printed.
+//! - by value, from raw usage rows at every transaction's state derived from its lifecycle
+//!   events in SQL — once the folder has folded every batch.
 //!
 //! The lifecycle rollups: attributed rows from them equal, digit for digit, the rows from every
 //! lifecycle event of the range, for several windows, zones, groupings and filters. And what
@@ -22,7 +21,9 @@ use tokenmeter::proto::v1 as pb;
 use tokenmeter::store::attribution::{self, AttributionQuery};
 use tokenmeter::store::reports::Window;
 
-use crate::helpers::{create_database, spawn_app, spawn_app_with};
+use crate::helpers::{
+    CLASS_COLUMNS, assert_rollups_equal_raw, create_database, folded, spawn_app, spawn_app_with,
+};
 use crate::transactions::record;
 use crate::usage_support::{Clients, hour, ts, unique};
 use pb::IngestStatus::{Accepted, Duplicate};
@@ -307,18 +308,15 @@ type TextRow = (
     Vec<String>,
 );
 
-const TOKENS: &str = "ARRAY[input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
-                            input_audio, output_audio, input_image, output_image,
-                            cache_write_30m, cache_write_12h]";
-
 /// The stored rollup, every value as Postgres prints it.
 async fn stored_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
     let rows: Vec<TextRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT hour, agent_id::text, service::text, provider::text, model::text,
                     currency::text, state,
-                    {TOKENS}::text[] || ARRAY[billed_amount::text, cost_amount::text,
+                    ARRAY[{}]::text[] || ARRAY[billed_amount::text, cost_amount::text,
                                               events::text, unpriced_events::text]
-             FROM usage_state_rollups WHERE tenant_id = $1 ORDER BY 1, 2, 3, 4, 5, 6, 7"
+             FROM usage_state_rollups WHERE tenant_id = $1 ORDER BY 1, 2, 3, 4, 5, 6, 7",
+        CLASS_COLUMNS.join(", ")
     )))
     .bind(tenant)
     .fetch_all(pool)
@@ -329,49 +327,60 @@ async fn stored_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
         .collect()
 }
 
-/// The same rows as attribution computed them before the rollup existed, as Postgres prints
-/// them.
-async fn joined_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
-    let class =
-        |n: i16| format!("coalesce(sum(r.tokens) FILTER (WHERE r.token_class = {n}), 0)::text");
-    let classes: Vec<String> = (1..=12).map(class).collect();
+/// The same rows computed without any rollup: every raw usage event at its transaction's state
+/// derived from its lifecycle events, as Postgres prints the sums.
+async fn raw_text(pool: &PgPool, tenant: &str) -> Vec<(Key, Vec<String>)> {
     let rows: Vec<TextRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH states AS (
                  SELECT tenant_id, transaction_id, transaction_state(array_agg(kind)) AS state
                  FROM transaction_events WHERE tenant_id = $1 GROUP BY tenant_id, transaction_id)
-             SELECT r.hour, r.agent_id::text, r.service::text, r.provider::text, r.model::text,
-                    r.currency::text,
-                    (CASE WHEN r.transaction_id = '' THEN 0 ELSE coalesce(s.state, 1) END)::int2,
-                    ARRAY[{}, sum(r.billed_amount)::text, sum(r.cost_amount)::text,
-                          sum(r.events)::text, sum(r.unpriced_events)::text]
-             FROM usage_rollups r
-             LEFT JOIN states s ON s.tenant_id = r.tenant_id AND s.transaction_id = r.transaction_id
-             WHERE r.tenant_id = $1
+             SELECT date_trunc('hour', e.occurred_at, 'UTC'), e.agent_id, coalesce(e.service, ''),
+                    e.provider, e.model, e.currency::text,
+                    (CASE WHEN e.transaction_id IS NULL THEN 0 ELSE coalesce(s.state, 1) END)::int2,
+                    ARRAY[{}]::int8[]::text[]
+                        || ARRAY[sum(e.billed_amount)::text, sum(e.cost_amount)::text,
+                                 count(*)::text,
+                                 (count(*) FILTER (WHERE e.unpriced_tokens > 0))::text]
+             FROM usage_events e
+             LEFT JOIN states s ON s.tenant_id = e.tenant_id
+                               AND s.transaction_id = e.transaction_id COLLATE \"C\"
+             WHERE e.tenant_id = $1
              GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7",
-        classes.join(", ")
+        CLASS_COLUMNS.map(|c| format!("sum(e.{c})")).join(", ")
     )))
     .bind(tenant)
     .fetch_all(pool)
     .await
-    .expect("joined rollups");
+    .expect("raw usage");
     rows.into_iter()
         .map(|(h, a, s, p, m, c, state, values)| ((h, a, s, p, m, c, state), values))
         .collect()
 }
 
-async fn assert_rollup_matches(pool: &PgPool, tenant: &str, ops: &[Op], context: &str) {
-    let stored = stored_text(pool, tenant).await;
-    assert_eq!(stored, joined_text(pool, tenant).await, "{context}");
-    let by_value: BTreeMap<Key, Sums> = stored
-        .into_iter()
+/// Rows as values: tokens by class, spend, cost and events (the decimal scale of a sum
+/// depends on which events were ever added to or moved out of a row, not on its value).
+fn by_value(rows: Vec<(Key, Vec<String>)>) -> BTreeMap<Key, (Sums, i64)> {
+    rows.into_iter()
         .map(|(key, values)| {
             let int = |i: usize| values[i].parse::<i64>().expect("integer");
             let dec = |i: usize| values[i].parse::<Decimal>().expect("decimal");
             let tokens: [i64; 12] = std::array::from_fn(int);
-            (key, (tokens, dec(12), dec(13), int(14)))
+            (key, ((tokens, dec(12), dec(13), int(14)), int(15)))
         })
+        .collect()
+}
+
+/// Once the folder has caught up: the stored rollup equals, by value, the one computed from
+/// raw rows and lifecycle events in SQL, and the one computed from the events sent.
+async fn assert_rollup_matches(pool: &PgPool, tenant: &str, ops: &[Op], context: &str) {
+    folded(pool).await;
+    let stored = by_value(stored_text(pool, tenant).await);
+    assert_eq!(stored, by_value(raw_text(pool, tenant).await), "{context}");
+    let without_unpriced: BTreeMap<Key, Sums> = stored
+        .into_iter()
+        .map(|(key, (sums, _))| (key, sums))
         .collect();
-    assert_eq!(by_value, expected(ops), "{context}");
+    assert_eq!(without_unpriced, expected(ops), "{context}");
 }
 
 /// The report facts from every source that applies — lifecycle events one by one, the hourly
@@ -537,18 +546,16 @@ const WINDOWS: [(Window, &str); 5] = [
 /// A tenant's daily rollups, and what they must hold: its hourly usage rows added up by local
 /// day of `zone`; distinct transactions and amounts counted straight from the lifecycle
 /// contributions (not from the hourly pairs the daily rows are computed with); each
-/// transaction's pairs of consecutive days with events of one kind and currency. As text.
+/// transaction's pairs of consecutive days with events of one kind and currency. As text, usage
+/// amounts without trailing zeros (a row's scale depends on what was moved through it).
 async fn daily_text(pool: &PgPool, tenant: &str, zone: &str) -> (Vec<String>, Vec<String>) {
-    let tokens = "input, cache_read, cache_write_5m, cache_write_1h, output, reasoning,
-                  input_audio, output_audio, input_image, output_image";
-    let summed: Vec<String> = tokens
-        .split(',')
-        .map(|c| format!("sum({})", c.trim()))
-        .collect();
+    let tokens = CLASS_COLUMNS.join(", ");
+    let summed = CLASS_COLUMNS.map(|c| format!("sum({c})"));
     let stored: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT format('usage %s %s %s %s %s %s %s %s %s %s %s %s', day, agent_id, service,
-                       provider, model, currency, state, ARRAY[{tokens}], billed_amount,
-                       cost_amount, events, unpriced_events)
+                       provider, model, currency, state, ARRAY[{tokens}],
+                       trim_scale(billed_amount), trim_scale(cost_amount), events,
+                       unpriced_events)
          FROM usage_state_daily_rollups WHERE tenant_id = $1
          UNION ALL
          SELECT format('row %s %s %s %s %s %s %s', day, agent_id, service, kind, currency,
@@ -567,7 +574,8 @@ async fn daily_text(pool: &PgPool, tenant: &str, zone: &str) -> (Vec<String>, Ve
     let expected: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT format('usage %s %s %s %s %s %s %s %s %s %s %s %s',
                        date_trunc('day', hour, $2), agent_id, service, provider, model,
-                       currency, state, ARRAY[{}], sum(billed_amount), sum(cost_amount),
+                       currency, state, ARRAY[{}], trim_scale(sum(billed_amount)),
+                       trim_scale(sum(cost_amount)),
                        sum(events), sum(unpriced_events))
          FROM usage_state_rollups WHERE tenant_id = $1
          GROUP BY date_trunc('day', hour, $2), agent_id, service, provider, model, currency,
@@ -715,23 +723,16 @@ async fn the_state_rollup_equals_both_references_for_any_order_of_usage_and_life
         assert_eq!(answered_daily, 4, "{context}");
         assert_model_reports_agree(&app.pool, &tenant, &ranges, &context).await;
 
-        // What the migrations' backfills make of the same rollups and events, as on an
-        // upgraded database.
-        let maintained = (
-            stored_text(&app.pool, &tenant).await,
-            lifecycle_text(&app.pool, &tenant).await,
-            daily,
-        );
+        // What the lifecycle backfills (migrations 0008, 0013) make of the same events, as on
+        // an upgraded database or a bench loaded directly.
+        let maintained = (lifecycle_text(&app.pool, &tenant).await, daily);
         sqlx::raw_sql(
-            "DELETE FROM transaction_states; DELETE FROM usage_state_rollups;
-             SELECT backfill_usage_state_rollups(); SELECT backfill_lifecycle_rollups();
-             SELECT backfill_daily_attribution_rollups();",
+            "SELECT backfill_lifecycle_rollups(); SELECT backfill_daily_lifecycle_rollups();",
         )
         .execute(&app.pool)
         .await
         .expect("backfill");
         let backfilled = (
-            stored_text(&app.pool, &tenant).await,
             lifecycle_text(&app.pool, &tenant).await,
             daily_text(&app.pool, &tenant, "UTC").await.0,
         );
@@ -803,7 +804,7 @@ async fn daily_rollups_equal_the_hourly_ones_across_a_dst_change_in_the_tenants_
         // two ranges, with and without the agent filter.
         assert_eq!(answered_daily, 12, "{context}");
 
-        sqlx::raw_sql("SELECT backfill_daily_attribution_rollups()")
+        sqlx::raw_sql("SELECT backfill_daily_lifecycle_rollups()")
             .execute(&app.pool)
             .await
             .expect("backfill");
@@ -845,6 +846,7 @@ async fn the_state_rollup_is_exact_after_usage_and_lifecycle_events_race_on_thre
     }
 
     assert_rollup_matches(&apps[0].pool, &tenant, &ops, "after the race").await;
+    assert_rollups_equal_raw(&apps[0].pool).await;
     let (daily, expected) = daily_text(&apps[0].pool, &tenant, "UTC").await;
     assert_eq!(daily, expected, "after the race");
     let ranges = [(hour(48), hour(-1))];

@@ -162,6 +162,26 @@ impl Billing {
         );
     }
 
+    /// A tenant billed 3.00 USD per million input tokens of model `m`, with 1,000,000 tokens in
+    /// `earlier` and 200,000 in `later`.
+    async fn two_months_at_three_dollars(
+        &mut self,
+        earlier: &BillingPeriod,
+        later: &BillingPeriod,
+    ) -> String {
+        let book = self
+            .book("USD", vec![flat("m", pb::TokenClass::Input, "3.00")])
+            .await;
+        let tenant = self
+            .tenant("USD", &book, None, pb::RoundingMode::Unspecified)
+            .await;
+        self.usage(&tenant, day(earlier, 5, 5), "m", tokens(1_000_000, 0))
+            .await;
+        self.usage(&tenant, day(later, 5, 5), "m", tokens(200_000, 0))
+            .await;
+        tenant
+    }
+
     async fn preview(&mut self, tenant: &str, period: &BillingPeriod) -> pb::Invoice {
         self.invoices
             .preview_invoice(pb::PreviewInvoiceRequest {
@@ -948,19 +968,8 @@ async fn two_replicas_finalizing_one_draft_at_the_same_moment_number_it_once() {
 async fn late_usage_after_finalization_is_billed_once_on_the_next_invoice_as_an_adjustment() {
     let app = app().await;
     let mut billing = Billing::new(&app).await;
-    let book = billing
-        .book("USD", vec![flat("m", pb::TokenClass::Input, "3.00")])
-        .await;
-    let tenant = billing
-        .tenant("USD", &book, None, pb::RoundingMode::Unspecified)
-        .await;
     let (earlier, later) = (month(2), month(1));
-    billing
-        .usage(&tenant, day(&earlier, 5, 5), "m", tokens(1_000_000, 0))
-        .await;
-    billing
-        .usage(&tenant, day(&later, 5, 5), "m", tokens(200_000, 0))
-        .await;
+    let tenant = billing.two_months_at_three_dollars(&earlier, &later).await;
     let closed = billing.close(&earlier, &[&tenant]).await;
     assert_eq!(closed.invoices_finalized, 1);
 
@@ -1058,6 +1067,86 @@ async fn late_usage_after_finalization_is_billed_once_on_the_next_invoice_as_an_
     );
     // 3.00 + 2.10 (later) = 5.10 again: voiding and re-issuing bills nothing twice.
     assert_eq!(dec(&replacement.total), dec("3.00"));
+    app.stop().await.expect("clean shutdown");
+}
+
+/// Late usage racing the finalization of its period, with no folder running (every batch is
+/// still queued when the invoice is computed): each event is billed exactly once — on the
+/// finalized invoice when its batch committed first, as an adjustment on the next one when
+/// after.
+#[tokio::test]
+async fn a_finalization_racing_unfolded_late_usage_bills_each_event_once() {
+    let app = spawn_app_with(|s| {
+        s.billing.close_interval = std::time::Duration::ZERO;
+        s.fold.enabled = false;
+        s.ingest.retention_interval = std::time::Duration::ZERO;
+    })
+    .await;
+    let mut billing = Billing::new(&app).await;
+    let (earlier, later) = (month(2), month(1));
+    let tenant = billing.two_months_at_three_dollars(&earlier, &later).await;
+    // 45 late events of 10,000 tokens dated inside `earlier`, one batch each: 20 before the
+    // close, 20 while it runs, 5 after it.
+    let late_at = |i: i64| day(&earlier, 20, 0) + Duration::minutes(i);
+    for i in 0..20 {
+        billing
+            .usage(&tenant, late_at(i), "m", tokens(10_000, 0))
+            .await;
+    }
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM fold_queue")
+        .fetch_one(&app.pool)
+        .await
+        .expect("queue");
+    let mut racing = Billing::new(&app).await;
+    let tenants = [tenant.as_str()];
+    let (closed, ()) = tokio::join!(billing.close(&earlier, &tenants), async {
+        for i in 20..40 {
+            racing
+                .usage(&tenant, late_at(i), "m", tokens(10_000, 0))
+                .await;
+        }
+    });
+    for i in 40..45 {
+        racing
+            .usage(&tenant, late_at(i), "m", tokens(10_000, 0))
+            .await;
+    }
+    billing.close(&later, &[&tenant]).await;
+    let invoices = billing
+        .invoices
+        .list_invoices(pb::ListInvoicesRequest {
+            tenant_ids: vec![tenant.clone()],
+            include_lines: true,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .invoices;
+
+    assert_eq!(queued, 22, "nothing was folded before the close");
+    assert_eq!(closed.invoices_finalized, 1);
+    let quantity = |label: &BillingPeriod, kind: pb::InvoiceLineKind| -> i64 {
+        invoices
+            .iter()
+            .filter(|i| {
+                i.period.as_ref().map(|p| p.label.as_str()) == Some(&label.label.to_string())
+            })
+            .flat_map(|i| &i.lines)
+            .filter(|l| l.kind() == kind)
+            .map(|l| l.quantity)
+            .sum()
+    };
+    let on_time = quantity(&earlier, pb::InvoiceLineKind::Usage);
+    let adjusted = quantity(&later, pb::InvoiceLineKind::Adjustment);
+    assert!(on_time >= 1_000_000 + 20 * 10_000, "{on_time}");
+    assert!(adjusted >= 5 * 10_000, "{adjusted}");
+    assert_eq!(on_time + adjusted, 1_000_000 + 45 * 10_000);
+    assert_eq!(quantity(&later, pb::InvoiceLineKind::Usage), 200_000);
+    // (1,000,000 + 45 × 10,000 + 200,000) × 3.00 / 1M = 4.95 over both invoices, whatever the
+    // race did.
+    let total: Decimal = invoices.iter().map(|i| dec(&i.total)).sum();
+    assert_eq!(total, dec("4.95"));
     app.stop().await.expect("clean shutdown");
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokenmeter::proto::v1 as pb;
 use tokenmeter::proto::v1::usage_service_client::UsageServiceClient;
 
-use crate::helpers::{create_database, spawn_serve};
+use crate::helpers::{assert_rollups_equal_raw, create_database, spawn_serve};
 use crate::usage_support::{Clients, event, unique};
 
 const BATCH: usize = 50;
@@ -132,6 +132,7 @@ async fn a_killed_server_loses_nothing_it_acknowledged_and_counts_nothing_twice(
     let rows = api.usage(&tenant, &[]).await;
     assert_eq!(rows[0].event_count, events);
     assert_eq!(rows[0].tokens.expect("tokens").input, expected_input);
+    assert_rollups_equal_raw(&pool).await;
     let mut restarted = restarted;
     restarted.child().kill().expect("stop");
     restarted.child().wait().expect("reap");

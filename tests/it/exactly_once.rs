@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tokenmeter::proto::v1 as pb;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{assert_rollups_equal_raw, spawn_app};
 use crate::usage_support::{Clients, event, unique};
 
 /// One distinct event of a case: (agent, model, input, output, reasoning, hours back).
@@ -162,6 +162,8 @@ fn any_order_duplication_and_batching_of_the_same_events_gives_the_same_answers(
                     strip(answers(&mut api, &reference).await, &reference),
                     strip(answers(&mut api, &subject).await, &subject)
                 );
+                // And the rollups those answers come from equal the raw rows once folded.
+                assert_rollups_equal_raw(&app.pool).await;
                 Ok(())
             })
         })

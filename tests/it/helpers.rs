@@ -124,7 +124,162 @@ pub async fn test_settings() -> Settings {
     // Tests that consume enable it with a topic and group of their own.
     settings.kafka.consumer.enabled = false;
     settings.shutdown_grace = Duration::from_secs(5);
+    // Fold every batch within tens of milliseconds, so rollups catch up quickly.
+    settings.fold.interval = Duration::from_millis(20);
+    settings.fold.max_age = Duration::from_millis(20);
     settings
+}
+
+/// Waits until a running server's folder has folded every committed ingest batch into the
+/// rollups (the test folds nothing itself, so a folder that stopped working fails it).
+pub async fn folded(pool: &PgPool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM fold_queue")
+            .fetch_one(pool)
+            .await
+            .expect("queue");
+        if queued == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{queued} batches never folded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The token classes by name — the columns of a raw usage row, the keys of loadgen's ground
+/// truth — in class order (class 1 = input … 12).
+pub const CLASS_COLUMNS: [&str; 12] = [
+    "input",
+    "cache_read",
+    "cache_write_5m",
+    "cache_write_1h",
+    "output",
+    "reasoning",
+    "input_audio",
+    "output_audio",
+    "input_image",
+    "output_image",
+    "cache_write_30m",
+    "cache_write_12h",
+];
+
+/// Once the folder has caught up: every usage rollup of the database equals sums over the raw
+/// rows, row by row — the hourly rollup by class (each event counted once, on its first class
+/// with tokens), the hourly and daily rollups by transaction state (at each transaction's
+/// stored state). Amounts compare by value. Written independently of the fold's SQL: classes
+/// unpivoted row by row, the first class found with `array_position`.
+pub async fn assert_rollups_equal_raw(pool: &PgPool) {
+    folded(pool).await;
+    let classes = CLASS_COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("({}, e.{c}, e.billed_{c}, e.cost_{c})", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let has_tokens = CLASS_COLUMNS.map(|c| format!("e.{c} > 0")).join(", ");
+    let by_class = |source: &str| -> String {
+        format!(
+            "SELECT format('%s %s %s %s %s %s %s %s: %s %s %s %s %s %s %s %s', tenant_id, hour,
+                           agent_id, service, provider, model, token_class, currency, tokens,
+                           trim_scale(billed_amount), trim_scale(cost_amount), unpriced_tokens,
+                           class_events, class_unpriced_events, events, unpriced_events)
+             FROM ({source}) r ORDER BY 1"
+        )
+    };
+    let stored: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(by_class("SELECT * FROM usage_rollups")))
+            .fetch_all(pool)
+            .await
+            .expect("rollups");
+    let raw: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(by_class(&format!(
+        "SELECT e.tenant_id, date_trunc('hour', e.occurred_at, 'UTC') AS hour, e.agent_id,
+                coalesce(e.service, '') AS service, e.provider, e.model,
+                c.class AS token_class, e.currency::text AS currency,
+                sum(c.tokens) AS tokens, coalesce(sum(c.billed), 0) AS billed_amount,
+                coalesce(sum(c.cost), 0) AS cost_amount,
+                coalesce(sum(c.tokens) FILTER (WHERE c.billed IS NULL), 0) AS unpriced_tokens,
+                count(*) FILTER (WHERE c.tokens > 0) AS class_events,
+                count(*) FILTER (WHERE c.tokens > 0 AND c.billed IS NULL)
+                    AS class_unpriced_events,
+                count(*) FILTER (WHERE c.class = f.class) AS events,
+                count(*) FILTER (WHERE c.class = f.class AND e.unpriced_tokens > 0)
+                    AS unpriced_events
+         FROM usage_events e
+         CROSS JOIN LATERAL (SELECT coalesce(array_position(ARRAY[{has_tokens}], true), 1)
+                             AS class) f
+         CROSS JOIN LATERAL (VALUES {classes}) AS c (class, tokens, billed, cost)
+         WHERE c.tokens > 0 OR c.class = f.class
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8"
+    ))))
+    .fetch_all(pool)
+    .await
+    .expect("raw sums by class");
+    assert_eq!(stored, raw, "usage_rollups against the raw rows");
+
+    let tokens = CLASS_COLUMNS.join(", ");
+    let summed = CLASS_COLUMNS.map(|c| format!("sum(e.{c})")).join(", ");
+    let by_state = |source: &str| -> String {
+        format!(
+            "SELECT format('%s %s %s %s %s %s %s %s: %s %s %s %s %s', tenant_id, at, agent_id,
+                           service, provider, model, currency, state, ARRAY[{tokens}],
+                           trim_scale(billed_amount), trim_scale(cost_amount), events,
+                           unpriced_events)
+             FROM ({source}) r ORDER BY 1"
+        )
+    };
+    let raw_by_state = |bucket: &str| -> String {
+        format!(
+            "SELECT e.tenant_id, {bucket} AS at, e.agent_id, coalesce(e.service, '') AS service,
+                    e.provider, e.model, e.currency::text AS currency,
+                    CASE WHEN e.transaction_id IS NULL THEN 0 ELSE coalesce(s.state, 1) END
+                        AS state,
+                    {}, sum(e.billed_amount) AS billed_amount, sum(e.cost_amount) AS cost_amount,
+                    count(*) AS events,
+                    count(*) FILTER (WHERE e.unpriced_tokens > 0) AS unpriced_events
+             FROM usage_events e
+             JOIN tenants t ON t.tenant_id = e.tenant_id
+             LEFT JOIN transaction_states s
+               ON s.tenant_id = e.tenant_id AND s.transaction_id = e.transaction_id COLLATE \"C\"
+             GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+            CLASS_COLUMNS
+                .iter()
+                .zip(summed.split(", "))
+                .map(|(c, sum)| format!("{sum} AS {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    for (table, at, bucket) in [
+        (
+            "usage_state_rollups",
+            "hour",
+            "date_trunc('hour', e.occurred_at, 'UTC')",
+        ),
+        (
+            "usage_state_daily_rollups",
+            "day",
+            // Days are cut from UTC hours (exact for zones whole hours from UTC, the only ones
+            // attribution reads daily rows for).
+            "date_trunc('day', date_trunc('hour', e.occurred_at, 'UTC'), t.billing_timezone)",
+        ),
+    ] {
+        let stored: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(by_state(&format!(
+            "SELECT *, {at} AS at FROM {table}"
+        ))))
+        .fetch_all(pool)
+        .await
+        .expect("state rollups");
+        let raw: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(by_state(&raw_by_state(bucket))))
+                .fetch_all(pool)
+                .await
+                .expect("raw sums by state");
+        assert_eq!(stored, raw, "{table} against the raw rows");
+    }
 }
 
 /// The value of the sample whose line starts with `name{` and carries every label in

@@ -14,7 +14,10 @@ use sqlx::PgPool;
 use tokenmeter::config::Settings;
 use tokenmeter::proto::v1 as pb;
 
-use crate::helpers::{create_database, create_topic, kafka_brokers, spawn_app_with, spawn_serve};
+use crate::helpers::{
+    assert_rollups_equal_raw, create_database, create_topic, folded, kafka_brokers, spawn_app_with,
+    spawn_serve,
+};
 use crate::usage_support::{Clients, event, statuses, unique};
 
 /// A usage topic with `partitions`, a dead-letter topic and a group, all new.
@@ -206,7 +209,9 @@ async fn produce_encoded(
     produce(producer, topic, &e.tenant_id, &value, &headers).await
 }
 
+/// Totals from the rollups once the folder has folded every committed batch.
 async fn tokens_by_tenant(pool: &PgPool) -> BTreeMap<String, (i64, i64, i64)> {
+    folded(pool).await;
     let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
         "SELECT tenant_id, sum(events)::int8,
                 sum(tokens) FILTER (WHERE token_class = 1)::int8,
@@ -547,7 +552,9 @@ async fn produce_events(
     (end, expected)
 }
 
+/// Totals from the rollups once the folder has folded every committed batch.
 async fn events_and_input_by_tenant(pool: &PgPool) -> BTreeMap<String, (i64, i64)> {
+    folded(pool).await;
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT tenant_id, sum(events)::int8,
                 coalesce(sum(tokens) FILTER (WHERE token_class = 1), 0)::int8
@@ -628,6 +635,7 @@ async fn a_consumer_killed_mid_stream_resumes_from_postgres_and_counts_every_eve
     let mut second = spawn_serve(&url, &env).await;
     wait_for_positions(&pool, &group, &end).await;
     assert_eq!(events_and_input_by_tenant(&pool).await, expected);
+    assert_rollups_equal_raw(&pool).await;
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events")
         .fetch_one(&pool)
         .await
@@ -703,6 +711,7 @@ async fn second_consumer_joins_mid_stream(max_buffered: Option<&str>) {
     }
     wait_for_positions(&pool, &group, &end).await;
     assert_eq!(events_and_input_by_tenant(&pool).await, expected);
+    assert_rollups_equal_raw(&pool).await;
 
     // Both members did part of the work: the first gave partitions up, the second consumed.
     assert!(

@@ -9,24 +9,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::helpers::{create_topic, kafka_brokers, spawn_app_with, tokenmeter_command};
+use crate::helpers::{
+    CLASS_COLUMNS, create_topic, folded, kafka_brokers, spawn_app_with, tokenmeter_command,
+};
 use crate::kafka_ingest::{consume, header, read_all, wait_for_positions_within};
 use crate::usage_support::unique;
-
-const CLASSES: [&str; 12] = [
-    "input",
-    "cache_read",
-    "cache_write_5m",
-    "cache_write_1h",
-    "output",
-    "reasoning",
-    "input_audio",
-    "output_audio",
-    "input_image",
-    "output_image",
-    "cache_write_30m",
-    "cache_write_12h",
-];
 
 /// Events and tokens by class, keyed by a tenant or a model.
 type Totals = BTreeMap<String, (i64, [i64; 12])>;
@@ -45,14 +32,16 @@ fn expected_totals(list: &Value, key: impl Fn(&Value) -> String) -> Totals {
         .iter()
         .filter(|entry| int(&entry["events"]) > 0)
         .map(|entry| {
-            let by_class = CLASSES.map(|class| int(&entry["by_class"][class]));
+            let by_class = CLASS_COLUMNS.map(|class| int(&entry["by_class"][class]));
             (key(entry), (int(&entry["events"]), by_class))
         })
         .collect()
 }
 
-/// Stored totals from the rollups, grouped by the SQL expression `key`.
+/// Stored totals from the rollups once the folder has folded every committed batch, grouped
+/// by the SQL expression `key`.
 async fn stored_totals(pool: &PgPool, key: &str) -> Totals {
+    folded(pool).await;
     let rows: Vec<(String, i16, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {key}, token_class, sum(events)::int8, sum(tokens)::int8
          FROM usage_rollups GROUP BY 1, 2"
@@ -64,7 +53,7 @@ async fn stored_totals(pool: &PgPool, key: &str) -> Totals {
     for (key, class, events, tokens) in rows {
         let slot = totals.entry(key).or_default();
         slot.0 += events;
-        slot.1[usize::try_from(class - 1).expect("class 1-10")] += tokens;
+        slot.1[usize::try_from(class - 1).expect("class 1-12")] += tokens;
     }
     totals
 }

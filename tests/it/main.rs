@@ -10,6 +10,7 @@ mod crash;
 mod demo;
 mod exactly_once;
 mod exports;
+mod fold;
 mod grpc;
 mod helpers;
 mod http;
