@@ -378,33 +378,48 @@ async fn usage(
         ));
     }
     // The folded rows and the batches still queued, at each transaction's state now (what
-    // the folder will add them at), in one statement, so from one snapshot.
+    // the folder will add them at), in one statement, so from one snapshot. Queued rows carry
+    // their hour in the day column too: the daily rows are read only for ranges and buckets
+    // cut at whole hours, where an hour falls in its day's bucket.
     let classes: Vec<&str> = TokenClass::ALL.iter().map(|c| c.as_str()).collect();
-    let queued_classes: Vec<String> = classes.iter().map(|c| format!("e.{c}")).collect();
     sql.push(format_args!(
         ", sum(r.billed_amount) AS spend, sum(r.cost_amount) AS cost,
            sum(r.events)::int8 AS events, sum(r.unpriced_events)::int8 AS unpriced_events
          FROM (SELECT tenant_id, {time_column}, agent_id, service, provider, model, currency, state,
                       {classes}, billed_amount, cost_amount, events, unpriced_events
-               FROM {table}
-               UNION ALL
-               SELECT e.tenant_id, date_trunc('hour', e.occurred_at, 'UTC'),
-                      e.agent_id COLLATE \"C\", coalesce(e.service, '') COLLATE \"C\",
-                      e.provider COLLATE \"C\", e.model COLLATE \"C\",
-                      e.currency::text COLLATE \"C\",
-                      (CASE WHEN e.transaction_id IS NULL THEN 0
-                            ELSE coalesce(s.state, 1) END)::int2,
-                      {queued_classes}, e.billed_amount, e.cost_amount, 1::int8,
-                      (e.unpriced_tokens > 0)::int::int8
-               FROM usage_events e
-               LEFT JOIN transaction_states s
-                 ON s.tenant_id = e.tenant_id AND s.transaction_id = e.transaction_id COLLATE \"C\"
-               WHERE {queued}) AS r
-         WHERE {time} >= ",
+               FROM {table}",
         classes = classes.join(", "),
-        queued_classes = queued_classes.join(", "),
-        queued = super::reports::QUEUED,
     ));
+    if let Some(oldest) = super::fold::oldest_queued(&mut *conn).await? {
+        let queued_classes: Vec<String> = classes.iter().map(|c| format!("e.{c}")).collect();
+        // OFFSET 0 keeps the report's filters out of the tail: it is read by batch (bounded by
+        // the queue), never through a tenant's whole history.
+        sql.push(format_args!(
+            " UNION ALL
+               SELECT * FROM (
+                 SELECT e.tenant_id, date_trunc('hour', e.occurred_at, 'UTC'),
+                        e.agent_id COLLATE \"C\", coalesce(e.service, '') COLLATE \"C\",
+                        e.provider COLLATE \"C\", e.model COLLATE \"C\",
+                        e.currency::text COLLATE \"C\",
+                        (CASE WHEN e.transaction_id IS NULL THEN 0
+                              ELSE coalesce(s.state, 1) END)::int2,
+                        {queued_classes}, e.billed_amount, e.cost_amount, 1::int8,
+                        (e.unpriced_tokens > 0)::int::int8
+                 FROM usage_events e
+                 LEFT JOIN transaction_states s
+                   ON s.tenant_id = e.tenant_id
+                  AND s.transaction_id = e.transaction_id COLLATE \"C\"
+                 WHERE {queued} AND e.occurred_at >= ",
+            queued_classes = queued_classes.join(", "),
+            queued = super::reports::queued_since(oldest),
+        ));
+        // A superset of the range (bucket edges are cut exactly below), for partition pruning.
+        sql.push_bind(query.start - chrono::TimeDelta::days(1))
+            .push(" AND e.occurred_at < ")
+            .push_bind(query.end + chrono::TimeDelta::days(1))
+            .push(" OFFSET 0) AS queued");
+    }
+    sql.push(format_args!(") AS r WHERE {time} >= "));
     sql.push_bind(query.start)
         .push(format_args!(" AND {time} < "))
         .push_bind(query.end);
@@ -414,7 +429,8 @@ async fn usage(
     any_of(&mut sql, "r.provider", &query.providers);
     any_of(&mut sql, "r.model", &query.models);
     sql.push(" GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9");
-    for row in sql.build().fetch_all(&mut *conn).await? {
+    // Not prepared for reuse: the tail's bound is part of the text.
+    for row in sql.build().persistent(false).fetch_all(&mut *conn).await? {
         let start: DateTime<Utc> = row.try_get("bucket_start")?;
         facts.bucket_ends.insert(start, row.try_get("bucket_end")?);
         let state: Option<i16> = row.try_get("state")?;

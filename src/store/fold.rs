@@ -1,7 +1,7 @@
 //! SQL of the folder: one fold (`fold_usage`, migration 0013, which claims, adds and dequeues
 //! in the caller's transaction) and the state of the queue.
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::StoreError;
 
@@ -37,6 +37,16 @@ pub async fn fold_all(pool: &PgPool, max_events: u64) -> Result<Folded, StoreErr
         total.batches += folded.batches;
         total.events += folded.events;
     }
+}
+
+/// The oldest batch still queued (None when the folder has caught up). Readers bound their
+/// unfolded tail with it: every batch acknowledged before they started is at least this one.
+pub async fn oldest_queued(conn: &mut PgConnection) -> Result<Option<i64>, StoreError> {
+    Ok(
+        sqlx::query_scalar("SELECT min(ingest_batch) FROM fold_queue")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
 }
 
 /// The queue now: batches and events waiting, and how long the oldest has waited.

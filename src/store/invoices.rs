@@ -156,7 +156,20 @@ pub async fn quantities(
     let (raw, rolled): (Vec<&UsageRange>, Vec<&UsageRange>) = ranges.iter().partition(|r| r.raw);
     let (r_slot, r_tenant, r_start, r_end) = columns(&rolled);
     let (e_slot, e_tenant, e_start, e_end) = columns(&raw);
-    let rows: Vec<QuantityRow> = sqlx::query_as(
+    // Raw rows of batches still queued, read by batch (bounded by the queue; OFFSET 0 keeps
+    // the tenant join out of it, which would read a tenant's whole period instead).
+    let queued = match super::fold::oldest_queued(&mut *conn).await? {
+        None => String::new(),
+        Some(oldest) => format!(
+            "UNION ALL
+               SELECT r.slot, v.*
+               FROM (SELECT * FROM usage_events e WHERE {} OFFSET 0) AS v
+               JOIN r ON v.tenant_id = r.tenant_id COLLATE \"C\" AND v.occurred_at >= r.start_at
+                     AND v.occurred_at < r.end_at",
+            super::reports::queued_since(oldest)
+        ),
+    };
+    let rows: Vec<QuantityRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH r AS (SELECT * FROM unnest($1::int4[], $2::text[], $3::timestamptz[], $4::timestamptz[])
                     AS r(slot, tenant_id, start_at, end_at)),
               e AS (SELECT * FROM unnest($5::int4[], $6::text[], $7::timestamptz[], $8::timestamptz[])
@@ -172,19 +185,15 @@ pub async fn quantities(
          FROM (SELECT e.slot, v.* FROM e JOIN usage_events v
                  ON v.tenant_id = e.tenant_id COLLATE \"C\" AND v.occurred_at >= e.start_at
                     AND v.occurred_at < e.end_at
-               UNION ALL
-               SELECT r.slot, v.* FROM r JOIN usage_events v
-                 ON v.tenant_id = r.tenant_id COLLATE \"C\" AND v.occurred_at >= r.start_at
-                    AND v.occurred_at < r.end_at
-               WHERE v.ingest_batch IN (SELECT ingest_batch FROM fold_queue)) AS v
+               {queued}) AS v
          CROSS JOIN LATERAL (VALUES (1::int2, v.input), (2::int2, v.cache_read),
                 (3::int2, v.cache_write_5m), (4::int2, v.cache_write_1h), (5::int2, v.output),
                 (6::int2, v.reasoning), (7::int2, v.input_audio), (8::int2, v.output_audio),
                 (9::int2, v.input_image), (10::int2, v.output_image),
                 (11::int2, v.cache_write_30m), (12::int2, v.cache_write_12h)) AS c(token_class, tokens)
          WHERE c.tokens > 0
-         GROUP BY 1, 2, 3, 4",
-    )
+         GROUP BY 1, 2, 3, 4"
+    )))
     .bind(r_slot)
     .bind(r_tenant)
     .bind(r_start)
@@ -193,6 +202,8 @@ pub async fn quantities(
     .bind(e_tenant)
     .bind(e_start)
     .bind(e_end)
+    // Not prepared for reuse: the tail's bound is part of the text.
+    .persistent(false)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows

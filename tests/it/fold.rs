@@ -120,6 +120,20 @@ async fn a_report_right_after_an_acknowledged_batch_includes_it_and_says_what_is
     .await;
 
     let before = usage_response(&mut api, &tenant).await;
+    let draft = api
+        .invoices
+        .preview_invoice(pb::PreviewInvoiceRequest {
+            tenant_id: tenant.clone(),
+            // The month of the events (UTC calendar months).
+            period: hour(1).format("%Y-%m").to_string(),
+            currency: String::new(),
+        })
+        .await
+        .expect("preview")
+        .into_inner()
+        .invoices
+        .pop()
+        .expect("a draft");
     let attribution = api.attribution(&tenant, &[]).await;
     let transaction = crate::transactions::get(&mut api, &tenant, "tx-1", false).await;
     let (_, readyz) = {
@@ -144,6 +158,10 @@ async fn a_report_right_after_an_acknowledged_batch_includes_it_and_says_what_is
     assert_eq!(freshness.unfolded_events, 3);
     assert!(freshness.fold_lag_ms >= 0, "{freshness:?}");
     assert_eq!(dec(&attribution[0].spend), dec("2.20"));
+    // The draft of their period: 3,500,000 input and 500,000 output tokens, 2.20 in all.
+    let quantities: Vec<i64> = draft.lines.iter().map(|l| l.quantity).collect();
+    assert_eq!(quantities, vec![3_500_000, 500_000], "{:?}", draft.lines);
+    assert_eq!(dec(&draft.subtotal), dec("2.20"));
     assert_eq!(attribution[0].usage_event_count, 3);
     // 500,000 × 0.40 / 1M
     assert_eq!(
